@@ -1,0 +1,536 @@
+//! The HTTP face of the registry: parse the route, call the registry, map
+//! the result onto the distribution API's responses. Health endpoints live
+//! here too. The listener, TLS and shutdown are in [`server`].
+
+pub mod error;
+pub mod server;
+
+use std::convert::Infallible;
+use std::io;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, BodyStream, Empty, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+
+use crate::oci::manifest::{MAX_MANIFEST_SIZE, OCI_INDEX};
+use crate::oci::{Digest, ErrorCode, Reference, RepoName, Route, UploadId, UploadRange};
+use crate::registry::{MountOutcome, Page, Registry, RegistryError};
+use crate::storage::ByteStream;
+use error::{error_response, range_header, registry_error};
+
+/// Response bodies: in-memory or streamed from storage.
+pub type Body = UnsyncBoxBody<Bytes, io::Error>;
+pub type Resp = Response<Body>;
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+fn stream_body(s: ByteStream) -> Body {
+    StreamBody::new(s.map_ok(Frame::data)).boxed_unsync()
+}
+
+const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
+
+/// Everything a request handler needs.
+#[derive(Clone)]
+pub struct App {
+    pub registry: Registry,
+}
+
+impl App {
+    pub fn new(registry: Registry) -> App {
+        App { registry }
+    }
+
+    /// Handles one request. Never fails: errors become responses.
+    pub async fn handle<B>(&self, req: Request<B>) -> Result<Resp, Infallible>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let mut resp = self.dispatch(req).await;
+        resp.headers_mut()
+            .insert("docker-distribution-api-version", API_VERSION);
+        tracing::info!(
+            target: "wharf::access",
+            %method,
+            path,
+            status = resp.status().as_u16(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+        );
+        Ok(resp)
+    }
+
+    async fn dispatch<B>(&self, req: Request<B>) -> Resp
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let path = req.uri().path();
+        match path {
+            "/healthz" | "/readyz" => return json(StatusCode::OK, "{\"status\":\"ok\"}"),
+            _ => {}
+        }
+        let route = match Route::parse(path) {
+            Ok(r) => r,
+            Err(e) => {
+                let status = match e.code {
+                    ErrorCode::NameUnknown | ErrorCode::BlobUploadUnknown => StatusCode::NOT_FOUND,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                return error_response(status, e.code, &e.message);
+            }
+        };
+        let query = Query::parse(req.uri().query());
+        let result = match (req.method().clone(), route) {
+            (Method::GET | Method::HEAD, Route::Base) => Ok(json(StatusCode::OK, "{}")),
+            (Method::GET, Route::Catalog) => self.catalog(&query).await,
+            (m @ (Method::GET | Method::HEAD), Route::Manifest { name, reference }) => {
+                self.get_manifest(&name, &reference, req.headers(), m == Method::HEAD)
+                    .await
+            }
+            (Method::PUT, Route::Manifest { name, reference }) => {
+                self.put_manifest(&name, &reference, req).await
+            }
+            (Method::DELETE, Route::Manifest { name, reference }) => self
+                .registry
+                .delete_manifest(&name, &reference)
+                .await
+                .map(|()| status_only(StatusCode::ACCEPTED)),
+            (m @ (Method::GET | Method::HEAD), Route::Blob { name, digest }) => {
+                self.get_blob(&name, &digest, req.headers(), m == Method::HEAD)
+                    .await
+            }
+            (Method::DELETE, Route::Blob { name, digest }) => self
+                .registry
+                .delete_blob(&name, &digest)
+                .await
+                .map(|()| status_only(StatusCode::ACCEPTED)),
+            (Method::POST, Route::UploadStart { name }) => {
+                self.post_upload(&name, &query, req).await
+            }
+            (Method::GET, Route::Upload { name, id }) => self
+                .registry
+                .upload_status(&name, &id)
+                .await
+                .map(|size| upload_accepted(StatusCode::NO_CONTENT, &name, &id, size)),
+            (Method::PATCH, Route::Upload { name, id }) => self.patch_upload(&name, &id, req).await,
+            (Method::PUT, Route::Upload { name, id }) => {
+                self.put_upload(&name, &id, &query, req).await
+            }
+            (Method::DELETE, Route::Upload { name, id }) => self
+                .registry
+                .cancel_upload(&name, &id)
+                .await
+                .map(|()| status_only(StatusCode::NO_CONTENT)),
+            (Method::GET, Route::TagsList { name }) => self.tags(&name, &query).await,
+            (Method::GET, Route::Referrers { name, digest }) => {
+                self.referrers(&name, &digest, &query).await
+            }
+            (m, _) => Err(RegistryError::Unsupported(format!(
+                "method {m} is not supported on this endpoint"
+            ))),
+        };
+        result.unwrap_or_else(|e| registry_error(&e))
+    }
+
+    async fn get_manifest(
+        &self,
+        name: &RepoName,
+        reference: &Reference,
+        headers: &HeaderMap,
+        head: bool,
+    ) -> Result<Resp, RegistryError> {
+        let accept = joined(headers, header::ACCEPT);
+        let hit = self
+            .registry
+            .manifest(name, reference, accept.as_deref())
+            .await?;
+        let body = if head {
+            empty()
+        } else {
+            stream_body(self.registry.manifest_body(&hit).await?)
+        };
+        let mut r = Response::new(body);
+        let h = r.headers_mut();
+        h.insert(header::CONTENT_TYPE, hv(&hit.media_type));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(hit.size));
+        h.insert("docker-content-digest", hv(hit.digest.as_str()));
+        h.insert(header::ETAG, hv(&format!("\"{}\"", hit.digest)));
+        Ok(r)
+    }
+
+    async fn put_manifest<B>(
+        &self,
+        name: &RepoName,
+        reference: &Reference,
+        req: Request<B>,
+    ) -> Result<Resp, RegistryError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let content_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if content_length(req.headers()).is_some_and(|l| l > MAX_MANIFEST_SIZE as u64) {
+            return Err(RegistryError::ManifestTooLarge);
+        }
+        let body = match Limited::new(req.into_body(), MAX_MANIFEST_SIZE)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(RegistryError::ManifestTooLarge);
+            }
+            Err(e) => return Err(RegistryError::Body(io::Error::other(e))),
+        };
+        let pushed = self
+            .registry
+            .put_manifest(name, reference, content_type.as_deref(), body)
+            .await?;
+        let mut r = status_only(StatusCode::CREATED);
+        let h = r.headers_mut();
+        h.insert(
+            header::LOCATION,
+            hv(&format!("/v2/{name}/manifests/{}", pushed.digest)),
+        );
+        h.insert("docker-content-digest", hv(pushed.digest.as_str()));
+        if let Some(subject) = pushed.subject {
+            h.insert("oci-subject", hv(subject.as_str()));
+        }
+        Ok(r)
+    }
+
+    async fn get_blob(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        headers: &HeaderMap,
+        head: bool,
+    ) -> Result<Resp, RegistryError> {
+        if head {
+            let size = self.registry.blob_size(name, digest).await?;
+            let mut r = Response::new(empty());
+            blob_headers(r.headers_mut(), digest, size);
+            return Ok(r);
+        }
+        let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+        let blob = self.registry.blob(name, digest, range).await?;
+        let mut r = Response::new(stream_body(blob.stream));
+        match blob.range {
+            Some(range) => {
+                *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+                blob_headers(r.headers_mut(), digest, range.end - range.start);
+                r.headers_mut().insert(
+                    header::CONTENT_RANGE,
+                    hv(&format!(
+                        "bytes {}-{}/{}",
+                        range.start,
+                        range.end - 1,
+                        blob.size
+                    )),
+                );
+            }
+            None => blob_headers(r.headers_mut(), digest, blob.size),
+        }
+        Ok(r)
+    }
+
+    async fn post_upload<B>(
+        &self,
+        name: &RepoName,
+        query: &Query,
+        req: Request<B>,
+    ) -> Result<Resp, RegistryError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        if let Some(mount) = query.get("mount") {
+            let digest = parse_digest(mount)?;
+            let from = match query.get("from") {
+                Some(f) => Some(f.parse::<RepoName>().map_err(|e| {
+                    RegistryError::Unsupported(format!("invalid from repository: {e}"))
+                })?),
+                None => None,
+            };
+            return Ok(
+                match self.registry.mount(name, &digest, from.as_ref()).await? {
+                    MountOutcome::Mounted => blob_created(name, &digest),
+                    MountOutcome::Session(id) => {
+                        upload_accepted(StatusCode::ACCEPTED, name, &id, 0)
+                    }
+                },
+            );
+        }
+        if let Some(d) = query.get("digest") {
+            let digest = parse_digest(d)?;
+            let length = content_length(req.headers());
+            self.registry
+                .monolithic_upload(name, &digest, length, body_stream(req.into_body()))
+                .await?;
+            return Ok(blob_created(name, &digest));
+        }
+        let id = self.registry.start_upload(name).await?;
+        Ok(upload_accepted(StatusCode::ACCEPTED, name, &id, 0))
+    }
+
+    async fn patch_upload<B>(
+        &self,
+        name: &RepoName,
+        id: &UploadId,
+        req: Request<B>,
+    ) -> Result<Resp, RegistryError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let range = content_range(req.headers())?;
+        let length = content_length(req.headers());
+        let size = self
+            .registry
+            .append_upload(name, id, range, length, body_stream(req.into_body()))
+            .await?;
+        Ok(upload_accepted(StatusCode::ACCEPTED, name, id, size))
+    }
+
+    async fn put_upload<B>(
+        &self,
+        name: &RepoName,
+        id: &UploadId,
+        query: &Query,
+        req: Request<B>,
+    ) -> Result<Resp, RegistryError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let digest = parse_digest(query.get("digest").ok_or_else(|| {
+            RegistryError::DigestInvalid("the digest query parameter is required".into())
+        })?)?;
+        let range = content_range(req.headers())?;
+        let length = content_length(req.headers());
+        let has_body = length != Some(0)
+            && (length.is_some()
+                || range.is_some()
+                || req.headers().contains_key(header::TRANSFER_ENCODING));
+        let last = has_body.then(|| (range, length, body_stream(req.into_body())));
+        self.registry.finish_upload(name, id, &digest, last).await?;
+        Ok(blob_created(name, &digest))
+    }
+
+    async fn tags(&self, name: &RepoName, query: &Query) -> Result<Resp, RegistryError> {
+        let n = query.page_size()?;
+        let last = query.get("last");
+        let page = self.registry.tags(name, last, n).await?;
+        let body = serde_json::json!({ "name": name.as_str(), "tags": page.items }).to_string();
+        let mut r = json(StatusCode::OK, body);
+        link_next(&mut r, &format!("/v2/{name}/tags/list"), &page, n);
+        Ok(r)
+    }
+
+    async fn catalog(&self, query: &Query) -> Result<Resp, RegistryError> {
+        let n = query.page_size()?;
+        let last = query.get("last");
+        let page = self.registry.catalog(last, n).await?;
+        let body = serde_json::json!({ "repositories": page.items }).to_string();
+        let mut r = json(StatusCode::OK, body);
+        link_next(&mut r, "/v2/_catalog", &page, n);
+        Ok(r)
+    }
+
+    async fn referrers(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        query: &Query,
+    ) -> Result<Resp, RegistryError> {
+        let filter = query.get("artifactType");
+        let manifests = self.registry.referrers(name, digest, filter).await?;
+        let body = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": manifests,
+        })
+        .to_string();
+        let mut r = json(StatusCode::OK, body);
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(OCI_INDEX));
+        if filter.is_some() {
+            r.headers_mut().insert(
+                "oci-filters-applied",
+                HeaderValue::from_static("artifactType"),
+            );
+        }
+        Ok(r)
+    }
+}
+
+/// Decoded query parameters.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(q: Option<&str>) -> Query {
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        Query(
+            q.unwrap_or("")
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| match p.split_once('=') {
+                    Some((k, v)) => (decode(k), decode(v)),
+                    None => (decode(p), String::new()),
+                })
+                .collect(),
+        )
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn page_size(&self) -> Result<Option<usize>, RegistryError> {
+        match self.get("n") {
+            None => Ok(None),
+            Some(n) => n.parse().map(Some).map_err(|_| {
+                RegistryError::Unsupported(format!("n must be a non-negative integer, got {n:?}"))
+            }),
+        }
+    }
+}
+
+fn hv(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+fn json(status: StatusCode, body: impl Into<Bytes>) -> Resp {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn status_only(status: StatusCode) -> Resp {
+    let mut r = Response::new(empty());
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+    r
+}
+
+fn blob_headers(h: &mut HeaderMap, digest: &Digest, len: u64) {
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert("docker-content-digest", hv(digest.as_str()));
+    h.insert(header::ETAG, hv(&format!("\"{digest}\"")));
+}
+
+fn blob_created(name: &RepoName, digest: &Digest) -> Resp {
+    let mut r = status_only(StatusCode::CREATED);
+    r.headers_mut()
+        .insert(header::LOCATION, hv(&format!("/v2/{name}/blobs/{digest}")));
+    r.headers_mut()
+        .insert("docker-content-digest", hv(digest.as_str()));
+    r
+}
+
+fn upload_accepted(status: StatusCode, name: &RepoName, id: &UploadId, size: u64) -> Resp {
+    let mut r = status_only(status);
+    let h = r.headers_mut();
+    h.insert(
+        header::LOCATION,
+        hv(&format!("/v2/{name}/blobs/uploads/{id}")),
+    );
+    h.insert(header::RANGE, range_header(size));
+    h.insert("docker-upload-uuid", hv(id.as_str()));
+    r
+}
+
+fn link_next(r: &mut Resp, path: &str, page: &Page, n: Option<usize>) {
+    if let (true, Some(last)) = (page.more, page.items.last()) {
+        let n = n.unwrap_or(page.items.len());
+        r.headers_mut().insert(
+            header::LINK,
+            hv(&format!("<{path}?n={n}&last={last}>; rel=\"next\"")),
+        );
+    }
+}
+
+fn parse_digest(s: &str) -> Result<Digest, RegistryError> {
+    s.parse()
+        .map_err(|e| RegistryError::DigestInvalid(format!("invalid digest {s:?}: {e}")))
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+fn content_range(h: &HeaderMap) -> Result<Option<UploadRange>, RegistryError> {
+    match h.get(header::CONTENT_RANGE) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Some)
+            .ok_or_else(|| {
+                RegistryError::UploadInvalid("Content-Range must be <start>-<end>".into())
+            }),
+    }
+}
+
+/// All values of a header joined with `,`.
+fn joined(h: &HeaderMap, name: header::HeaderName) -> Option<String> {
+    let vals: Vec<&str> = h
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    (!vals.is_empty()).then(|| vals.join(","))
+}
+
+/// A request body as a byte stream.
+fn body_stream<B>(body: B) -> ByteStream
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    BodyStream::new(body)
+        .try_filter_map(|frame| futures::future::ready(Ok(frame.into_data().ok())))
+        .map_err(io::Error::other)
+        .boxed()
+}
+
+/// Convenience for hyper's service: incoming requests.
+pub type IncomingRequest = Request<Incoming>;

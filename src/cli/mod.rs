@@ -1,0 +1,230 @@
+//! The `wharf` command line: `serve`, `check-config` and `fsck`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::App;
+use crate::api::server::{self, ServerOptions};
+use crate::config::{Config, LogFormat};
+use crate::registry::Registry;
+use crate::storage::BlobStore;
+use crate::storage::fs::FsStore;
+use crate::storage::meta::RedbMeta;
+
+#[derive(Parser)]
+#[command(
+    name = "wharf",
+    version,
+    about = "OCI registry, pull-through cache and replication daemon"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the registry server.
+    Serve {
+        /// Configuration file (TOML). Without it, the embedded defaults:
+        /// 127.0.0.1:5000 and ./wharf-data.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Log format; overrides server.log_format.
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormatArg>,
+    },
+    /// Validate a configuration file (and the WHARF_* environment) offline.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+    /// Re-hash every stored blob; quarantine and report any that do not
+    /// match their digest. Exits non-zero if any did not.
+    Fsck {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config, log_format } => serve(config.as_deref(), log_format),
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Fsck { config } => fsck(config.as_deref()),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("wharf: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+    Ok(Config::load(file, std::env::vars())?)
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WHARF_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
+    let config = load(Some(file))?;
+    if let Some(tls) = &config.server.tls {
+        server::tls_acceptor(&tls.cert, &tls.key).context("server.tls")?;
+    }
+    println!("{}: ok", file.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Opens the configured stores.
+fn open_registry(config: &Config) -> anyhow::Result<(Registry, Arc<FsStore>)> {
+    let root = &config.storage.path;
+    let store = Arc::new(
+        FsStore::open(root).with_context(|| format!("opening storage at {}", root.display()))?,
+    );
+    let meta =
+        Arc::new(RedbMeta::open(&root.join("meta.redb")).with_context(|| {
+            format!("opening metadata at {}", root.join("meta.redb").display())
+        })?);
+    Ok((Registry::new(store.clone(), store.clone(), meta), store))
+}
+
+fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Result<ExitCode> {
+    let config = load(file)?;
+    init_logs(match log_format {
+        Some(LogFormatArg::Json) => LogFormat::Json,
+        Some(LogFormatArg::Text) => LogFormat::Text,
+        None => config.server.log_format,
+    });
+    let tls = match &config.server.tls {
+        Some(t) => Some(server::tls_acceptor(&t.cert, &t.key).context("server.tls")?),
+        None => None,
+    };
+    let (registry, _) = open_registry(&config)?;
+    runtime()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("binding {}", config.server.listen))?;
+        let addr = listener.local_addr()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(%addr, scheme, storage = %config.storage.path.display(), "wharf ready");
+        {
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "listening on {scheme}://{addr}");
+            let _ = out.flush();
+        }
+        let stop = CancellationToken::new();
+        let purge = tokio::spawn(purge_uploads(
+            registry.clone(),
+            config.storage.upload_max_age,
+            config.storage.upload_purge_interval,
+            stop.clone(),
+        ));
+        let opts = ServerOptions {
+            header_read_timeout: config.server.header_read_timeout,
+            max_header_size: config.server.max_header_size.as_u64() as usize,
+            shutdown_timeout: config.server.shutdown_timeout,
+            tls_handshake_timeout: config.server.header_read_timeout,
+        };
+        server::run(listener, App::new(registry), tls, opts, shutdown_signal()).await;
+        stop.cancel();
+        let _ = purge.await;
+        tracing::info!("stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let which = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = which, "shutdown requested");
+}
+
+/// Periodically drops abandoned upload sessions, until `stop`.
+async fn purge_uploads(
+    registry: Registry,
+    max_age: std::time::Duration,
+    every: std::time::Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        match registry.purge_uploads(max_age).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "purged abandoned uploads"),
+            Err(e) => tracing::warn!(error = %e, "purging abandoned uploads failed"),
+        }
+    }
+}
+
+fn fsck(file: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let config = load(file)?;
+    let root = &config.storage.path;
+    let store =
+        FsStore::open(root).with_context(|| format!("opening storage at {}", root.display()))?;
+    runtime()?.block_on(async move {
+        let digests = store.list().await?;
+        let mut bad = 0usize;
+        for digest in &digests {
+            let mut stream = store.read(digest, None).await?;
+            let mut hasher = digest.algorithm().hasher();
+            while let Some(chunk) = stream.next().await {
+                hasher.update(&chunk?);
+            }
+            let computed = hasher.finish();
+            if &computed != digest {
+                bad += 1;
+                store.quarantine(digest).await?;
+                println!("CORRUPT {digest}: content hashes to {computed}; quarantined");
+            }
+        }
+        println!("checked {} blobs: {} corrupt", digests.len(), bad);
+        Ok(if bad == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    })
+}

@@ -1,0 +1,9 @@
+//! wharf: an OCI registry, pull-through cache and replication daemon.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod oci;
+pub mod registry;
+pub mod storage;

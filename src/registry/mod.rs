@@ -1,0 +1,563 @@
+//! The operations the API exposes, with OCI semantics, over the storage
+//! traits. No HTTP types here: bodies are byte streams, results are domain
+//! values and [`RegistryError`]s.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use crate::oci::manifest::{Descriptor, MAX_MANIFEST_SIZE, Manifest, ManifestError};
+use crate::oci::{
+    Algorithm, ByteRange, Digest, MediaType, Reference, RepoName, UploadId, UploadRange,
+};
+use crate::storage::{
+    BlobStore, ByteStream, ManifestRecord, MetaStore, StorageError, UploadRecord, UploadStore,
+};
+
+/// The empty JSON object `{}`, the config of many OCI artifacts. wharf
+/// stores it on demand rather than rejecting manifests that assume it.
+pub const EMPTY_JSON_DIGEST: &str =
+    "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
+
+/// Largest page of tags or repositories served at once.
+pub const MAX_PAGE: usize = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("blob unknown to this repository")]
+    BlobUnknown,
+    #[error("manifest unknown")]
+    ManifestUnknown,
+    #[error("{0}")]
+    ManifestNotAcceptable(String),
+    #[error("repository name not known to registry")]
+    NameUnknown,
+    #[error("upload session unknown")]
+    UploadUnknown,
+    #[error("{0}")]
+    DigestInvalid(String),
+    #[error("{0}")]
+    ManifestInvalid(String),
+    #[error("manifest is larger than {MAX_MANIFEST_SIZE} bytes")]
+    ManifestTooLarge,
+    #[error("manifest references {0}, which is not in this repository")]
+    ManifestBlobUnknown(Digest),
+    #[error("{0}")]
+    SizeInvalid(String),
+    #[error("{0}")]
+    UploadInvalid(String),
+    /// A chunk that does not start where the upload ends; carries the size.
+    #[error("chunk must start at offset {current}")]
+    ChunkOutOfOrder { current: u64 },
+    /// A blob range beyond the end; carries the blob size.
+    #[error("requested range not satisfiable")]
+    RangeNotSatisfiable { size: u64 },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("reading the request body failed: {0}")]
+    Body(std::io::Error),
+    #[error(transparent)]
+    Storage(StorageError),
+}
+
+impl From<StorageError> for RegistryError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::Body(e) => RegistryError::Body(e),
+            other => RegistryError::Storage(other),
+        }
+    }
+}
+
+pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+/// A manifest found by reference.
+#[derive(Debug, Clone)]
+pub struct ManifestHit {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+}
+
+/// What a manifest push stored.
+#[derive(Debug, Clone)]
+pub struct ManifestPushed {
+    pub digest: Digest,
+    pub subject: Option<Digest>,
+}
+
+/// A blob read: the whole size, the served range and the bytes.
+pub struct BlobBody {
+    pub size: u64,
+    /// `Some` for a 206 partial response.
+    pub range: Option<std::ops::Range<u64>>,
+    pub stream: ByteStream,
+}
+
+/// The result of `POST .../blobs/uploads/?mount=&from=`.
+pub enum MountOutcome {
+    Mounted,
+    /// The blob could not be mounted; a fresh upload session was opened.
+    Session(UploadId),
+}
+
+/// A page of names, and whether more follow.
+pub struct Page {
+    pub items: Vec<String>,
+    pub more: bool,
+}
+
+#[derive(Clone)]
+pub struct Registry {
+    blobs: Arc<dyn BlobStore>,
+    uploads: Arc<dyn UploadStore>,
+    meta: Arc<dyn MetaStore>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Registry {
+    pub fn new(
+        blobs: Arc<dyn BlobStore>,
+        uploads: Arc<dyn UploadStore>,
+        meta: Arc<dyn MetaStore>,
+    ) -> Registry {
+        Registry {
+            blobs,
+            uploads,
+            meta,
+        }
+    }
+
+    pub fn blob_store(&self) -> &Arc<dyn BlobStore> {
+        &self.blobs
+    }
+
+    // ---- manifests ----
+
+    async fn resolve(&self, repo: &RepoName, reference: &Reference) -> Result<Digest> {
+        match reference {
+            Reference::Digest(d) => Ok(d.clone()),
+            Reference::Tag(t) => self
+                .meta
+                .resolve_tag(repo, t)
+                .await?
+                .ok_or(RegistryError::ManifestUnknown),
+        }
+    }
+
+    /// Finds a manifest. `accept` is the request's combined `Accept` header:
+    /// a tag whose manifest type the client lists no way of accepting is
+    /// answered MANIFEST_UNKNOWN, as Distribution does; a digest pins content
+    /// and is always served.
+    pub async fn manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: Option<&str>,
+    ) -> Result<ManifestHit> {
+        let digest = self.resolve(repo, reference).await?;
+        let record = self
+            .meta
+            .manifest(repo, &digest)
+            .await?
+            .ok_or(RegistryError::ManifestUnknown)?;
+        if let (Reference::Tag(_), Some(accept)) = (reference, accept) {
+            let mt = MediaType::new(&record.media_type);
+            let lists_manifest_types = accept.split(',').any(|a| {
+                MediaType::new(a.split(';').next().unwrap_or("").trim())
+                    .kind()
+                    .is_some()
+            });
+            if lists_manifest_types && !mt.accepted_by(accept) {
+                return Err(RegistryError::ManifestNotAcceptable(format!(
+                    "manifest is {}, which the Accept header does not list",
+                    record.media_type
+                )));
+            }
+        }
+        Ok(ManifestHit {
+            digest,
+            media_type: record.media_type,
+            size: record.size,
+        })
+    }
+
+    /// The bytes of a manifest found by [`Registry::manifest`].
+    pub async fn manifest_body(&self, hit: &ManifestHit) -> Result<ByteStream> {
+        match self.blobs.read(&hit.digest, None).await {
+            Ok(s) => Ok(s),
+            Err(StorageError::NotFound) => Err(RegistryError::ManifestUnknown),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Validates and stores a manifest, by tag or by digest.
+    pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: Option<&str>,
+        body: Bytes,
+    ) -> Result<ManifestPushed> {
+        if body.len() > MAX_MANIFEST_SIZE {
+            return Err(RegistryError::ManifestTooLarge);
+        }
+        let manifest = Manifest::parse(&body, content_type).map_err(|e| match e {
+            ManifestError::TooLarge => RegistryError::ManifestTooLarge,
+            ManifestError::Digest(m) => RegistryError::ManifestInvalid(m),
+            other => RegistryError::ManifestInvalid(other.to_string()),
+        })?;
+        let algorithm = match reference {
+            Reference::Digest(d) => d.algorithm(),
+            Reference::Tag(_) => Algorithm::Sha256,
+        };
+        let digest = Digest::of(algorithm, &body);
+        if let Reference::Digest(d) = reference {
+            if d != &digest {
+                return Err(RegistryError::DigestInvalid(format!(
+                    "manifest content hashes to {digest}, not {d}"
+                )));
+            }
+        }
+        for blob in &manifest.blobs {
+            if !self.meta.blob_linked(repo, blob).await? || self.blobs.stat(blob).await?.is_none() {
+                if blob.as_str() == EMPTY_JSON_DIGEST {
+                    self.blobs.put(blob, Bytes::from_static(b"{}")).await?;
+                    self.meta.link_blob(repo, blob).await?;
+                    continue;
+                }
+                return Err(RegistryError::ManifestBlobUnknown(blob.clone()));
+            }
+        }
+        for child in &manifest.children {
+            if self.meta.manifest(repo, child).await?.is_none() {
+                return Err(RegistryError::ManifestBlobUnknown(child.clone()));
+            }
+        }
+        let size = body.len() as u64;
+        self.blobs.put(&digest, body).await?;
+        let record = ManifestRecord {
+            media_type: manifest.media_type.to_string(),
+            size,
+            subject: manifest.subject.clone(),
+        };
+        let referrer = manifest.subject.as_ref().map(|_| Descriptor {
+            media_type: manifest.media_type.to_string(),
+            digest: digest.clone(),
+            size,
+            artifact_type: manifest.artifact_type.clone(),
+            annotations: manifest.annotations.clone(),
+        });
+        let tag = match reference {
+            Reference::Tag(t) => Some(t),
+            Reference::Digest(_) => None,
+        };
+        self.meta
+            .put_manifest(repo, &digest, &record, tag, referrer.as_ref())
+            .await?;
+        Ok(ManifestPushed {
+            digest,
+            subject: manifest.subject,
+        })
+    }
+
+    /// Deletes a tag (by tag) or a manifest and every tag pointing at it (by
+    /// digest).
+    pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
+        let found = match reference {
+            Reference::Tag(t) => self.meta.delete_tag(repo, t).await?,
+            Reference::Digest(d) => self.meta.delete_manifest(repo, d).await?,
+        };
+        if found {
+            Ok(())
+        } else {
+            Err(RegistryError::ManifestUnknown)
+        }
+    }
+
+    // ---- blobs ----
+
+    /// Size of a blob readable through `repo`.
+    pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
+        if !self.meta.blob_linked(repo, digest).await? {
+            return Err(RegistryError::BlobUnknown);
+        }
+        self.blobs
+            .stat(digest)
+            .await?
+            .ok_or(RegistryError::BlobUnknown)
+    }
+
+    /// Opens a blob readable through `repo`, honouring a `Range` header.
+    pub async fn blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        range: Option<&str>,
+    ) -> Result<BlobBody> {
+        let size = self.blob_size(repo, digest).await?;
+        // A malformed or multi-range header is ignored (full body), per RFC 9110.
+        let wanted = range.and_then(|r| r.parse::<ByteRange>().ok());
+        let range = match wanted {
+            Some(r) => Some(
+                r.resolve(size)
+                    .ok_or(RegistryError::RangeNotSatisfiable { size })?,
+            ),
+            None => None,
+        };
+        let stream = match self.blobs.read(digest, range.clone()).await {
+            Ok(s) => s,
+            Err(StorageError::NotFound) => return Err(RegistryError::BlobUnknown),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(BlobBody {
+            size,
+            range,
+            stream,
+        })
+    }
+
+    /// Removes a blob from a repository (the bytes stay for other repositories).
+    pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+        if self.meta.unlink_blob(repo, digest).await? {
+            Ok(())
+        } else {
+            Err(RegistryError::BlobUnknown)
+        }
+    }
+
+    // ---- uploads ----
+
+    pub async fn start_upload(&self, repo: &RepoName) -> Result<UploadId> {
+        let id = UploadId::new_random();
+        self.uploads.create(&id).await?;
+        self.meta
+            .put_upload(
+                &id,
+                &UploadRecord {
+                    repository: repo.to_string(),
+                    started: unix_now(),
+                },
+            )
+            .await?;
+        Ok(id)
+    }
+
+    async fn check_session(&self, repo: &RepoName, id: &UploadId) -> Result<()> {
+        match self.meta.upload(id).await? {
+            Some(r) if r.repository == repo.as_str() => Ok(()),
+            _ => Err(RegistryError::UploadUnknown),
+        }
+    }
+
+    async fn end_session(&self, id: &UploadId) {
+        if let Err(e) = self.meta.delete_upload(id).await {
+            tracing::warn!(upload = %id, error = %e, "could not remove upload record");
+        }
+    }
+
+    /// Bytes received so far by an upload session.
+    pub async fn upload_status(&self, repo: &RepoName, id: &UploadId) -> Result<u64> {
+        self.check_session(repo, id).await?;
+        match self.uploads.size(id).await {
+            Ok(n) => Ok(n),
+            Err(StorageError::NotFound) => Err(RegistryError::UploadUnknown),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Appends a chunk (PATCH). `range` is the `Content-Range`, `length` the
+    /// `Content-Length`; without a range the chunk goes at the end.
+    pub async fn append_upload(
+        &self,
+        repo: &RepoName,
+        id: &UploadId,
+        range: Option<UploadRange>,
+        length: Option<u64>,
+        body: ByteStream,
+    ) -> Result<u64> {
+        let current = self.upload_status(repo, id).await?;
+        let (offset, expected) = match range {
+            Some(r) => {
+                if r.start != current {
+                    return Err(RegistryError::ChunkOutOfOrder { current });
+                }
+                if length.is_some_and(|l| l != r.len()) {
+                    return Err(RegistryError::SizeInvalid(format!(
+                        "Content-Range covers {} bytes but Content-Length is {}",
+                        r.len(),
+                        length.unwrap_or(0)
+                    )));
+                }
+                (r.start, Some(r.len()))
+            }
+            None => (current, length),
+        };
+        self.append(id, offset, expected, body).await
+    }
+
+    async fn append(
+        &self,
+        id: &UploadId,
+        offset: u64,
+        expected: Option<u64>,
+        body: ByteStream,
+    ) -> Result<u64> {
+        match self.uploads.append(id, offset, expected, body).await {
+            Ok(n) => Ok(n),
+            Err(StorageError::OffsetMismatch { current, .. }) => {
+                Err(RegistryError::ChunkOutOfOrder { current })
+            }
+            Err(StorageError::SizeMismatch { expected, actual }) => Err(
+                RegistryError::SizeInvalid(format!("expected {expected} bytes, received {actual}")),
+            ),
+            Err(StorageError::NotFound) => Err(RegistryError::UploadUnknown),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Completes an upload (PUT ?digest=), with an optional last chunk.
+    pub async fn finish_upload(
+        &self,
+        repo: &RepoName,
+        id: &UploadId,
+        digest: &Digest,
+        last_chunk: Option<(Option<UploadRange>, Option<u64>, ByteStream)>,
+    ) -> Result<()> {
+        if let Some((range, length, body)) = last_chunk {
+            self.append_upload(repo, id, range, length, body).await?;
+        } else {
+            self.check_session(repo, id).await?;
+        }
+        let result = self.uploads.commit(id, digest).await;
+        self.end_session(id).await;
+        match result {
+            Ok(_) => {
+                self.meta.link_blob(repo, digest).await?;
+                Ok(())
+            }
+            Err(StorageError::DigestMismatch { expected, computed }) => {
+                Err(RegistryError::DigestInvalid(format!(
+                    "content hashes to {computed}, not {expected}"
+                )))
+            }
+            Err(StorageError::NotFound) => Err(RegistryError::UploadUnknown),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A whole blob in one request (`POST ?digest=`).
+    pub async fn monolithic_upload(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        length: Option<u64>,
+        body: ByteStream,
+    ) -> Result<()> {
+        let id = self.start_upload(repo).await?;
+        let appended = self.append(&id, 0, length, body).await;
+        if let Err(e) = appended {
+            let _ = self.uploads.abort(&id).await;
+            self.end_session(&id).await;
+            return Err(e);
+        }
+        self.finish_upload(repo, &id, digest, None).await
+    }
+
+    /// Cancels an upload session.
+    pub async fn cancel_upload(&self, repo: &RepoName, id: &UploadId) -> Result<()> {
+        self.check_session(repo, id).await?;
+        self.uploads.abort(id).await?;
+        self.end_session(id).await;
+        Ok(())
+    }
+
+    /// Cross-repository mount; falls back to a new session when `from` does
+    /// not hold the blob (or is not given).
+    pub async fn mount(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        from: Option<&RepoName>,
+    ) -> Result<MountOutcome> {
+        if let Some(from) = from {
+            if self.meta.blob_linked(from, digest).await?
+                && self.blobs.stat(digest).await?.is_some()
+            {
+                self.meta.link_blob(repo, digest).await?;
+                return Ok(MountOutcome::Mounted);
+            }
+        }
+        Ok(MountOutcome::Session(self.start_upload(repo).await?))
+    }
+
+    /// Drops upload sessions idle for longer than `max_age`. Returns how many.
+    pub async fn purge_uploads(&self, max_age: Duration) -> Result<usize> {
+        let now = SystemTime::now();
+        let mut purged = 0;
+        let staged = self.uploads.list().await?;
+        for (id, modified) in &staged {
+            let idle = now.duration_since(*modified).unwrap_or_default();
+            if idle > max_age {
+                self.uploads.abort(id).await?;
+                self.end_session(id).await;
+                purged += 1;
+            }
+        }
+        // Records whose staged bytes are gone.
+        for (id, _) in self.meta.uploads().await? {
+            if !staged.iter().any(|(s, _)| s == &id) {
+                self.end_session(&id).await;
+            }
+        }
+        Ok(purged)
+    }
+
+    // ---- listings ----
+
+    pub async fn tags(
+        &self,
+        repo: &RepoName,
+        last: Option<&str>,
+        n: Option<usize>,
+    ) -> Result<Page> {
+        let n = n.unwrap_or(MAX_PAGE).min(MAX_PAGE);
+        let mut items = self
+            .meta
+            .tags(repo, last, n.saturating_add(1))
+            .await?
+            .ok_or(RegistryError::NameUnknown)?;
+        let more = items.len() > n;
+        items.truncate(n);
+        Ok(Page { items, more })
+    }
+
+    pub async fn catalog(&self, last: Option<&str>, n: Option<usize>) -> Result<Page> {
+        let n = n.unwrap_or(1000).min(MAX_PAGE);
+        let mut items = self.meta.repositories(last, n.saturating_add(1)).await?;
+        let more = items.len() > n;
+        items.truncate(n);
+        Ok(Page { items, more })
+    }
+
+    /// Referrers of `subject` in `repo`, optionally filtered by artifact type.
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<Descriptor>> {
+        let mut all = self.meta.referrers(repo, subject).await?;
+        if let Some(t) = artifact_type {
+            all.retain(|d| d.artifact_type.as_deref() == Some(t));
+        }
+        Ok(all)
+    }
+}

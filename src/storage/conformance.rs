@@ -1,0 +1,324 @@
+//! The storage conformance suite. Every backend runs it from its own tests:
+//! `blob_store_suite` for blob and upload stores, `meta_store_suite` for
+//! metadata stores. The assertions are the traits' contracts.
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::{
+    BlobStore, ByteStream, ManifestRecord, MetaStore, StorageError, UploadRecord, UploadStore,
+};
+use crate::oci::manifest::Descriptor;
+use crate::oci::{Algorithm, Digest, RepoName, Tag, UploadId};
+
+fn stream_of(chunks: Vec<&[u8]>) -> ByteStream {
+    let owned: Vec<io::Result<Bytes>> = chunks
+        .into_iter()
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    futures::stream::iter(owned).boxed()
+}
+
+async fn collect(s: ByteStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut s = s;
+    while let Some(c) = s.next().await {
+        out.extend_from_slice(&c.expect("read chunk"));
+    }
+    out
+}
+
+/// Runs the blob and upload contract against one backend.
+pub async fn blob_store_suite(blobs: Arc<dyn BlobStore>, uploads: Arc<dyn UploadStore>) {
+    // Absent blobs.
+    let absent = Digest::sha256_of(b"absent");
+    assert_eq!(blobs.stat(&absent).await.unwrap(), None);
+    assert!(matches!(
+        blobs.read(&absent, None).await,
+        Err(StorageError::NotFound)
+    ));
+    assert!(!blobs.delete(&absent).await.unwrap());
+
+    // put verifies.
+    let data = b"manifest bytes".to_vec();
+    let d = Digest::sha256_of(&data);
+    let wrong = Digest::sha256_of(b"other");
+    assert!(matches!(
+        blobs.put(&wrong, Bytes::from(data.clone())).await,
+        Err(StorageError::DigestMismatch { .. })
+    ));
+    assert_eq!(
+        blobs.stat(&wrong).await.unwrap(),
+        None,
+        "a mismatched put stores nothing"
+    );
+    blobs.put(&d, Bytes::from(data.clone())).await.unwrap();
+    blobs.put(&d, Bytes::from(data.clone())).await.unwrap(); // idempotent
+    assert_eq!(blobs.stat(&d).await.unwrap(), Some(data.len() as u64));
+    assert_eq!(collect(blobs.read(&d, None).await.unwrap()).await, data);
+    assert_eq!(
+        collect(blobs.read(&d, Some(2..6)).await.unwrap()).await,
+        &data[2..6]
+    );
+
+    // Uploads: offsets, sizes, all-or-nothing chunks.
+    let id = UploadId::new_random();
+    assert!(matches!(
+        uploads.size(&id).await,
+        Err(StorageError::NotFound)
+    ));
+    uploads.create(&id).await.unwrap();
+    assert_eq!(uploads.size(&id).await.unwrap(), 0);
+    assert!(matches!(
+        uploads.append(&id, 3, None, stream_of(vec![b"abc"])).await,
+        Err(StorageError::OffsetMismatch {
+            current: 0,
+            requested: 3
+        })
+    ));
+    assert!(matches!(
+        uploads
+            .append(&id, 0, Some(10), stream_of(vec![b"abc"]))
+            .await,
+        Err(StorageError::SizeMismatch { .. })
+    ));
+    assert_eq!(
+        uploads.size(&id).await.unwrap(),
+        0,
+        "a short chunk is rolled back"
+    );
+    let failing: ByteStream = futures::stream::iter(vec![
+        Ok(Bytes::from_static(b"partial")),
+        Err(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "client went away",
+        )),
+    ])
+    .boxed();
+    assert!(matches!(
+        uploads.append(&id, 0, None, failing).await,
+        Err(StorageError::Body(_))
+    ));
+    assert_eq!(
+        uploads.size(&id).await.unwrap(),
+        0,
+        "a broken chunk is rolled back"
+    );
+
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let n1 = uploads
+        .append(
+            &id,
+            0,
+            Some(1_000_000),
+            stream_of(vec![&big[..500_000], &big[500_000..1_000_000]]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(n1, 1_000_000);
+    let n2 = uploads
+        .append(&id, n1, None, stream_of(vec![&big[1_000_000..]]))
+        .await
+        .unwrap();
+    assert_eq!(n2, big.len() as u64);
+    assert!(uploads.list().await.unwrap().iter().any(|(i, _)| i == &id));
+    let big_digest = Digest::sha256_of(&big);
+    assert_eq!(
+        blobs.stat(&big_digest).await.unwrap(),
+        None,
+        "no blob before commit"
+    );
+
+    // A commit with the wrong digest publishes nothing and ends the session.
+    assert!(matches!(
+        uploads.commit(&id, &wrong).await,
+        Err(StorageError::DigestMismatch { .. })
+    ));
+    assert_eq!(blobs.stat(&wrong).await.unwrap(), None);
+    assert_eq!(blobs.stat(&big_digest).await.unwrap(), None);
+    assert!(matches!(
+        uploads.size(&id).await,
+        Err(StorageError::NotFound)
+    ));
+
+    // A good commit publishes; sha512 works too.
+    for algo in [Algorithm::Sha256, Algorithm::Sha512] {
+        let id = UploadId::new_random();
+        uploads.create(&id).await.unwrap();
+        uploads
+            .append(&id, 0, None, stream_of(vec![&big]))
+            .await
+            .unwrap();
+        let d = Digest::of(algo, &big);
+        assert_eq!(uploads.commit(&id, &d).await.unwrap(), big.len() as u64);
+        assert_eq!(blobs.stat(&d).await.unwrap(), Some(big.len() as u64));
+        assert_eq!(collect(blobs.read(&d, None).await.unwrap()).await, big);
+        assert!(blobs.list().await.unwrap().contains(&d));
+    }
+
+    // Two sessions committing the same content.
+    let (a, b) = (UploadId::new_random(), UploadId::new_random());
+    let same = b"same content in two uploads";
+    let sd = Digest::sha256_of(same);
+    for id in [&a, &b] {
+        uploads.create(id).await.unwrap();
+        uploads
+            .append(id, 0, None, stream_of(vec![same]))
+            .await
+            .unwrap();
+    }
+    let (ra, rb) = tokio::join!(uploads.commit(&a, &sd), uploads.commit(&b, &sd));
+    assert_eq!(
+        (ra.unwrap(), rb.unwrap()),
+        (same.len() as u64, same.len() as u64)
+    );
+    assert_eq!(collect(blobs.read(&sd, None).await.unwrap()).await, same);
+
+    // Abort, delete, quarantine.
+    let c = UploadId::new_random();
+    uploads.create(&c).await.unwrap();
+    uploads.abort(&c).await.unwrap();
+    uploads.abort(&c).await.unwrap();
+    assert!(matches!(
+        uploads.size(&c).await,
+        Err(StorageError::NotFound)
+    ));
+    assert!(blobs.delete(&sd).await.unwrap());
+    assert_eq!(blobs.stat(&sd).await.unwrap(), None);
+    blobs.quarantine(&d).await.unwrap();
+    assert_eq!(blobs.stat(&d).await.unwrap(), None);
+    assert!(!blobs.list().await.unwrap().contains(&d));
+}
+
+/// Runs the metadata contract against one backend.
+pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
+    let repo: RepoName = "suite/repo".parse().unwrap();
+    let other: RepoName = "suite/repo2".parse().unwrap();
+    let d1 = Digest::sha256_of(b"one");
+    let d2 = Digest::sha256_of(b"two");
+
+    assert_eq!(
+        meta.tags(&repo, None, 100).await.unwrap(),
+        None,
+        "unknown repository"
+    );
+    assert!(!meta.blob_linked(&repo, &d1).await.unwrap());
+    meta.link_blob(&repo, &d1).await.unwrap();
+    assert!(meta.blob_linked(&repo, &d1).await.unwrap());
+    assert!(
+        !meta.blob_linked(&other, &d1).await.unwrap(),
+        "links are per repository"
+    );
+    assert_eq!(meta.tags(&repo, None, 100).await.unwrap(), Some(vec![]));
+    assert!(meta.unlink_blob(&repo, &d1).await.unwrap());
+    assert!(!meta.unlink_blob(&repo, &d1).await.unwrap());
+
+    // Manifests, tags and pagination.
+    let rec = |subject: Option<Digest>| ManifestRecord {
+        media_type: crate::oci::manifest::OCI_MANIFEST.to_string(),
+        size: 10,
+        subject,
+    };
+    let tags: Vec<String> = ["b", "a", "c", "a1", "Z"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for t in &tags {
+        let tag: Tag = t.parse().unwrap();
+        meta.put_manifest(&repo, &d1, &rec(None), Some(&tag), None)
+            .await
+            .unwrap();
+    }
+    let all = meta.tags(&repo, None, 100).await.unwrap().unwrap();
+    assert_eq!(all, vec!["Z", "a", "a1", "b", "c"], "tags in lexical order");
+    assert_eq!(
+        meta.tags(&repo, None, 2).await.unwrap().unwrap(),
+        vec!["Z", "a"]
+    );
+    assert_eq!(
+        meta.tags(&repo, Some("a"), 2).await.unwrap().unwrap(),
+        vec!["a1", "b"]
+    );
+    assert_eq!(
+        meta.tags(&repo, Some("c"), 2).await.unwrap().unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        meta.tags(&repo, None, 0).await.unwrap().unwrap(),
+        Vec::<String>::new()
+    );
+    let a: Tag = "a".parse().unwrap();
+    assert_eq!(meta.resolve_tag(&repo, &a).await.unwrap(), Some(d1.clone()));
+    assert_eq!(meta.resolve_tag(&other, &a).await.unwrap(), None);
+    assert_eq!(meta.manifest(&repo, &d1).await.unwrap(), Some(rec(None)));
+
+    // Retag moves the tag.
+    meta.put_manifest(&repo, &d2, &rec(None), Some(&a), None)
+        .await
+        .unwrap();
+    assert_eq!(meta.resolve_tag(&repo, &a).await.unwrap(), Some(d2.clone()));
+    assert!(meta.delete_tag(&repo, &a).await.unwrap());
+    assert!(!meta.delete_tag(&repo, &a).await.unwrap());
+    assert_eq!(
+        meta.manifest(&repo, &d2).await.unwrap(),
+        Some(rec(None)),
+        "tag delete keeps the manifest"
+    );
+
+    // Deleting a manifest removes the tags pointing at it.
+    assert!(meta.delete_manifest(&repo, &d1).await.unwrap());
+    assert!(!meta.delete_manifest(&repo, &d1).await.unwrap());
+    assert_eq!(
+        meta.tags(&repo, None, 100).await.unwrap().unwrap(),
+        Vec::<String>::new()
+    );
+
+    // Referrers.
+    let sig = Digest::sha256_of(b"sig");
+    let desc = Descriptor {
+        media_type: crate::oci::manifest::OCI_MANIFEST.to_string(),
+        digest: sig.clone(),
+        size: 10,
+        artifact_type: Some("application/x.sig".into()),
+        annotations: Default::default(),
+    };
+    meta.put_manifest(&repo, &sig, &rec(Some(d2.clone())), None, Some(&desc))
+        .await
+        .unwrap();
+    assert_eq!(
+        meta.referrers(&repo, &d2).await.unwrap(),
+        vec![desc.clone()]
+    );
+    assert!(meta.referrers(&other, &d2).await.unwrap().is_empty());
+    assert!(meta.referrers(&repo, &d1).await.unwrap().is_empty());
+    assert!(meta.delete_manifest(&repo, &sig).await.unwrap());
+    assert!(meta.referrers(&repo, &d2).await.unwrap().is_empty());
+
+    // Catalog.
+    meta.link_blob(&other, &d1).await.unwrap();
+    let extra: RepoName = "suite/a".parse().unwrap();
+    meta.link_blob(&extra, &d1).await.unwrap();
+    let repos = meta.repositories(None, 100).await.unwrap();
+    let ours: Vec<&String> = repos.iter().filter(|r| r.starts_with("suite/")).collect();
+    assert_eq!(ours, vec!["suite/a", "suite/repo", "suite/repo2"]);
+    assert_eq!(
+        meta.repositories(Some("suite/a"), 1).await.unwrap(),
+        vec!["suite/repo"]
+    );
+
+    // Upload sessions.
+    let id = UploadId::new_random();
+    assert_eq!(meta.upload(&id).await.unwrap(), None);
+    let r = UploadRecord {
+        repository: repo.to_string(),
+        started: 42,
+    };
+    meta.put_upload(&id, &r).await.unwrap();
+    assert_eq!(meta.upload(&id).await.unwrap(), Some(r.clone()));
+    assert!(meta.uploads().await.unwrap().contains(&(id.clone(), r)));
+    meta.delete_upload(&id).await.unwrap();
+    assert_eq!(meta.upload(&id).await.unwrap(), None);
+}

@@ -1,0 +1,440 @@
+//! The filesystem blob and upload store.
+//!
+//! Layout under the root:
+//! - `blobs/<algorithm>/<hex[0..2]>/<hex>`: published, verified blobs;
+//! - `uploads/<id>/data`: staged bytes of an upload session (same filesystem,
+//!   so publishing is a `rename`);
+//! - `quarantine/<algorithm>-<hex>`: blobs fsck found corrupt.
+//!
+//! Every publish is: write, `fsync` the file, verify, `rename`, `fsync` the
+//! directory.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio_util::io::ReaderStream;
+
+use super::{BlobStore, ByteStream, Result, StorageError, UploadStore};
+use crate::oci::{Algorithm, Digest, Hasher, UploadId};
+
+/// Size of the chunks a blob read yields.
+const READ_CHUNK: usize = 512 * 1024;
+/// Write buffer for staged uploads.
+const WRITE_BUF: usize = 1024 * 1024;
+
+/// In-memory sha256 state of an upload, valid while `hashed` equals the
+/// staged size. After a restart it is absent and commit re-reads the file.
+#[derive(Clone, Default)]
+struct HashState {
+    hasher: Option<Hasher>,
+    hashed: u64,
+}
+
+pub struct FsStore {
+    root: PathBuf,
+    sessions: Mutex<HashMap<UploadId, Arc<tokio::sync::Mutex<HashState>>>>,
+}
+
+fn not_found_is(e: io::Error) -> StorageError {
+    if e.kind() == io::ErrorKind::NotFound {
+        StorageError::NotFound
+    } else {
+        StorageError::Io(e)
+    }
+}
+
+async fn sync_dir(dir: &Path) -> io::Result<()> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
+        .await
+        .map_err(io::Error::other)?
+}
+
+/// Hashes a file from disk with `algorithm`.
+async fn hash_file(path: &Path, algorithm: Algorithm) -> io::Result<(Digest, u64)> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut f = std::fs::File::open(&path)?;
+        let mut h = algorithm.hasher();
+        let mut buf = vec![0u8; 1024 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            total += n as u64;
+        }
+        Ok((h.finish(), total))
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+impl FsStore {
+    /// Opens (creating if needed) a store rooted at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> io::Result<FsStore> {
+        let root = root.into();
+        for d in ["blobs", "uploads", "quarantine"] {
+            std::fs::create_dir_all(root.join(d))?;
+        }
+        Ok(FsStore {
+            root,
+            sessions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn blob_path(&self, d: &Digest) -> PathBuf {
+        let hex = d.hex();
+        self.root
+            .join("blobs")
+            .join(d.algorithm().as_str())
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    fn upload_dir(&self, id: &UploadId) -> PathBuf {
+        self.root.join("uploads").join(id.as_str())
+    }
+
+    fn session(&self, id: &UploadId) -> Arc<tokio::sync::Mutex<HashState>> {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .entry(id.clone())
+            .or_default()
+            .clone()
+    }
+
+    fn forget(&self, id: &UploadId) {
+        self.sessions.lock().expect("sessions lock").remove(id);
+    }
+
+    /// Moves a fully written, fsynced staging file into place as `digest`.
+    async fn publish(&self, staged: &Path, digest: &Digest) -> Result<()> {
+        let dest = self.blob_path(digest);
+        let parent = dest.parent().expect("blob path has a parent").to_path_buf();
+        if tokio::fs::try_exists(&dest).await? {
+            // Content-addressed: the stored copy is identical.
+            tokio::fs::remove_file(staged).await?;
+            return Ok(());
+        }
+        tokio::fs::create_dir_all(&parent).await?;
+        tokio::fs::rename(staged, &dest).await?;
+        sync_dir(&parent).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BlobStore for FsStore {
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
+        match tokio::fs::metadata(self.blob_path(digest)).await {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn read(&self, digest: &Digest, range: Option<Range<u64>>) -> Result<ByteStream> {
+        let mut file = tokio::fs::File::open(self.blob_path(digest))
+            .await
+            .map_err(not_found_is)?;
+        let stream = match range {
+            Some(r) => {
+                file.seek(io::SeekFrom::Start(r.start)).await?;
+                ReaderStream::with_capacity(file.take(r.end - r.start), READ_CHUNK).boxed()
+            }
+            None => ReaderStream::with_capacity(file, READ_CHUNK).boxed(),
+        };
+        Ok(stream)
+    }
+
+    async fn put(&self, digest: &Digest, bytes: Bytes) -> Result<()> {
+        let computed = Digest::of(digest.algorithm(), &bytes);
+        if &computed != digest {
+            return Err(StorageError::DigestMismatch {
+                expected: digest.clone(),
+                computed,
+            });
+        }
+        if self.stat(digest).await?.is_some() {
+            return Ok(());
+        }
+        let staged = self
+            .root
+            .join("uploads")
+            .join(format!(".put-{}", UploadId::new_random()));
+        let mut f = tokio::fs::File::create(&staged).await?;
+        let written = async {
+            f.write_all(&bytes).await?;
+            f.sync_all().await
+        }
+        .await;
+        drop(f);
+        if let Err(e) = written {
+            let _ = tokio::fs::remove_file(&staged).await;
+            return Err(e.into());
+        }
+        self.publish(&staged, digest).await
+    }
+
+    async fn delete(&self, digest: &Digest) -> Result<bool> {
+        match tokio::fs::remove_file(self.blob_path(digest)).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<Digest>> {
+        let root = self.root.join("blobs");
+        let found = tokio::task::spawn_blocking(move || -> io::Result<Vec<Digest>> {
+            let mut out = Vec::new();
+            for algo in std::fs::read_dir(&root)? {
+                let algo = algo?;
+                let algo_name = algo.file_name().to_string_lossy().into_owned();
+                for prefix in std::fs::read_dir(algo.path())? {
+                    for blob in std::fs::read_dir(prefix?.path())? {
+                        let name = blob?.file_name().to_string_lossy().into_owned();
+                        if let Ok(d) = format!("{algo_name}:{name}").parse() {
+                            out.push(d);
+                        }
+                    }
+                }
+            }
+            out.sort();
+            Ok(out)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(found)
+    }
+
+    async fn quarantine(&self, digest: &Digest) -> Result<()> {
+        let dest = self.root.join("quarantine").join(format!(
+            "{}-{}",
+            digest.algorithm().as_str(),
+            digest.hex()
+        ));
+        tokio::fs::rename(self.blob_path(digest), &dest)
+            .await
+            .map_err(not_found_is)?;
+        sync_dir(&self.root.join("quarantine")).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl UploadStore for FsStore {
+    async fn create(&self, id: &UploadId) -> Result<()> {
+        let dir = self.upload_dir(id);
+        tokio::fs::create_dir_all(&dir).await?;
+        let f = tokio::fs::File::create(dir.join("data")).await?;
+        f.sync_all().await?;
+        sync_dir(&dir).await?;
+        sync_dir(&self.root.join("uploads")).await?;
+        *self.session(id).lock().await = HashState {
+            hasher: Some(Algorithm::Sha256.hasher()),
+            hashed: 0,
+        };
+        Ok(())
+    }
+
+    async fn size(&self, id: &UploadId) -> Result<u64> {
+        let m = tokio::fs::metadata(self.upload_dir(id).join("data"))
+            .await
+            .map_err(not_found_is)?;
+        Ok(m.len())
+    }
+
+    async fn append(
+        &self,
+        id: &UploadId,
+        offset: u64,
+        expected_len: Option<u64>,
+        mut body: ByteStream,
+    ) -> Result<u64> {
+        let session = self.session(id);
+        let mut state = session.lock().await;
+        let path = self.upload_dir(id).join("data");
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .await
+            .map_err(not_found_is)?;
+        let current = file.metadata().await?.len();
+        if current != offset {
+            return Err(StorageError::OffsetMismatch {
+                current,
+                requested: offset,
+            });
+        }
+        let before = state.clone();
+        if state.hashed != current {
+            state.hasher = None;
+        }
+        let mut out = tokio::io::BufWriter::with_capacity(WRITE_BUF, file);
+        out.seek(io::SeekFrom::Start(current)).await?;
+        let mut received = 0u64;
+        let result: Result<()> = async {
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(StorageError::Body)?;
+                received += chunk.len() as u64;
+                if let Some(exp) = expected_len {
+                    if received > exp {
+                        return Err(StorageError::SizeMismatch {
+                            expected: exp,
+                            actual: received,
+                        });
+                    }
+                }
+                if let Some(h) = state.hasher.as_mut() {
+                    h.update(&chunk);
+                }
+                out.write_all(&chunk).await?;
+            }
+            if let Some(exp) = expected_len {
+                if received != exp {
+                    return Err(StorageError::SizeMismatch {
+                        expected: exp,
+                        actual: received,
+                    });
+                }
+            }
+            out.flush().await?;
+            out.get_ref().sync_data().await?;
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                state.hashed = current + received;
+                Ok(current + received)
+            }
+            Err(e) => {
+                // All-or-nothing: cut the file back and restore the hash state.
+                let _ = out.flush().await;
+                let file = out.into_inner();
+                file.set_len(current).await?;
+                file.sync_data().await?;
+                *state = before;
+                Err(e)
+            }
+        }
+    }
+
+    async fn commit(&self, id: &UploadId, expected: &Digest) -> Result<u64> {
+        let session = self.session(id);
+        let state = session.lock().await;
+        let dir = self.upload_dir(id);
+        let path = dir.join("data");
+        let size = tokio::fs::metadata(&path)
+            .await
+            .map_err(not_found_is)?
+            .len();
+        let computed = match &state.hasher {
+            Some(h) if state.hashed == size && expected.algorithm() == h.algorithm() => {
+                h.clone().finish()
+            }
+            _ => hash_file(&path, expected.algorithm()).await?.0,
+        };
+        drop(state);
+        let outcome = if &computed == expected {
+            self.publish(&path, expected).await.map(|()| size)
+        } else {
+            Err(StorageError::DigestMismatch {
+                expected: expected.clone(),
+                computed,
+            })
+        };
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        self.forget(id);
+        outcome
+    }
+
+    async fn abort(&self, id: &UploadId) -> Result<()> {
+        let session = self.session(id);
+        let _guard = session.lock().await;
+        match tokio::fs::remove_dir_all(self.upload_dir(id)).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.forget(id);
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<(UploadId, SystemTime)>> {
+        let dir = self.root.join("uploads");
+        let found =
+            tokio::task::spawn_blocking(move || -> io::Result<Vec<(UploadId, SystemTime)>> {
+                let mut out = Vec::new();
+                for entry in std::fs::read_dir(&dir)? {
+                    let entry = entry?;
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let Ok(id) = name.parse::<UploadId>() else {
+                        continue;
+                    };
+                    let modified = std::fs::metadata(entry.path().join("data"))
+                        .or_else(|_| entry.metadata())?
+                        .modified()?;
+                    out.push((id, modified));
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(io::Error::other)??;
+        Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FsStore::open(dir.path()).unwrap());
+        crate::storage::conformance::blob_store_suite(store.clone(), store).await;
+    }
+
+    #[tokio::test]
+    async fn upload_resumes_after_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = UploadId::new_random();
+        let data = b"hello, resumable world".to_vec();
+        {
+            let s = FsStore::open(dir.path()).unwrap();
+            UploadStore::create(&s, &id).await.unwrap();
+            let chunk = Bytes::copy_from_slice(&data[..5]);
+            s.append(&id, 0, Some(5), futures::stream::iter([Ok(chunk)]).boxed())
+                .await
+                .unwrap();
+        }
+        // A new process: no in-memory hash state.
+        let s = FsStore::open(dir.path()).unwrap();
+        assert_eq!(s.size(&id).await.unwrap(), 5);
+        let chunk = Bytes::copy_from_slice(&data[5..]);
+        s.append(&id, 5, None, futures::stream::iter([Ok(chunk)]).boxed())
+            .await
+            .unwrap();
+        let d = Digest::sha256_of(&data);
+        assert_eq!(s.commit(&id, &d).await.unwrap(), data.len() as u64);
+        assert_eq!(s.stat(&d).await.unwrap(), Some(data.len() as u64));
+    }
+}

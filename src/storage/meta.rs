@@ -1,0 +1,414 @@
+//! The embedded metadata store, on redb: one file, ACID transactions, each
+//! commit durable (fsync) before it returns.
+//!
+//! Keys join their parts with NUL, which no repository name, tag or digest
+//! contains, so a repository's entries form one contiguous key range in
+//! lexical order.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{ManifestRecord, MetaStore, Result, StorageError, UploadRecord};
+use crate::oci::manifest::Descriptor;
+use crate::oci::{Digest, RepoName, Tag, UploadId};
+
+const REPOS: TableDefinition<&str, u8> = TableDefinition::new("repositories");
+/// `repo\0tag` → digest
+const TAGS: TableDefinition<&str, &str> = TableDefinition::new("tags");
+/// `repo\0digest` → 1
+const LINKS: TableDefinition<&str, u8> = TableDefinition::new("blob_links");
+/// `repo\0digest` → JSON [`ManifestRecord`]
+const MANIFESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("manifests");
+/// `repo\0subject\0referrer` → JSON [`Descriptor`]
+const REFERRERS: TableDefinition<&str, &[u8]> = TableDefinition::new("referrers");
+/// upload id → JSON [`UploadRecord`]
+const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
+
+fn meta_err(e: impl std::fmt::Display) -> StorageError {
+    StorageError::Meta(e.to_string())
+}
+
+fn key(a: &str, b: &str) -> String {
+    let mut k = String::with_capacity(a.len() + b.len() + 1);
+    k.push_str(a);
+    k.push('\0');
+    k.push_str(b);
+    k
+}
+
+/// The key range of everything under `prefix\0`.
+fn prefix_range(prefix: &str) -> (String, String) {
+    (format!("{prefix}\0"), format!("{prefix}\u{1}"))
+}
+
+pub struct RedbMeta {
+    db: Arc<Database>,
+}
+
+impl RedbMeta {
+    /// Opens or creates the database file.
+    pub fn open(path: &Path) -> Result<RedbMeta> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let db = Database::create(path).map_err(meta_err)?;
+        let txn = db.begin_write().map_err(meta_err)?;
+        {
+            txn.open_table(REPOS).map_err(meta_err)?;
+            txn.open_table(TAGS).map_err(meta_err)?;
+            txn.open_table(LINKS).map_err(meta_err)?;
+            txn.open_table(MANIFESTS).map_err(meta_err)?;
+            txn.open_table(REFERRERS).map_err(meta_err)?;
+            txn.open_table(UPLOADS).map_err(meta_err)?;
+        }
+        txn.commit().map_err(meta_err)?;
+        Ok(RedbMeta { db: Arc::new(db) })
+    }
+
+    /// Runs blocking database work off the async threads.
+    async fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(meta_err)?
+    }
+}
+
+fn write<T>(db: &Database, f: impl FnOnce(&redb::WriteTransaction) -> Result<T>) -> Result<T> {
+    let txn = db.begin_write().map_err(meta_err)?;
+    let out = f(&txn)?;
+    txn.commit().map_err(meta_err)?;
+    Ok(out)
+}
+
+#[async_trait]
+impl MetaStore for RedbMeta {
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+        let (repo, k) = (repo.to_string(), key(repo.as_str(), digest.as_str()));
+        self.run(move |db| {
+            write(db, |txn| {
+                txn.open_table(REPOS)
+                    .map_err(meta_err)?
+                    .insert(repo.as_str(), 1)
+                    .map_err(meta_err)?;
+                txn.open_table(LINKS)
+                    .map_err(meta_err)?
+                    .insert(k.as_str(), 1)
+                    .map_err(meta_err)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn blob_linked(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        let k = key(repo.as_str(), digest.as_str());
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(meta_err)?;
+            let t = txn.open_table(LINKS).map_err(meta_err)?;
+            Ok(t.get(k.as_str()).map_err(meta_err)?.is_some())
+        })
+        .await
+    }
+
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        let k = key(repo.as_str(), digest.as_str());
+        self.run(move |db| {
+            write(db, |txn| {
+                let mut t = txn.open_table(LINKS).map_err(meta_err)?;
+                Ok(t.remove(k.as_str()).map_err(meta_err)?.is_some())
+            })
+        })
+        .await
+    }
+
+    async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        record: &ManifestRecord,
+        tag: Option<&Tag>,
+        referrer: Option<&Descriptor>,
+    ) -> Result<()> {
+        let repo = repo.to_string();
+        let digest = digest.to_string();
+        let referrer = match (referrer, &record.subject) {
+            (Some(desc), Some(subject)) => Some((
+                format!("{repo}\0{subject}\0{digest}"),
+                serde_json::to_vec(desc).map_err(meta_err)?,
+            )),
+            _ => None,
+        };
+        let record = serde_json::to_vec(record).map_err(meta_err)?;
+        let tag = tag.map(|t| key(&repo, t.as_str()));
+        self.run(move |db| {
+            write(db, |txn| {
+                txn.open_table(REPOS)
+                    .map_err(meta_err)?
+                    .insert(repo.as_str(), 1)
+                    .map_err(meta_err)?;
+                txn.open_table(MANIFESTS)
+                    .map_err(meta_err)?
+                    .insert(key(&repo, &digest).as_str(), record.as_slice())
+                    .map_err(meta_err)?;
+                if let Some(t) = &tag {
+                    txn.open_table(TAGS)
+                        .map_err(meta_err)?
+                        .insert(t.as_str(), digest.as_str())
+                        .map_err(meta_err)?;
+                }
+                if let Some((k, v)) = &referrer {
+                    txn.open_table(REFERRERS)
+                        .map_err(meta_err)?
+                        .insert(k.as_str(), v.as_slice())
+                        .map_err(meta_err)?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn manifest(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestRecord>> {
+        let k = key(repo.as_str(), digest.as_str());
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(meta_err)?;
+            let t = txn.open_table(MANIFESTS).map_err(meta_err)?;
+            match t.get(k.as_str()).map_err(meta_err)? {
+                Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(meta_err)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        let repo = repo.to_string();
+        let digest = digest.to_string();
+        self.run(move |db| {
+            write(db, |txn| {
+                let mut manifests = txn.open_table(MANIFESTS).map_err(meta_err)?;
+                let Some(old) = manifests
+                    .remove(key(&repo, &digest).as_str())
+                    .map_err(meta_err)?
+                else {
+                    return Ok(false);
+                };
+                let record: ManifestRecord =
+                    serde_json::from_slice(old.value()).map_err(meta_err)?;
+                drop(old);
+                let mut tags = txn.open_table(TAGS).map_err(meta_err)?;
+                let (lo, hi) = prefix_range(&repo);
+                tags.retain_in(lo.as_str()..hi.as_str(), |_, v| v != digest)
+                    .map_err(meta_err)?;
+                if let Some(subject) = record.subject {
+                    txn.open_table(REFERRERS)
+                        .map_err(meta_err)?
+                        .remove(format!("{repo}\0{subject}\0{digest}").as_str())
+                        .map_err(meta_err)?;
+                }
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>> {
+        let k = key(repo.as_str(), tag.as_str());
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(meta_err)?;
+            let t = txn.open_table(TAGS).map_err(meta_err)?;
+            match t.get(k.as_str()).map_err(meta_err)? {
+                Some(v) => Ok(Some(v.value().parse().map_err(meta_err)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool> {
+        let k = key(repo.as_str(), tag.as_str());
+        self.run(move |db| {
+            write(db, |txn| {
+                let mut t = txn.open_table(TAGS).map_err(meta_err)?;
+                Ok(t.remove(k.as_str()).map_err(meta_err)?.is_some())
+            })
+        })
+        .await
+    }
+
+    async fn tags(
+        &self,
+        repo: &RepoName,
+        last: Option<&str>,
+        n: usize,
+    ) -> Result<Option<Vec<String>>> {
+        let repo = repo.to_string();
+        let last = last.map(str::to_string);
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(meta_err)?;
+            if txn
+                .open_table(REPOS)
+                .map_err(meta_err)?
+                .get(repo.as_str())
+                .map_err(meta_err)?
+                .is_none()
+            {
+                return Ok(None);
+            }
+            let t = txn.open_table(TAGS).map_err(meta_err)?;
+            let (lo, hi) = prefix_range(&repo);
+            let start = match &last {
+                Some(l) => key(&repo, l),
+                None => lo,
+            };
+            let mut out = Vec::new();
+            for entry in t.range(start.as_str()..hi.as_str()).map_err(meta_err)? {
+                if out.len() >= n {
+                    break;
+                }
+                let (k, _) = entry.map_err(meta_err)?;
+                let tag = &k.value()[repo.len() + 1..];
+                if last.as_deref() == Some(tag) {
+                    continue;
+                }
+                out.push(tag.to_string());
+            }
+            Ok(Some(out))
+        })
+        .await
+    }
+
+    async fn repositories(&self, last: Option<&str>, n: usize) -> Result<Vec<String>> {
+        let last = last.map(str::to_string);
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(meta_err)?;
+            let t = txn.open_table(REPOS).map_err(meta_err)?;
+            let mut out = Vec::new();
+            let iter = match &last {
+                Some(l) => t.range(l.as_str()..).map_err(meta_err)?,
+                None => t.iter().map_err(meta_err)?,
+            };
+            for entry in iter {
+                if out.len() >= n {
+                    break;
+                }
+                let (k, _) = entry.map_err(meta_err)?;
+                let name = k.value();
+                if last.as_deref() == Some(name) {
+                    continue;
+                }
+                out.push(name.to_string());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn referrers(&self, repo: &RepoName, subject: &Digest) -> Result<Vec<Descriptor>> {
+        let prefix = key(repo.as_str(), subject.as_str());
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(meta_err)?;
+            let t = txn.open_table(REFERRERS).map_err(meta_err)?;
+            let (lo, hi) = prefix_range(&prefix);
+            let mut out = Vec::new();
+            for entry in t.range(lo.as_str()..hi.as_str()).map_err(meta_err)? {
+                let (_, v) = entry.map_err(meta_err)?;
+                out.push(serde_json::from_slice(v.value()).map_err(meta_err)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn put_upload(&self, id: &UploadId, record: &UploadRecord) -> Result<()> {
+        let id = id.to_string();
+        let v = serde_json::to_vec(record).map_err(meta_err)?;
+        self.run(move |db| {
+            write(db, |txn| {
+                txn.open_table(UPLOADS)
+                    .map_err(meta_err)?
+                    .insert(id.as_str(), v.as_slice())
+                    .map_err(meta_err)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn upload(&self, id: &UploadId) -> Result<Option<UploadRecord>> {
+        let id = id.to_string();
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(meta_err)?;
+            let t = txn.open_table(UPLOADS).map_err(meta_err)?;
+            match t.get(id.as_str()).map_err(meta_err)? {
+                Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(meta_err)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn delete_upload(&self, id: &UploadId) -> Result<()> {
+        let id = id.to_string();
+        self.run(move |db| {
+            write(db, |txn| {
+                txn.open_table(UPLOADS)
+                    .map_err(meta_err)?
+                    .remove(id.as_str())
+                    .map_err(meta_err)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn uploads(&self) -> Result<Vec<(UploadId, UploadRecord)>> {
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(meta_err)?;
+            let t = txn.open_table(UPLOADS).map_err(meta_err)?;
+            let mut out = Vec::new();
+            for entry in t.iter().map_err(meta_err)? {
+                let (k, v) = entry.map_err(meta_err)?;
+                if let Ok(id) = k.value().parse() {
+                    out.push((id, serde_json::from_slice(v.value()).map_err(meta_err)?));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = RedbMeta::open(&dir.path().join("meta.redb")).unwrap();
+        crate::storage::conformance::meta_store_suite(Arc::new(meta)).await;
+    }
+
+    #[tokio::test]
+    async fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        let repo: RepoName = "a/b".parse().unwrap();
+        let d = Digest::sha256_of(b"x");
+        {
+            let m = RedbMeta::open(&path).unwrap();
+            m.link_blob(&repo, &d).await.unwrap();
+        }
+        let m = RedbMeta::open(&path).unwrap();
+        assert!(m.blob_linked(&repo, &d).await.unwrap());
+    }
+}

@@ -1,0 +1,163 @@
+//! Storage: a content-addressed blob store with verified upload staging, and
+//! a metadata store for repositories, tags, links, referrers and upload
+//! sessions. Blobs are keyed only by digest; repository names never reach the
+//! blob store.
+//!
+//! Backends: [`fs`] (blobs on a local filesystem) and [`meta`] (an embedded
+//! redb database). [`conformance`] is the suite every backend must pass.
+
+pub mod conformance;
+pub mod fs;
+pub mod meta;
+
+use std::io;
+use std::ops::Range;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+use crate::oci::manifest::Descriptor;
+use crate::oci::{Digest, RepoName, Tag, UploadId};
+
+/// A stream of bytes, as read from a blob or received from a client.
+pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("not found")]
+    NotFound,
+    #[error("upload is at offset {current}, chunk starts at {requested}")]
+    OffsetMismatch { current: u64, requested: u64 },
+    #[error("digest mismatch: expected {expected}, content hashes to {computed}")]
+    DigestMismatch { expected: Digest, computed: Digest },
+    #[error("size mismatch: expected {expected} bytes, received {actual}")]
+    SizeMismatch { expected: u64, actual: u64 },
+    #[error("reading the request body failed: {0}")]
+    Body(io::Error),
+    #[error("storage I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("metadata store error: {0}")]
+    Meta(String),
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// Published, verified blobs keyed by digest.
+///
+/// Contract: a blob is visible (to `stat`, `read`, `list`) only once its full
+/// content has been verified against its digest and made durable; no caller
+/// can ever observe a partially written or unverified blob. Publishing the
+/// same digest twice is a no-op.
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// Size of the blob, or `None` if it is not stored.
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>>;
+    /// Streams `range` (already resolved against the size) or the whole
+    /// blob. `NotFound` if absent.
+    async fn read(&self, digest: &Digest, range: Option<Range<u64>>) -> Result<ByteStream>;
+    /// Stores small content held in memory (manifests). Fails with
+    /// `DigestMismatch` unless `bytes` hash to `digest`.
+    async fn put(&self, digest: &Digest, bytes: Bytes) -> Result<()>;
+    /// Removes a blob. Returns whether it existed.
+    async fn delete(&self, digest: &Digest) -> Result<bool>;
+    /// Every stored digest (for fsck and garbage collection).
+    async fn list(&self) -> Result<Vec<Digest>>;
+    /// Moves a blob out of service, keeping its bytes for inspection.
+    async fn quarantine(&self, digest: &Digest) -> Result<()>;
+}
+
+/// Upload sessions: bytes staged next to the blob store, hashed as they
+/// arrive, published into the [`BlobStore`] only by a verified commit.
+///
+/// Contract: `append` is all-or-nothing (a failed or short chunk leaves the
+/// session as it was) and durable before it returns; a session survives a
+/// restart; `commit` publishes atomically only if the content matches the
+/// expected digest (and size), and consumes the session either way.
+#[async_trait]
+pub trait UploadStore: Send + Sync + 'static {
+    async fn create(&self, id: &UploadId) -> Result<()>;
+    /// Bytes received so far. `NotFound` for an unknown session.
+    async fn size(&self, id: &UploadId) -> Result<u64>;
+    /// Appends a chunk that must start at `offset` (the current size) and,
+    /// when `expected_len` is given, be exactly that long. Returns the new size.
+    async fn append(
+        &self,
+        id: &UploadId,
+        offset: u64,
+        expected_len: Option<u64>,
+        body: ByteStream,
+    ) -> Result<u64>;
+    /// Verifies the staged content against `expected` and publishes it.
+    /// Returns the blob's size. On mismatch nothing is published and the
+    /// session is removed.
+    async fn commit(&self, id: &UploadId, expected: &Digest) -> Result<u64>;
+    /// Drops a session and its staged bytes. Unknown ids are not an error.
+    async fn abort(&self, id: &UploadId) -> Result<()>;
+    /// Every session with the time it last received bytes.
+    async fn list(&self) -> Result<Vec<(UploadId, SystemTime)>>;
+}
+
+/// What a repository knows about one of its manifests.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ManifestRecord {
+    pub media_type: String,
+    pub size: u64,
+    /// The subject this manifest refers to, if it is a referrer.
+    #[serde(default)]
+    pub subject: Option<Digest>,
+}
+
+/// An upload session's metadata.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UploadRecord {
+    pub repository: String,
+    /// Unix seconds.
+    pub started: u64,
+}
+
+/// Repositories, tags, blob links, manifests, referrers and upload sessions.
+///
+/// Contract: every mutating call is atomic and durable when it returns Ok;
+/// listings are in lexical (byte) order.
+#[async_trait]
+pub trait MetaStore: Send + Sync + 'static {
+    /// Makes `digest` readable through `repo` (creating the repository).
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()>;
+    async fn blob_linked(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
+    /// Returns whether a link existed.
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
+
+    /// Records a manifest in `repo`, optionally points `tag` at it, and
+    /// indexes it as a referrer of its subject — all in one transaction.
+    async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        record: &ManifestRecord,
+        tag: Option<&Tag>,
+        referrer: Option<&Descriptor>,
+    ) -> Result<()>;
+    async fn manifest(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestRecord>>;
+    /// Removes a manifest, every tag pointing at it and its referrer entry.
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
+    async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>>;
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool>;
+    /// Up to `n` tags after `last`; `None` if the repository is unknown.
+    async fn tags(
+        &self,
+        repo: &RepoName,
+        last: Option<&str>,
+        n: usize,
+    ) -> Result<Option<Vec<String>>>;
+    /// Up to `n` repository names after `last`.
+    async fn repositories(&self, last: Option<&str>, n: usize) -> Result<Vec<String>>;
+    /// Manifests in `repo` whose subject is `subject`.
+    async fn referrers(&self, repo: &RepoName, subject: &Digest) -> Result<Vec<Descriptor>>;
+
+    async fn put_upload(&self, id: &UploadId, record: &UploadRecord) -> Result<()>;
+    async fn upload(&self, id: &UploadId) -> Result<Option<UploadRecord>>;
+    async fn delete_upload(&self, id: &UploadId) -> Result<()>;
+    async fn uploads(&self) -> Result<Vec<(UploadId, UploadRecord)>>;
+}
