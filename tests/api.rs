@@ -1,0 +1,960 @@
+//! In-process API tests: the hyper service is built over a temporary store
+//! and driven with requests, no socket. Every endpoint of the distribution
+//! API and every bad-input case, asserting both the response (status, spec
+//! error code, headers) and what is or is not stored afterwards.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+use wharf::api::App;
+use wharf::oci::Digest;
+use wharf::registry::Registry;
+use wharf::storage::BlobStore;
+use wharf::storage::fs::FsStore;
+use wharf::storage::meta::RedbMeta;
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+struct T {
+    app: App,
+    store: Arc<FsStore>,
+    _dir: tempfile::TempDir,
+}
+
+#[derive(Debug)]
+struct R {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl R {
+    fn h(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .unwrap_or_else(|| panic!("missing header {name} in {self:?}"))
+            .to_str()
+            .unwrap()
+    }
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+    fn code(&self) -> String {
+        let v = self.json();
+        assert!(
+            v["errors"][0]["message"].is_string(),
+            "error message present"
+        );
+        v["errors"][0]["code"].as_str().unwrap().to_string()
+    }
+}
+
+fn sha(data: &[u8]) -> String {
+    Digest::sha256_of(data).to_string()
+}
+
+impl T {
+    fn new() -> T {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FsStore::open(dir.path()).unwrap());
+        let meta = Arc::new(RedbMeta::open(&dir.path().join("meta.redb")).unwrap());
+        let app = App::new(Registry::new(store.clone(), store.clone(), meta));
+        T {
+            app,
+            store,
+            _dir: dir,
+        }
+    }
+
+    async fn req(&self, method: Method, path: &str, headers: &[(&str, &str)], body: &[u8]) -> R {
+        let mut b = Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(Full::new(Bytes::copy_from_slice(body))).unwrap();
+        let resp = self.app.handle(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        assert_eq!(
+            parts
+                .headers
+                .get("docker-distribution-api-version")
+                .unwrap(),
+            "registry/2.0"
+        );
+        R {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    async fn get(&self, path: &str) -> R {
+        self.req(Method::GET, path, &[], b"").await
+    }
+
+    async fn push_blob(&self, repo: &str, data: &[u8]) -> String {
+        let d = sha(data);
+        let r = self
+            .req(
+                Method::POST,
+                &format!("/v2/{repo}/blobs/uploads/?digest={d}"),
+                &[],
+                data,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+        d
+    }
+
+    /// Pushes config + one layer and an image manifest; returns (manifest bytes, digest).
+    async fn push_image(&self, repo: &str, tag: &str, seed: &str) -> (Vec<u8>, String) {
+        let config = format!("{{\"seed\":\"{seed}\"}}");
+        let layer = format!("layer-{seed}");
+        let cd = self.push_blob(repo, config.as_bytes()).await;
+        let ld = self.push_blob(repo, layer.as_bytes()).await;
+        let m = json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": layer.len()}],
+        });
+        let bytes = serde_json::to_vec(&m).unwrap();
+        let r = self
+            .req(
+                Method::PUT,
+                &format!("/v2/{repo}/manifests/{tag}"),
+                &[("content-type", OCI_MANIFEST)],
+                &bytes,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+        let d = sha(&bytes);
+        assert_eq!(r.h("docker-content-digest"), d);
+        assert_eq!(r.h("location"), format!("/v2/{repo}/manifests/{d}"));
+        (bytes, d)
+    }
+
+    async fn stored(&self) -> Vec<String> {
+        self.store
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.to_string())
+            .collect()
+    }
+
+    async fn repos(&self) -> Vec<String> {
+        let v = self.get("/v2/_catalog").await.json();
+        v["repositories"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn base_endpoint_and_unknown_routes() {
+    let t = T::new();
+    let r = t.get("/v2/").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json(), json!({}));
+    let r = t.get("/v2/a/nothing/here").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.code(), "NAME_UNKNOWN");
+    let r = t.req(Method::POST, "/v2/a/tags/list", &[], b"").await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.code(), "UNSUPPORTED");
+    assert_eq!(t.get("/healthz").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn blob_reads_heads_and_ranges() {
+    let t = T::new();
+    let data: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+    let d = t.push_blob("r/one", &data).await;
+    let r = t
+        .req(Method::HEAD, &format!("/v2/r/one/blobs/{d}"), &[], b"")
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.h("content-length"), "10000");
+    assert_eq!(r.h("docker-content-digest"), d);
+    assert!(r.body.is_empty());
+    let r = t.get(&format!("/v2/r/one/blobs/{d}")).await;
+    assert_eq!(&r.body[..], &data[..]);
+    let r = t
+        .req(
+            Method::GET,
+            &format!("/v2/r/one/blobs/{d}"),
+            &[("range", "bytes=100-199")],
+            b"",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.h("content-range"), "bytes 100-199/10000");
+    assert_eq!(&r.body[..], &data[100..200]);
+    let r = t
+        .req(
+            Method::GET,
+            &format!("/v2/r/one/blobs/{d}"),
+            &[("range", "bytes=-10")],
+            b"",
+        )
+        .await;
+    assert_eq!(&r.body[..], &data[9990..]);
+    // Beyond the end: 416 with the size, and nothing else changes.
+    let r = t
+        .req(
+            Method::GET,
+            &format!("/v2/r/one/blobs/{d}"),
+            &[("range", "bytes=10000-")],
+            b"",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(r.h("content-range"), "bytes */10000");
+    assert_eq!(r.code(), "SIZE_INVALID");
+    // A blob is readable only through repositories it was pushed or mounted to.
+    let r = t.get(&format!("/v2/r/two/blobs/{d}")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.code(), "BLOB_UNKNOWN");
+    // Delete unlinks from the repository only.
+    let _ = t.push_blob("r/two", &data).await;
+    let r = t
+        .req(Method::DELETE, &format!("/v2/r/one/blobs/{d}"), &[], b"")
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    assert_eq!(
+        t.get(&format!("/v2/r/one/blobs/{d}")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        &t.get(&format!("/v2/r/two/blobs/{d}")).await.body[..],
+        &data[..]
+    );
+    let r = t
+        .req(Method::DELETE, &format!("/v2/r/one/blobs/{d}"), &[], b"")
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.code(), "BLOB_UNKNOWN");
+}
+
+#[tokio::test]
+async fn chunked_upload_with_status_and_out_of_order_chunk() {
+    let t = T::new();
+    let data = b"0123456789abcdefghij";
+    let d = sha(data);
+    let r = t.req(Method::POST, "/v2/c/blobs/uploads/", &[], b"").await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let loc = r.h("location").to_string();
+    assert!(loc.starts_with("/v2/c/blobs/uploads/"));
+    assert_eq!(r.h("range"), "0-0");
+    assert!(!r.h("docker-upload-uuid").is_empty());
+    let r = t
+        .req(
+            Method::PATCH,
+            &loc,
+            &[("content-range", "0-9"), ("content-length", "10")],
+            &data[..10],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{r:?}");
+    assert_eq!(r.h("range"), "0-9");
+    let loc = r.h("location").to_string();
+    // Status.
+    let r = t.get(&loc).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert_eq!(r.h("range"), "0-9");
+    // Out of order: 416, the upload is unchanged.
+    let r = t
+        .req(
+            Method::PATCH,
+            &loc,
+            &[("content-range", "12-19"), ("content-length", "8")],
+            &data[12..],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(r.code(), "BLOB_UPLOAD_INVALID");
+    assert_eq!(r.h("range"), "0-9");
+    // A chunk whose length disagrees with its range: SIZE_INVALID, unchanged.
+    let r = t
+        .req(
+            Method::PATCH,
+            &loc,
+            &[("content-range", "10-19")],
+            &data[10..15],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.code(), "SIZE_INVALID");
+    let r = t
+        .req(
+            Method::PATCH,
+            &loc,
+            &[("content-range", "ten-twenty")],
+            &data[10..],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.code(), "BLOB_UPLOAD_INVALID");
+    assert_eq!(t.get(&loc).await.h("range"), "0-9");
+    // Last chunk with the PUT.
+    let r = t
+        .req(
+            Method::PUT,
+            &format!("{loc}?digest={d}"),
+            &[("content-range", "10-19"), ("content-length", "10")],
+            &data[10..],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    assert_eq!(r.h("location"), format!("/v2/c/blobs/{d}"));
+    assert_eq!(&t.get(&format!("/v2/c/blobs/{d}")).await.body[..], data);
+    // The session is gone.
+    let r = t.get(&loc).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.code(), "BLOB_UPLOAD_UNKNOWN");
+}
+
+#[tokio::test]
+async fn streamed_patch_then_put_and_cancel() {
+    let t = T::new();
+    let data = vec![7u8; 300_000];
+    let d = sha(&data);
+    let loc = t
+        .req(Method::POST, "/v2/s/blobs/uploads/", &[], b"")
+        .await
+        .h("location")
+        .to_string();
+    let r = t.req(Method::PATCH, &loc, &[], &data).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    assert_eq!(r.h("range"), "0-299999");
+    let r = t
+        .req(Method::PUT, &format!("{loc}?digest={d}"), &[], b"")
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(t.get(&format!("/v2/s/blobs/{d}")).await.body.len(), 300_000);
+
+    let loc = t
+        .req(Method::POST, "/v2/s/blobs/uploads/", &[], b"")
+        .await
+        .h("location")
+        .to_string();
+    t.req(Method::PATCH, &loc, &[], b"abc").await;
+    let r = t.req(Method::DELETE, &loc, &[], b"").await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = t.req(Method::DELETE, &loc, &[], b"").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.code(), "BLOB_UPLOAD_UNKNOWN");
+    assert!(!t.stored().await.contains(&sha(b"abc")));
+}
+
+#[tokio::test]
+async fn sha512_blobs() {
+    let t = T::new();
+    let data = b"five hundred and twelve";
+    let d = Digest::of(wharf::oci::Algorithm::Sha512, data).to_string();
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/v2/x/blobs/uploads/?digest={d}"),
+            &[],
+            data,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    assert_eq!(&t.get(&format!("/v2/x/blobs/{d}")).await.body[..], data);
+}
+
+#[tokio::test]
+async fn cross_repository_mount() {
+    let t = T::new();
+    let d = t.push_blob("src/repo", b"shared layer").await;
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/v2/dst/repo/blobs/uploads/?mount={d}&from=src/repo"),
+            &[],
+            b"",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(r.h("location"), format!("/v2/dst/repo/blobs/{d}"));
+    assert_eq!(
+        &t.get(&format!("/v2/dst/repo/blobs/{d}")).await.body[..],
+        b"shared layer"
+    );
+    // Not in `from`: falls back to an upload session.
+    let other = sha(b"not there");
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/v2/dst/repo/blobs/uploads/?mount={other}&from=src/repo"),
+            &[],
+            b"",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    assert!(r.h("location").starts_with("/v2/dst/repo/blobs/uploads/"));
+    // No `from`: never mounts from an arbitrary repository.
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/v2/third/blobs/uploads/?mount={d}"),
+            &[],
+            b"",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    assert_eq!(
+        t.get(&format!("/v2/third/blobs/{d}")).await.status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn manifests_by_tag_and_digest() {
+    let t = T::new();
+    let (bytes, d) = t.push_image("img", "v1", "a").await;
+    for reference in ["v1", d.as_str()] {
+        let r = t.get(&format!("/v2/img/manifests/{reference}")).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(&r.body[..], &bytes[..]);
+        assert_eq!(r.h("content-type"), OCI_MANIFEST);
+        assert_eq!(r.h("docker-content-digest"), d);
+        assert_eq!(r.h("content-length"), bytes.len().to_string());
+        let r = t
+            .req(
+                Method::HEAD,
+                &format!("/v2/img/manifests/{reference}"),
+                &[],
+                b"",
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.h("content-length"), bytes.len().to_string());
+        assert_eq!(r.h("docker-content-digest"), d);
+    }
+    // Content negotiation: a client that accepts only Docker types is not
+    // handed an OCI manifest by tag; by digest the content is pinned.
+    let r = t
+        .req(
+            Method::GET,
+            "/v2/img/manifests/v1",
+            &[("accept", DOCKER_MANIFEST)],
+            b"",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.code(), "MANIFEST_UNKNOWN");
+    let r = t
+        .req(
+            Method::GET,
+            "/v2/img/manifests/v1",
+            &[("accept", DOCKER_MANIFEST), ("accept", OCI_MANIFEST)],
+            b"",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = t
+        .req(
+            Method::GET,
+            &format!("/v2/img/manifests/{d}"),
+            &[("accept", DOCKER_MANIFEST)],
+            b"",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    // PUT by digest.
+    let r = t
+        .req(
+            Method::PUT,
+            &format!("/v2/img2/manifests/{d}"),
+            &[("content-type", OCI_MANIFEST)],
+            &bytes,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "blobs are not in img2");
+    assert_eq!(r.code(), "MANIFEST_BLOB_UNKNOWN");
+    let r = t
+        .req(
+            Method::PUT,
+            &format!("/v2/img/manifests/{d}"),
+            &[("content-type", OCI_MANIFEST)],
+            &bytes,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    // An index of it.
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": d, "size": bytes.len(),
+                       "platform": {"architecture": "amd64", "os": "linux"}}]
+    }))
+    .unwrap();
+    let r = t
+        .req(
+            Method::PUT,
+            "/v2/img/manifests/multi",
+            &[("content-type", OCI_INDEX)],
+            &index,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    assert_eq!(
+        t.get("/v2/img/manifests/multi").await.h("content-type"),
+        OCI_INDEX
+    );
+}
+
+#[tokio::test]
+async fn tag_and_manifest_deletion() {
+    let t = T::new();
+    let (_, d) = t.push_image("del", "v1", "a").await;
+    let r = t
+        .req(
+            Method::PUT,
+            "/v2/del/manifests/v2",
+            &[("content-type", OCI_MANIFEST)],
+            &t.get("/v2/del/manifests/v1").await.body,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    // Deleting a tag leaves the manifest and other tags.
+    let r = t
+        .req(Method::DELETE, "/v2/del/manifests/v1", &[], b"")
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    assert_eq!(
+        t.get("/v2/del/manifests/v1").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(t.get("/v2/del/manifests/v2").await.status, StatusCode::OK);
+    assert_eq!(
+        t.get(&format!("/v2/del/manifests/{d}")).await.status,
+        StatusCode::OK
+    );
+    // Deleting by digest removes it and its tags.
+    let r = t
+        .req(Method::DELETE, &format!("/v2/del/manifests/{d}"), &[], b"")
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let r = t.get(&format!("/v2/del/manifests/{d}")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.code(), "MANIFEST_UNKNOWN");
+    assert_eq!(
+        t.get("/v2/del/manifests/v2").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(t.get("/v2/del/tags/list").await.json()["tags"], json!([]));
+    let r = t
+        .req(Method::DELETE, "/v2/del/manifests/v9", &[], b"")
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.code(), "MANIFEST_UNKNOWN");
+}
+
+#[tokio::test]
+async fn tag_list_and_catalog_pagination() {
+    let t = T::new();
+    let (bytes, _) = t.push_image("pg", "t0", "a").await;
+    for tag in ["t3", "t1", "t2", "t4"] {
+        let r = t
+            .req(
+                Method::PUT,
+                &format!("/v2/pg/manifests/{tag}"),
+                &[("content-type", OCI_MANIFEST)],
+                &bytes,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED);
+    }
+    let r = t.get("/v2/pg/tags/list").await;
+    assert_eq!(
+        r.json(),
+        json!({"name": "pg", "tags": ["t0", "t1", "t2", "t3", "t4"]})
+    );
+    assert!(r.headers.get("link").is_none());
+    let r = t.get("/v2/pg/tags/list?n=2").await;
+    assert_eq!(r.json()["tags"], json!(["t0", "t1"]));
+    assert_eq!(r.h("link"), "</v2/pg/tags/list?n=2&last=t1>; rel=\"next\"");
+    let r = t.get("/v2/pg/tags/list?n=2&last=t1").await;
+    assert_eq!(r.json()["tags"], json!(["t2", "t3"]));
+    let r = t.get("/v2/pg/tags/list?n=2&last=t3").await;
+    assert_eq!(r.json()["tags"], json!(["t4"]));
+    assert!(r.headers.get("link").is_none());
+    assert_eq!(
+        t.get("/v2/pg/tags/list?n=0").await.json()["tags"],
+        json!([])
+    );
+    let r = t.get("/v2/pg/tags/list?n=abc").await;
+    assert_eq!(r.status.as_u16() / 100, 4);
+    let r = t.get("/v2/unknown/tags/list").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.code(), "NAME_UNKNOWN");
+
+    for repo in ["cat/b", "cat/a", "cat/c"] {
+        t.push_blob(repo, b"x").await;
+    }
+    assert_eq!(t.repos().await, vec!["cat/a", "cat/b", "cat/c", "pg"]);
+    let r = t.get("/v2/_catalog?n=2").await;
+    assert_eq!(r.json()["repositories"], json!(["cat/a", "cat/b"]));
+    assert_eq!(r.h("link"), "</v2/_catalog?n=2&last=cat/b>; rel=\"next\"");
+    let r = t.get("/v2/_catalog?n=2&last=cat/b").await;
+    assert_eq!(r.json()["repositories"], json!(["cat/c", "pg"]));
+}
+
+#[tokio::test]
+async fn referrers_with_filter_and_subject_before_it_exists() {
+    let t = T::new();
+    let (subject_bytes, subject) = t.push_image("ref", "v1", "s").await;
+    let missing_subject = sha(b"a manifest that was never pushed");
+    let empty = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
+    let mut pushed = Vec::new();
+    for (i, (subj, atype)) in [
+        (subject.as_str(), "application/vnd.example.sig"),
+        (subject.as_str(), "application/vnd.example.sbom"),
+        (missing_subject.as_str(), "application/vnd.example.sig"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let layer = t.push_blob("ref", format!("payload{i}").as_bytes()).await;
+        let m = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": atype,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+            "layers": [{"mediaType": "application/octet-stream", "digest": layer, "size": 8}],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": subj, "size": subject_bytes.len()},
+            "annotations": {"org.example.i": i.to_string()},
+        }))
+        .unwrap();
+        let d = sha(&m);
+        let r = t
+            .req(
+                Method::PUT,
+                &format!("/v2/ref/manifests/{d}"),
+                &[("content-type", OCI_MANIFEST)],
+                &m,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+        assert_eq!(r.h("oci-subject"), *subj);
+        pushed.push(d);
+    }
+    let r = t.get(&format!("/v2/ref/referrers/{subject}")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.h("content-type"), OCI_INDEX);
+    let v = r.json();
+    assert_eq!(v["schemaVersion"], 2);
+    assert_eq!(v["mediaType"], OCI_INDEX);
+    let mut got: Vec<String> = v["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["digest"].as_str().unwrap().to_string())
+        .collect();
+    got.sort();
+    let mut want = vec![pushed[0].clone(), pushed[1].clone()];
+    want.sort();
+    assert_eq!(got, want);
+    assert!(v["manifests"][0]["artifactType"].is_string());
+    assert!(v["manifests"][0]["annotations"]["org.example.i"].is_string());
+    assert!(r.headers.get("oci-filters-applied").is_none());
+    let r = t
+        .get(&format!(
+            "/v2/ref/referrers/{subject}?artifactType=application%2Fvnd.example.sbom"
+        ))
+        .await;
+    assert_eq!(r.h("oci-filters-applied"), "artifactType");
+    let v = r.json();
+    assert_eq!(v["manifests"].as_array().unwrap().len(), 1);
+    assert_eq!(v["manifests"][0]["digest"], pushed[1].as_str());
+    // The subject pushed after its referrer.
+    let r = t.get(&format!("/v2/ref/referrers/{missing_subject}")).await;
+    assert_eq!(r.json()["manifests"][0]["digest"], pushed[2].as_str());
+    // Nothing refers to the referrer itself.
+    let r = t.get(&format!("/v2/ref/referrers/{}", pushed[0])).await;
+    assert_eq!(r.json()["manifests"], json!([]));
+    // Deleting a referrer removes it from the index.
+    t.req(
+        Method::DELETE,
+        &format!("/v2/ref/manifests/{}", pushed[1]),
+        &[],
+        b"",
+    )
+    .await;
+    let r = t.get(&format!("/v2/ref/referrers/{subject}")).await;
+    assert_eq!(r.json()["manifests"].as_array().unwrap().len(), 1);
+    let r = t.get("/v2/ref/referrers/sha256:nothex").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.code(), "DIGEST_INVALID");
+}
+
+// ---- bad input: a clear error, and nothing stored ----
+
+#[tokio::test]
+async fn invalid_names_tags_and_digests() {
+    let t = T::new();
+    let d = sha(b"x");
+    for (path, code) in [
+        ("/v2/UPPER/tags/list".to_string(), "NAME_INVALID"),
+        ("/v2/a__-b/manifests/latest".to_string(), "NAME_INVALID"),
+        (format!("/v2/{}/tags/list", "a".repeat(256)), "NAME_INVALID"),
+        ("/v2/a/manifests/-bad-tag".to_string(), "MANIFEST_INVALID"),
+        (
+            format!("/v2/a/manifests/{}", "t".repeat(129)),
+            "MANIFEST_INVALID",
+        ),
+        ("/v2/a/blobs/sha256:1234".to_string(), "DIGEST_INVALID"),
+        (
+            format!(
+                "/v2/a/blobs/{}",
+                d.to_uppercase().replace("SHA256", "sha256")
+            ),
+            "DIGEST_INVALID",
+        ),
+        (format!("/v2/a/blobs/md5:{}", &d[7..39]), "DIGEST_INVALID"),
+        ("/v2/a/manifests/sha256:zz".to_string(), "DIGEST_INVALID"),
+    ] {
+        for method in [Method::GET, Method::PUT, Method::DELETE] {
+            let r = t
+                .req(
+                    method.clone(),
+                    &path,
+                    &[("content-type", OCI_MANIFEST)],
+                    b"{}",
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{method} {path}");
+            assert_eq!(r.code(), code, "{method} {path}");
+        }
+    }
+    let r = t
+        .req(
+            Method::POST,
+            "/v2/a/blobs/uploads/?digest=sha256:short",
+            &[],
+            b"x",
+        )
+        .await;
+    assert_eq!(r.code(), "DIGEST_INVALID");
+    let r = t
+        .req(
+            Method::POST,
+            "/v2/a/blobs/uploads/?mount=nope&from=b",
+            &[],
+            b"",
+        )
+        .await;
+    assert_eq!(r.code(), "DIGEST_INVALID");
+    assert!(t.stored().await.is_empty());
+    assert!(t.repos().await.is_empty());
+}
+
+#[tokio::test]
+async fn path_traversal_is_refused() {
+    let t = T::new();
+    for path in [
+        "/v2/../../etc/passwd/tags/list",
+        "/v2/a/../b/tags/list",
+        "/v2/a%2F..%2Fb/tags/list",
+        "/v2/a%2fb/manifests/latest",
+        "/v2/%2e%2e/blobs/uploads/",
+        "/v2/a/./b/tags/list",
+        "/v2//a/tags/list",
+    ] {
+        for method in [Method::GET, Method::POST, Method::PUT] {
+            let r = t.req(method.clone(), path, &[], b"x").await;
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{method} {path}: {r:?}");
+            assert_eq!(r.code(), "NAME_INVALID", "{method} {path}");
+        }
+    }
+    let r = t.get("/v2/a/blobs/uploads/..%2F..%2Fmeta.redb").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.code(), "BLOB_UPLOAD_UNKNOWN");
+    assert!(t.stored().await.is_empty());
+    assert!(t.repos().await.is_empty());
+}
+
+#[tokio::test]
+async fn digest_and_size_mismatches_store_nothing() {
+    let t = T::new();
+    let data = b"the real content";
+    let wrong = sha(b"something else");
+    // Monolithic.
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/v2/m/blobs/uploads/?digest={wrong}"),
+            &[],
+            data,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.code(), "DIGEST_INVALID");
+    // POST then PUT with the wrong digest: the session ends, nothing stored.
+    let loc = t
+        .req(Method::POST, "/v2/m/blobs/uploads/", &[], b"")
+        .await
+        .h("location")
+        .to_string();
+    let r = t
+        .req(Method::PUT, &format!("{loc}?digest={wrong}"), &[], data)
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.code(), "DIGEST_INVALID");
+    assert_eq!(t.get(&loc).await.code(), "BLOB_UPLOAD_UNKNOWN");
+    // PUT without digest.
+    let loc = t
+        .req(Method::POST, "/v2/m/blobs/uploads/", &[], b"")
+        .await
+        .h("location")
+        .to_string();
+    let r = t.req(Method::PUT, &loc, &[], data).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.code(), "DIGEST_INVALID");
+    // Size mismatch: Content-Length says more than the body.
+    let right = sha(data);
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/v2/m/blobs/uploads/?digest={right}"),
+            &[("content-length", "99")],
+            data,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.code(), "SIZE_INVALID");
+    for d in [&wrong, &right] {
+        let r = t
+            .req(Method::HEAD, &format!("/v2/m/blobs/{d}"), &[], b"")
+            .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+    }
+    assert!(
+        t.stored().await.is_empty(),
+        "nothing stored: {:?}",
+        t.stored().await
+    );
+}
+
+#[tokio::test]
+async fn bad_manifests_store_nothing() {
+    let t = T::new();
+    let cd = t.push_blob("bm", b"{}").await;
+    let before = t.stored().await;
+    let missing = sha(b"missing layer");
+    let valid = |layer: &str| {
+        serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": 2},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": 13}],
+        }))
+        .unwrap()
+    };
+    let cases: Vec<(Vec<u8>, &str, StatusCode, &str)> = vec![
+        (valid(&missing), OCI_MANIFEST, StatusCode::BAD_REQUEST, "MANIFEST_BLOB_UNKNOWN"),
+        (b"{not json".to_vec(), OCI_MANIFEST, StatusCode::BAD_REQUEST, "MANIFEST_INVALID"),
+        (b"{\"schemaVersion\":1}".to_vec(), OCI_MANIFEST, StatusCode::BAD_REQUEST, "MANIFEST_INVALID"),
+        (
+            br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[]}"#.to_vec(),
+            OCI_MANIFEST,
+            StatusCode::BAD_REQUEST,
+            "MANIFEST_INVALID",
+        ),
+        (valid(&missing), OCI_INDEX, StatusCode::BAD_REQUEST, "MANIFEST_INVALID"),
+        (
+            valid("sha256:NOTHEX"),
+            OCI_MANIFEST,
+            StatusCode::BAD_REQUEST,
+            "MANIFEST_INVALID",
+        ),
+        (
+            serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                "manifests": [{"mediaType": OCI_MANIFEST, "digest": missing, "size": 3}]})).unwrap(),
+            OCI_INDEX,
+            StatusCode::BAD_REQUEST,
+            "MANIFEST_BLOB_UNKNOWN",
+        ),
+        (vec![b' '; 4 * 1024 * 1024 + 1], OCI_MANIFEST, StatusCode::PAYLOAD_TOO_LARGE, "MANIFEST_INVALID"),
+    ];
+    for (i, (body, ct, status, code)) in cases.into_iter().enumerate() {
+        let r = t
+            .req(
+                Method::PUT,
+                "/v2/bm/manifests/latest",
+                &[("content-type", ct)],
+                &body,
+            )
+            .await;
+        assert_eq!(r.status, status, "case {i}: {r:?}");
+        assert_eq!(r.code(), code, "case {i}");
+    }
+    // PUT by a digest the content does not hash to.
+    let layer = t.push_blob("bm", b"a good layer.").await;
+    let good = valid(&layer);
+    let before = [before, vec![layer]].concat();
+    let r = t
+        .req(
+            Method::PUT,
+            &format!("/v2/bm/manifests/{missing}"),
+            &[("content-type", OCI_MANIFEST)],
+            &good,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.code(), "DIGEST_INVALID");
+    let r = t.get("/v2/bm/manifests/latest").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(t.get("/v2/bm/tags/list").await.json()["tags"], json!([]));
+    let mut now = t.stored().await;
+    now.sort();
+    let mut before = before;
+    before.sort();
+    assert_eq!(now, before, "no manifest bytes stored");
+}
+
+#[tokio::test]
+async fn unknown_and_foreign_upload_ids() {
+    let t = T::new();
+    for (m, body) in [
+        (Method::GET, &b""[..]),
+        (Method::PATCH, b"x"),
+        (Method::PUT, b""),
+        (Method::DELETE, b""),
+    ] {
+        let r = t
+            .req(
+                m.clone(),
+                &format!(
+                    "/v2/u/blobs/uploads/00000000-0000-0000-0000-000000000000?digest={}",
+                    sha(b"x")
+                ),
+                &[],
+                body,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{m}");
+        assert_eq!(r.code(), "BLOB_UPLOAD_UNKNOWN", "{m}");
+    }
+    // A session belongs to the repository it was opened in.
+    let loc = t
+        .req(Method::POST, "/v2/u/blobs/uploads/", &[], b"")
+        .await
+        .h("location")
+        .to_string();
+    let foreign = loc.replace("/v2/u/", "/v2/other/");
+    let r = t.req(Method::PATCH, &foreign, &[], b"x").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.code(), "BLOB_UPLOAD_UNKNOWN");
+    assert_eq!(t.get(&loc).await.h("range"), "0-0");
+}
