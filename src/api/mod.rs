@@ -163,7 +163,7 @@ impl App {
         let body = if head {
             empty()
         } else {
-            stream_body(self.registry.manifest_body(&hit).await?)
+            full(self.registry.manifest_body(&hit).await?)
         };
         let mut r = Response::new(body);
         let h = r.headers_mut();

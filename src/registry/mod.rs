@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures::StreamExt;
 
 use crate::oci::manifest::{Descriptor, MAX_MANIFEST_SIZE, Manifest, ManifestError};
 use crate::oci::{
@@ -108,11 +109,16 @@ pub struct Page {
     pub more: bool,
 }
 
+/// Bytes of manifest bodies kept in memory (content-addressed, so entries
+/// never go stale).
+const MANIFEST_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
 #[derive(Clone)]
 pub struct Registry {
     blobs: Arc<dyn BlobStore>,
     uploads: Arc<dyn UploadStore>,
     meta: Arc<dyn MetaStore>,
+    manifests: moka::sync::Cache<Digest, Bytes>,
 }
 
 fn unix_now() -> u64 {
@@ -128,10 +134,15 @@ impl Registry {
         uploads: Arc<dyn UploadStore>,
         meta: Arc<dyn MetaStore>,
     ) -> Registry {
+        let manifests = moka::sync::Cache::builder()
+            .max_capacity(MANIFEST_CACHE_BYTES)
+            .weigher(|_, v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
+            .build();
         Registry {
             blobs,
             uploads,
             meta,
+            manifests,
         }
     }
 
@@ -190,12 +201,25 @@ impl Registry {
     }
 
     /// The bytes of a manifest found by [`Registry::manifest`].
-    pub async fn manifest_body(&self, hit: &ManifestHit) -> Result<ByteStream> {
-        match self.blobs.read(&hit.digest, None).await {
-            Ok(s) => Ok(s),
-            Err(StorageError::NotFound) => Err(RegistryError::ManifestUnknown),
-            Err(e) => Err(e.into()),
+    pub async fn manifest_body(&self, hit: &ManifestHit) -> Result<Bytes> {
+        if let Some(b) = self.manifests.get(&hit.digest) {
+            return Ok(b);
         }
+        let mut stream = match self.blobs.read(&hit.digest, None).await {
+            Ok(s) => s,
+            Err(StorageError::NotFound) => return Err(RegistryError::ManifestUnknown),
+            Err(e) => return Err(e.into()),
+        };
+        let mut body = bytes::BytesMut::with_capacity(hit.size as usize);
+        while let Some(chunk) = stream.next().await {
+            body.extend_from_slice(&chunk.map_err(StorageError::Io)?);
+            if body.len() > MAX_MANIFEST_SIZE {
+                return Err(RegistryError::ManifestTooLarge);
+            }
+        }
+        let body = body.freeze();
+        self.manifests.insert(hit.digest.clone(), body.clone());
+        Ok(body)
     }
 
     /// Validates and stores a manifest, by tag or by digest.
@@ -242,7 +266,8 @@ impl Registry {
             }
         }
         let size = body.len() as u64;
-        self.blobs.put(&digest, body).await?;
+        self.blobs.put(&digest, body.clone()).await?;
+        self.manifests.insert(digest.clone(), body);
         let record = ManifestRecord {
             media_type: manifest.media_type.to_string(),
             size,
