@@ -90,6 +90,15 @@ impl App {
             Err(e) => {
                 let status = match e.code {
                     ErrorCode::NameUnknown | ErrorCode::BlobUploadUnknown => StatusCode::NOT_FOUND,
+                    // A reference that is not a valid tag names no manifest:
+                    // reading or deleting it is a 404, only a PUT is invalid.
+                    ErrorCode::ManifestInvalid if req.method() != Method::PUT => {
+                        return error_response(
+                            StatusCode::NOT_FOUND,
+                            ErrorCode::ManifestUnknown,
+                            &format!("manifest unknown: {}", e.message),
+                        );
+                    }
                     _ => StatusCode::BAD_REQUEST,
                 };
                 return error_response(status, e.code, &e.message);
