@@ -9,7 +9,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use super::{
-    BlobStore, ByteStream, ManifestRecord, MetaStore, StorageError, UploadRecord, UploadStore,
+    BlobStore, ByteStream, FillStore, ManifestRecord, MetaStore, RepoKind, StorageError,
+    UploadRecord, UploadStore,
 };
 use crate::oci::manifest::Descriptor;
 use crate::oci::{Algorithm, Digest, RepoName, Tag, UploadId};
@@ -205,9 +206,28 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
         None,
         "unknown repository"
     );
+    assert_eq!(meta.repository(&repo).await.unwrap(), None);
+    let cached: RepoName = "suite/cached".parse().unwrap();
+    meta.mark_cached(&cached).await.unwrap();
+    meta.link_blob(&cached, &d1).await.unwrap();
+    assert_eq!(
+        meta.repository(&cached).await.unwrap(),
+        Some(RepoKind::Cached),
+        "a link keeps the kind"
+    );
     assert!(!meta.blob_linked(&repo, &d1).await.unwrap());
     meta.link_blob(&repo, &d1).await.unwrap();
     assert!(meta.blob_linked(&repo, &d1).await.unwrap());
+    assert_eq!(
+        meta.repository(&repo).await.unwrap(),
+        Some(RepoKind::Hosted)
+    );
+    meta.mark_cached(&repo).await.unwrap();
+    assert_eq!(
+        meta.repository(&repo).await.unwrap(),
+        Some(RepoKind::Hosted),
+        "kind never changes"
+    );
     assert!(
         !meta.blob_linked(&other, &d1).await.unwrap(),
         "links are per repository"
@@ -303,10 +323,13 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
     meta.link_blob(&extra, &d1).await.unwrap();
     let repos = meta.repositories(None, 100).await.unwrap();
     let ours: Vec<&String> = repos.iter().filter(|r| r.starts_with("suite/")).collect();
-    assert_eq!(ours, vec!["suite/a", "suite/repo", "suite/repo2"]);
     assert_eq!(
-        meta.repositories(Some("suite/a"), 1).await.unwrap(),
-        vec!["suite/repo"]
+        ours,
+        vec!["suite/a", "suite/cached", "suite/repo", "suite/repo2"]
+    );
+    assert_eq!(
+        meta.repositories(Some("suite/a"), 2).await.unwrap(),
+        vec!["suite/cached", "suite/repo"]
     );
 
     // Upload sessions.
@@ -321,4 +344,59 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
     assert!(meta.uploads().await.unwrap().contains(&(id.clone(), r)));
     meta.delete_upload(&id).await.unwrap();
     assert_eq!(meta.upload(&id).await.unwrap(), None);
+}
+
+/// Runs the fill contract: staged bytes readable while written, nothing
+/// visible before a verified commit, nothing published on a mismatch.
+pub async fn fill_store_suite(fills: Arc<dyn FillStore>, blobs: Arc<dyn BlobStore>) {
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 241) as u8).collect();
+    let d = Digest::sha256_of(&data);
+    let mut w = fills.begin_fill().await.unwrap();
+    let reader = w.staged();
+    w.write(&data[..1000]).await.unwrap();
+    assert_eq!(w.written(), 1000);
+    assert_eq!(&reader.read_at(0, 1000).await.unwrap()[..], &data[..1000]);
+    assert_eq!(
+        &reader.read_at(500, 10_000).await.unwrap()[..],
+        &data[500..1000],
+        "short read past the written end"
+    );
+    assert_eq!(
+        blobs.stat(&d).await.unwrap(),
+        None,
+        "nothing visible while filling"
+    );
+    w.write(&data[1000..]).await.unwrap();
+    assert_eq!(w.commit(&d).await.unwrap(), data.len() as u64);
+    assert_eq!(collect(blobs.read(&d, None).await.unwrap()).await, data);
+    assert_eq!(
+        &reader.read_at(1_999_000, 1000).await.unwrap()[..],
+        &data[1_999_000..],
+        "readers survive the commit"
+    );
+
+    // A mismatch publishes nothing.
+    let other = Digest::sha256_of(b"expected something else");
+    let mut w = fills.begin_fill().await.unwrap();
+    w.write(b"corrupt bytes").await.unwrap();
+    assert!(matches!(
+        w.commit(&other).await,
+        Err(StorageError::DigestMismatch { .. })
+    ));
+    assert_eq!(blobs.stat(&other).await.unwrap(), None);
+    assert_eq!(
+        blobs
+            .stat(&Digest::sha256_of(b"corrupt bytes"))
+            .await
+            .unwrap(),
+        None
+    );
+
+    let mut w = fills.begin_fill().await.unwrap();
+    w.write(b"abandoned").await.unwrap();
+    w.abort().await;
+    assert_eq!(
+        blobs.stat(&Digest::sha256_of(b"abandoned")).await.unwrap(),
+        None
+    );
 }

@@ -22,7 +22,9 @@ use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio_util::io::ReaderStream;
 
-use super::{BlobStore, ByteStream, Result, StorageError, UploadStore};
+use super::{
+    BlobStore, ByteStream, FillStore, FillWriter, Result, StagedReader, StorageError, UploadStore,
+};
 use crate::oci::{Algorithm, Digest, Hasher, UploadId};
 
 /// Size of the chunks a blob read yields.
@@ -87,6 +89,16 @@ impl FsStore {
         for d in ["blobs", "uploads", "quarantine"] {
             std::fs::create_dir_all(root.join(d))?;
         }
+        // Staging files of fills and puts that a previous process never
+        // finished: nothing refers to them.
+        for entry in std::fs::read_dir(root.join("uploads"))? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".fill-") || name.starts_with(".put-") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         Ok(FsStore {
             root,
             sessions: Mutex::new(HashMap::new()),
@@ -98,12 +110,7 @@ impl FsStore {
     }
 
     fn blob_path(&self, d: &Digest) -> PathBuf {
-        let hex = d.hex();
-        self.root
-            .join("blobs")
-            .join(d.algorithm().as_str())
-            .join(&hex[..2])
-            .join(hex)
+        blob_path(&self.root, d)
     }
 
     fn upload_dir(&self, id: &UploadId) -> PathBuf {
@@ -125,18 +132,30 @@ impl FsStore {
 
     /// Moves a fully written, fsynced staging file into place as `digest`.
     async fn publish(&self, staged: &Path, digest: &Digest) -> Result<()> {
-        let dest = self.blob_path(digest);
-        let parent = dest.parent().expect("blob path has a parent").to_path_buf();
-        if tokio::fs::try_exists(&dest).await? {
-            // Content-addressed: the stored copy is identical.
-            tokio::fs::remove_file(staged).await?;
-            return Ok(());
-        }
-        tokio::fs::create_dir_all(&parent).await?;
-        tokio::fs::rename(staged, &dest).await?;
-        sync_dir(&parent).await?;
-        Ok(())
+        publish(&self.root, staged, digest).await
     }
+}
+
+fn blob_path(root: &Path, d: &Digest) -> PathBuf {
+    let hex = d.hex();
+    root.join("blobs")
+        .join(d.algorithm().as_str())
+        .join(&hex[..2])
+        .join(hex)
+}
+
+async fn publish(root: &Path, staged: &Path, digest: &Digest) -> Result<()> {
+    let dest = blob_path(root, digest);
+    let parent = dest.parent().expect("blob path has a parent").to_path_buf();
+    if tokio::fs::try_exists(&dest).await? {
+        // Content-addressed: the stored copy is identical.
+        tokio::fs::remove_file(staged).await?;
+        return Ok(());
+    }
+    tokio::fs::create_dir_all(&parent).await?;
+    tokio::fs::rename(staged, &dest).await?;
+    sync_dir(&parent).await?;
+    Ok(())
 }
 
 #[async_trait]
@@ -402,6 +421,108 @@ impl UploadStore for FsStore {
     }
 }
 
+struct FsFill {
+    root: PathBuf,
+    path: PathBuf,
+    file: tokio::fs::File,
+    reader: Arc<FsStaged>,
+    hasher: Hasher,
+    written: u64,
+}
+
+struct FsStaged {
+    file: Arc<std::fs::File>,
+}
+
+#[async_trait]
+impl FillStore for FsStore {
+    async fn begin_fill(&self) -> Result<Box<dyn FillWriter>> {
+        let path = self
+            .root
+            .join("uploads")
+            .join(format!(".fill-{}", UploadId::new_random()));
+        let file = tokio::fs::File::create(&path).await?;
+        let reader = std::fs::File::open(&path)?;
+        Ok(Box::new(FsFill {
+            root: self.root.clone(),
+            path,
+            file,
+            reader: Arc::new(FsStaged {
+                file: Arc::new(reader),
+            }),
+            hasher: Algorithm::Sha256.hasher(),
+            written: 0,
+        }))
+    }
+}
+
+#[async_trait]
+impl FillWriter for FsFill {
+    async fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.file.write_all(data).await?;
+        // tokio buffers writes; flush so readers see the bytes.
+        self.file.flush().await?;
+        self.hasher.update(data);
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    fn written(&self) -> u64 {
+        self.written
+    }
+
+    fn staged(&self) -> Arc<dyn StagedReader> {
+        self.reader.clone()
+    }
+
+    async fn commit(mut self: Box<Self>, expected: &Digest) -> Result<u64> {
+        self.file.flush().await?;
+        self.file.sync_all().await?;
+        let computed = if expected.algorithm() == self.hasher.algorithm() {
+            self.hasher.clone().finish()
+        } else {
+            hash_file(&self.path, expected.algorithm()).await?.0
+        };
+        if &computed != expected {
+            let _ = tokio::fs::remove_file(&self.path).await;
+            return Err(StorageError::DigestMismatch {
+                expected: expected.clone(),
+                computed,
+            });
+        }
+        publish(&self.root, &self.path, expected).await?;
+        Ok(self.written)
+    }
+
+    async fn abort(self: Box<Self>) {
+        let _ = tokio::fs::remove_file(&self.path).await;
+    }
+}
+
+#[async_trait]
+impl StagedReader for FsStaged {
+    async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
+        let file = self.file.clone();
+        let buf = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; len];
+            let mut filled = 0;
+            while filled < len {
+                let n = file.read_at(&mut buf[filled..], offset + filled as u64)?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            buf.truncate(filled);
+            Ok(buf)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(Bytes::from(buf))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,7 +531,8 @@ mod tests {
     async fn conformance() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(FsStore::open(dir.path()).unwrap());
-        crate::storage::conformance::blob_store_suite(store.clone(), store).await;
+        crate::storage::conformance::blob_store_suite(store.clone(), store.clone()).await;
+        crate::storage::conformance::fill_store_suite(store.clone(), store).await;
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{ManifestRecord, MetaStore, Result, StorageError, UploadRecord};
+use super::{ManifestRecord, MetaStore, RepoKind, Result, StorageError, UploadRecord};
 use crate::oci::manifest::Descriptor;
 use crate::oci::{Digest, RepoName, Tag, UploadId};
 
@@ -98,16 +98,45 @@ fn write<T>(db: &Database, f: impl FnOnce(&redb::WriteTransaction) -> Result<T>)
     Ok(out)
 }
 
+/// Records a repository with `kind` unless it is already known (a
+/// repository keeps the kind it was created with).
+fn ensure_repo(txn: &redb::WriteTransaction, repo: &str, kind: RepoKind) -> Result<()> {
+    let mut t = txn.open_table(REPOS).map_err(meta_err)?;
+    if t.get(repo).map_err(meta_err)?.is_none() {
+        t.insert(repo, kind as u8).map_err(meta_err)?;
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl MetaStore for RedbMeta {
+    async fn repository(&self, repo: &RepoName) -> Result<Option<RepoKind>> {
+        let repo = repo.to_string();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(meta_err)?;
+            let t = txn.open_table(REPOS).map_err(meta_err)?;
+            Ok(t.get(repo.as_str()).map_err(meta_err)?.map(|v| {
+                if v.value() == RepoKind::Cached as u8 {
+                    RepoKind::Cached
+                } else {
+                    RepoKind::Hosted
+                }
+            }))
+        })
+        .await
+    }
+
+    async fn mark_cached(&self, repo: &RepoName) -> Result<()> {
+        let repo = repo.to_string();
+        self.run(move |db| write(db, |txn| ensure_repo(txn, &repo, RepoKind::Cached)))
+            .await
+    }
+
     async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
         let (repo, k) = (repo.to_string(), key(repo.as_str(), digest.as_str()));
         self.run(move |db| {
             write(db, |txn| {
-                txn.open_table(REPOS)
-                    .map_err(meta_err)?
-                    .insert(repo.as_str(), 1)
-                    .map_err(meta_err)?;
+                ensure_repo(txn, &repo, RepoKind::Hosted)?;
                 txn.open_table(LINKS)
                     .map_err(meta_err)?
                     .insert(k.as_str(), 1)
@@ -160,10 +189,7 @@ impl MetaStore for RedbMeta {
         let tag = tag.map(|t| key(&repo, t.as_str()));
         self.run(move |db| {
             write(db, |txn| {
-                txn.open_table(REPOS)
-                    .map_err(meta_err)?
-                    .insert(repo.as_str(), 1)
-                    .map_err(meta_err)?;
+                ensure_repo(txn, &repo, RepoKind::Hosted)?;
                 txn.open_table(MANIFESTS)
                     .map_err(meta_err)?
                     .insert(key(&repo, &digest).as_str(), record.as_slice())

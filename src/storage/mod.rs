@@ -12,6 +12,7 @@ pub mod meta;
 
 use std::io;
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -99,6 +100,41 @@ pub trait UploadStore: Send + Sync + 'static {
     async fn list(&self) -> Result<Vec<(UploadId, SystemTime)>>;
 }
 
+/// Blobs filled from elsewhere (the pull-through cache): one sequential
+/// writer, concurrent readers of the bytes written so far, publication only
+/// by a verified commit.
+#[async_trait]
+pub trait FillStore: Send + Sync + 'static {
+    /// Starts staging a new blob.
+    async fn begin_fill(&self) -> Result<Box<dyn FillWriter>>;
+}
+
+/// The writer of one fill. Dropping it without `commit` leaves staged bytes
+/// that are never published (the store removes them at the next start).
+#[async_trait]
+pub trait FillWriter: Send + Sync {
+    /// Appends `data`, hashing it; once this returns, readers from
+    /// [`FillWriter::staged`] can read it.
+    async fn write(&mut self, data: &[u8]) -> Result<()>;
+    /// Bytes written so far.
+    fn written(&self) -> u64;
+    /// A reader of the staged bytes, valid as long as it is held, including
+    /// after `commit` or `abort`.
+    fn staged(&self) -> Arc<dyn StagedReader>;
+    /// Makes the bytes durable, verifies them against `expected` and
+    /// publishes them. Nothing is published on a mismatch.
+    async fn commit(self: Box<Self>, expected: &Digest) -> Result<u64>;
+    /// Discards the staged bytes.
+    async fn abort(self: Box<Self>);
+}
+
+/// Reads the bytes of a fill in progress.
+#[async_trait]
+pub trait StagedReader: Send + Sync {
+    /// Up to `len` bytes at `offset`; fewer only past what is written.
+    async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes>;
+}
+
 /// What a repository knows about one of its manifests.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ManifestRecord {
@@ -117,12 +153,25 @@ pub struct UploadRecord {
     pub started: u64,
 }
 
+/// Whether a repository holds pushed content or content pulled through the
+/// cache. A repository keeps the kind it was created with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepoKind {
+    Hosted = 1,
+    Cached = 2,
+}
+
 /// Repositories, tags, blob links, manifests, referrers and upload sessions.
 ///
 /// Contract: every mutating call is atomic and durable when it returns Ok;
 /// listings are in lexical (byte) order.
 #[async_trait]
 pub trait MetaStore: Send + Sync + 'static {
+    /// The kind of a known repository.
+    async fn repository(&self, repo: &RepoName) -> Result<Option<RepoKind>>;
+    /// Records `repo` as a cache repository unless it already exists.
+    /// `link_blob` and `put_manifest` create unknown repositories as hosted.
+    async fn mark_cached(&self, repo: &RepoName) -> Result<()>;
     /// Makes `digest` readable through `repo` (creating the repository).
     async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()>;
     async fn blob_linked(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
