@@ -7,3 +7,5 @@ pub mod config;
 pub mod oci;
 pub mod registry;
 pub mod storage;
+pub mod upstream;
+pub mod cache;

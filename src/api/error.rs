@@ -6,7 +6,7 @@ use http::{HeaderValue, StatusCode, header};
 use super::{Resp, empty, full};
 use crate::oci::ErrorCode;
 use crate::oci::error::error_body;
-use crate::registry::RegistryError;
+use crate::registry::{Missing, RegistryError};
 
 /// An error response in the spec's JSON format.
 pub fn error_response(status: StatusCode, code: ErrorCode, message: &str) -> Resp {
@@ -58,6 +58,19 @@ pub fn registry_error(e: &RegistryError) -> Resp {
             return r;
         }
         E::Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::Unsupported),
+        E::Denied(_) => (StatusCode::FORBIDDEN, ErrorCode::Denied),
+        E::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests),
+        // Not found upstream, or upstream failing with nothing cached: a 404
+        // with the reason, so that mirror clients fall back to the next host.
+        E::Upstream { what, message } => {
+            tracing::info!(%message, "pull-through miss could not be served");
+            let code = match what {
+                Missing::Manifest => ErrorCode::ManifestUnknown,
+                Missing::Blob => ErrorCode::BlobUnknown,
+                Missing::Name => ErrorCode::NameUnknown,
+            };
+            (StatusCode::NOT_FOUND, code)
+        }
         E::Body(err) => {
             tracing::info!(error = %err, "request body failed");
             (StatusCode::BAD_REQUEST, ErrorCode::BlobUploadInvalid)

@@ -105,32 +105,34 @@ impl App {
             }
         };
         let query = Query::parse(req.uri().query());
+        let ns = query.get("ns").map(str::to_string);
+        let ns = ns.as_deref();
         let result = match (req.method().clone(), route) {
             (Method::GET | Method::HEAD, Route::Base) => Ok(json(StatusCode::OK, "{}")),
             (Method::GET, Route::Catalog) => self.catalog(&query).await,
             (m @ (Method::GET | Method::HEAD), Route::Manifest { name, reference }) => {
-                self.get_manifest(&name, &reference, req.headers(), m == Method::HEAD)
+                self.get_manifest(&name, &reference, req.headers(), m == Method::HEAD, ns)
                     .await
             }
             (Method::PUT, Route::Manifest { name, reference }) => {
-                self.put_manifest(&name, &reference, req).await
+                self.put_manifest(&name, &reference, req, ns).await
             }
             (Method::DELETE, Route::Manifest { name, reference }) => self
                 .registry
-                .delete_manifest(&name, &reference)
+                .delete_manifest(&name, &reference, ns)
                 .await
                 .map(|()| status_only(StatusCode::ACCEPTED)),
             (m @ (Method::GET | Method::HEAD), Route::Blob { name, digest }) => {
-                self.get_blob(&name, &digest, req.headers(), m == Method::HEAD)
+                self.get_blob(&name, &digest, req.headers(), m == Method::HEAD, ns)
                     .await
             }
             (Method::DELETE, Route::Blob { name, digest }) => self
                 .registry
-                .delete_blob(&name, &digest)
+                .delete_blob(&name, &digest, ns)
                 .await
                 .map(|()| status_only(StatusCode::ACCEPTED)),
             (Method::POST, Route::UploadStart { name }) => {
-                self.post_upload(&name, &query, req).await
+                self.post_upload(&name, &query, req, ns).await
             }
             (Method::GET, Route::Upload { name, id }) => self
                 .registry
@@ -146,9 +148,9 @@ impl App {
                 .cancel_upload(&name, &id)
                 .await
                 .map(|()| status_only(StatusCode::NO_CONTENT)),
-            (Method::GET, Route::TagsList { name }) => self.tags(&name, &query).await,
+            (Method::GET, Route::TagsList { name }) => self.tags(&name, &query, ns).await,
             (Method::GET, Route::Referrers { name, digest }) => {
-                self.referrers(&name, &digest, &query).await
+                self.referrers(&name, &digest, &query, ns).await
             }
             (m, _) => Err(RegistryError::Unsupported(format!(
                 "method {m} is not supported on this endpoint"
@@ -163,11 +165,12 @@ impl App {
         reference: &Reference,
         headers: &HeaderMap,
         head: bool,
+        ns: Option<&str>,
     ) -> Result<Resp, RegistryError> {
         let accept = joined(headers, header::ACCEPT);
         let hit = self
             .registry
-            .manifest(name, reference, accept.as_deref())
+            .manifest(name, reference, accept.as_deref(), ns)
             .await?;
         let body = if head {
             empty()
@@ -188,6 +191,7 @@ impl App {
         name: &RepoName,
         reference: &Reference,
         req: Request<B>,
+        ns: Option<&str>,
     ) -> Result<Resp, RegistryError>
     where
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
@@ -213,7 +217,7 @@ impl App {
         };
         let pushed = self
             .registry
-            .put_manifest(name, reference, content_type.as_deref(), body)
+            .put_manifest(name, reference, content_type.as_deref(), body, ns)
             .await?;
         let mut r = status_only(StatusCode::CREATED);
         let h = r.headers_mut();
@@ -234,15 +238,16 @@ impl App {
         digest: &Digest,
         headers: &HeaderMap,
         head: bool,
+        ns: Option<&str>,
     ) -> Result<Resp, RegistryError> {
         if head {
-            let size = self.registry.blob_size(name, digest).await?;
+            let size = self.registry.blob_size(name, digest, ns).await?;
             let mut r = Response::new(empty());
             blob_headers(r.headers_mut(), digest, size);
             return Ok(r);
         }
         let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-        let blob = self.registry.blob(name, digest, range).await?;
+        let blob = self.registry.blob(name, digest, range, ns).await?;
         let mut r = Response::new(stream_body(blob.stream));
         match blob.range {
             Some(range) => {
@@ -268,6 +273,7 @@ impl App {
         name: &RepoName,
         query: &Query,
         req: Request<B>,
+        ns: Option<&str>,
     ) -> Result<Resp, RegistryError>
     where
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
@@ -282,7 +288,7 @@ impl App {
                 None => None,
             };
             return Ok(
-                match self.registry.mount(name, &digest, from.as_ref()).await? {
+                match self.registry.mount(name, &digest, from.as_ref(), ns).await? {
                     MountOutcome::Mounted => blob_created(name, &digest),
                     MountOutcome::Session(id) => {
                         upload_accepted(StatusCode::ACCEPTED, name, &id, 0)
@@ -294,11 +300,11 @@ impl App {
             let digest = parse_digest(d)?;
             let length = content_length(req.headers());
             self.registry
-                .monolithic_upload(name, &digest, length, body_stream(req.into_body()))
+                .monolithic_upload(name, &digest, length, body_stream(req.into_body()), ns)
                 .await?;
             return Ok(blob_created(name, &digest));
         }
-        let id = self.registry.start_upload(name).await?;
+        let id = self.registry.start_upload(name, ns).await?;
         Ok(upload_accepted(StatusCode::ACCEPTED, name, &id, 0))
     }
 
@@ -346,10 +352,15 @@ impl App {
         Ok(blob_created(name, &digest))
     }
 
-    async fn tags(&self, name: &RepoName, query: &Query) -> Result<Resp, RegistryError> {
+    async fn tags(
+        &self,
+        name: &RepoName,
+        query: &Query,
+        ns: Option<&str>,
+    ) -> Result<Resp, RegistryError> {
         let n = query.page_size()?;
         let last = query.get("last");
-        let page = self.registry.tags(name, last, n).await?;
+        let page = self.registry.tags(name, last, n, ns).await?;
         let body = serde_json::json!({ "name": name.as_str(), "tags": page.items }).to_string();
         let mut r = json(StatusCode::OK, body);
         link_next(&mut r, &format!("/v2/{name}/tags/list"), &page, n);
@@ -371,9 +382,10 @@ impl App {
         name: &RepoName,
         digest: &Digest,
         query: &Query,
+        ns: Option<&str>,
     ) -> Result<Resp, RegistryError> {
         let filter = query.get("artifactType");
-        let manifests = self.registry.referrers(name, digest, filter).await?;
+        let manifests = self.registry.referrers(name, digest, filter, ns).await?;
         let body = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": OCI_INDEX,

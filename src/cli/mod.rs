@@ -10,6 +10,8 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::App;
+use crate::cache::{Cache, Rule, Rules};
+use crate::upstream::{Credentials, Secret, UpstreamClient, UpstreamSettings};
 use crate::api::server::{self, ServerOptions};
 use crate::config::{Config, LogFormat};
 use crate::registry::Registry;
@@ -107,17 +109,70 @@ fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Opens the configured stores.
-fn open_registry(config: &Config) -> anyhow::Result<(Registry, Arc<FsStore>)> {
+/// Opens the configured stores and, when pull-through rules are configured,
+/// the cache in front of them.
+fn open_registry(config: &Config, stop: &CancellationToken) -> anyhow::Result<Registry> {
     let root = &config.storage.path;
     let store = Arc::new(
         FsStore::open(root).with_context(|| format!("opening storage at {}", root.display()))?,
     );
-    let meta =
-        Arc::new(RedbMeta::open(&root.join("meta.redb")).with_context(|| {
-            format!("opening metadata at {}", root.join("meta.redb").display())
-        })?);
-    Ok((Registry::new(store.clone(), store.clone(), meta), store))
+    let meta = Arc::new(
+        RedbMeta::open(&root.join("meta.redb"))
+            .with_context(|| format!("opening metadata at {}", root.join("meta.redb").display()))?,
+    );
+    let registry = Registry::new(store.clone(), store.clone(), meta.clone());
+    if config.pull_through.is_empty() {
+        return Ok(registry);
+    }
+    let mut rules = Vec::new();
+    for (i, r) in config.pull_through.iter().enumerate() {
+        let ctx = || format!("pull_through[{i}] ({})", r.prefix);
+        let credentials = match &r.credentials {
+            Some(c) => Some(Credentials {
+                username: c.username.clone(),
+                password: Secret::new(c.password().map_err(anyhow::Error::msg).with_context(ctx)?),
+            }),
+            None => None,
+        };
+        let upstream = UpstreamClient::new(UpstreamSettings {
+            url: r.upstream.parse().with_context(ctx)?,
+            credentials,
+            ca_file: r.ca_file.clone(),
+            connect_timeout: r.connect_timeout,
+            response_timeout: r.response_timeout,
+            read_timeout: r.read_timeout,
+            max_retries: 3,
+        })
+        .with_context(ctx)?;
+        let docker_hub = crate::cache::rules::is_docker_hub(upstream.host());
+        rules.push(Rule {
+            prefix: match r.prefix.as_str() {
+                "ROOT" => None,
+                p => Some(p.parse().with_context(ctx)?),
+            },
+            upstream_prefix: r
+                .upstream_prefix
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .with_context(ctx)?,
+            upstream,
+            tag_ttl: r.tag_ttl,
+            max_stale: r.max_stale,
+            docker_hub,
+        });
+    }
+    let cache = Cache::new(
+        Rules(rules),
+        store.clone(),
+        store,
+        meta,
+        config.cache.prefetch,
+        config.cache.fill_wait_timeout,
+        config.cache.fill_max_age,
+        stop.clone(),
+    );
+    Ok(registry.with_cache(Arc::new(cache)))
 }
 
 fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Result<ExitCode> {
@@ -131,8 +186,11 @@ fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Resul
         Some(t) => Some(server::tls_acceptor(&t.cert, &t.key).context("server.tls")?),
         None => None,
     };
-    let (registry, _) = open_registry(&config)?;
-    runtime()?.block_on(async move {
+    let rt = runtime()?;
+    let _guard = rt.enter();
+    let stop = CancellationToken::new();
+    let registry = open_registry(&config, &stop)?;
+    rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("binding {}", config.server.listen))?;
@@ -145,7 +203,6 @@ fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Resul
             let _ = writeln!(out, "listening on {scheme}://{addr}");
             let _ = out.flush();
         }
-        let stop = CancellationToken::new();
         let purge = tokio::spawn(purge_uploads(
             registry.clone(),
             config.storage.upload_max_age,

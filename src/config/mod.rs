@@ -19,6 +19,139 @@ pub struct Config {
     pub server: ServerConfig,
     #[serde(default)]
     pub storage: StorageConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// Pull-through cache rules. Absent: the built-in rules
+    /// ([`default_rules`]); `pull_through = []` disables the cache.
+    #[serde(default = "default_rules")]
+    pub pull_through: Vec<PullThroughRule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Budget for content pulled through the cache (pushed content is not
+    /// counted).
+    #[serde(default = "default_cache_max_size")]
+    pub max_size: bytesize::ByteSize,
+    /// Serving a manifest starts background fills of the blobs it names.
+    #[serde(default)]
+    pub prefetch: bool,
+    /// A client waiting on a fill gives up when no byte arrives for this long.
+    #[serde(default = "default_fill_wait_timeout", with = "humantime_serde")]
+    pub fill_wait_timeout: Duration,
+    /// A fill older than this no longer takes new waiters; a new one starts.
+    #[serde(default = "default_fill_max_age", with = "humantime_serde")]
+    pub fill_max_age: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_size: default_cache_max_size(),
+            prefetch: false,
+            fill_wait_timeout: default_fill_wait_timeout(),
+            fill_max_age: default_fill_max_age(),
+        }
+    }
+}
+
+/// One pull-through rule: `<prefix>/<repo>` is served from
+/// `<upstream>/<upstream_prefix>/<repo>`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullThroughRule {
+    /// Local namespace, e.g. `docker-hub`, or `ROOT` for every repository
+    /// that is not hosted (the Docker daemon mirror case).
+    pub prefix: String,
+    /// Base URL of the upstream registry (`https://host[:port]`).
+    pub upstream: String,
+    /// Namespace prepended upstream, e.g. `myorg`.
+    #[serde(default)]
+    pub upstream_prefix: Option<String>,
+    /// A manifest fetched by tag is served without asking upstream for this long.
+    #[serde(default = "default_tag_ttl", with = "humantime_serde")]
+    pub tag_ttl: Duration,
+    /// When upstream is down, a cached tag is served this long after its
+    /// last successful check.
+    #[serde(default = "default_max_stale", with = "humantime_serde")]
+    pub max_stale: Duration,
+    #[serde(default)]
+    pub credentials: Option<CredentialsConfig>,
+    /// Extra PEM CA certificate trusted for this upstream.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_response_timeout", with = "humantime_serde")]
+    pub response_timeout: Duration,
+    #[serde(default = "default_read_timeout", with = "humantime_serde")]
+    pub read_timeout: Duration,
+}
+
+/// Upstream credentials; the secret comes from an environment variable or a
+/// file, never from the configuration itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsConfig {
+    pub username: String,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+/// The rules wharf ships with: Docker Hub (also as ROOT, so wharf works as
+/// a Docker daemon mirror out of the box), GHCR, Quay, registry.k8s.io and
+/// ECR Public.
+pub fn default_rules() -> Vec<PullThroughRule> {
+    [
+        ("docker-hub", "https://registry-1.docker.io"),
+        ("ROOT", "https://registry-1.docker.io"),
+        ("ghcr", "https://ghcr.io"),
+        ("quay", "https://quay.io"),
+        ("k8s", "https://registry.k8s.io"),
+        ("ecr-public", "https://public.ecr.aws"),
+    ]
+    .into_iter()
+    .map(|(prefix, upstream)| PullThroughRule {
+        prefix: prefix.to_string(),
+        upstream: upstream.to_string(),
+        upstream_prefix: None,
+        tag_ttl: default_tag_ttl(),
+        max_stale: default_max_stale(),
+        credentials: None,
+        ca_file: None,
+        connect_timeout: default_connect_timeout(),
+        response_timeout: default_response_timeout(),
+        read_timeout: default_read_timeout(),
+    })
+    .collect()
+}
+
+fn default_cache_max_size() -> bytesize::ByteSize {
+    bytesize::ByteSize::gib(50)
+}
+fn default_fill_wait_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_fill_max_age() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_tag_ttl() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_max_stale() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_response_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_read_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -146,7 +279,14 @@ pub const ENV_OVERRIDES: &[&str] = &[
     "storage.path",
     "storage.upload_max_age",
     "storage.upload_purge_interval",
+    "cache.max_size",
+    "cache.prefetch",
+    "cache.fill_wait_timeout",
+    "cache.fill_max_age",
 ];
+
+/// Overridable keys whose value is a boolean.
+const ENV_BOOLS: &[&str] = &["cache.prefetch"];
 
 /// Variables with the `WHARF_` prefix that are not configuration keys.
 const ENV_RESERVED: &[&str] = &["WHARF_LOG"];
@@ -199,8 +339,13 @@ impl Config {
                 .iter()
                 .find(|p| env_name(p) == name)
                 .ok_or_else(|| ConfigError::UnknownEnv(name.clone()))?;
-            // Every overridable key takes a string (durations and sizes too).
-            set_path(&mut table, path, toml::Value::String(value));
+            // Every other overridable key takes a string (durations and sizes too).
+            let value = match (ENV_BOOLS.contains(path), value.as_str()) {
+                (true, "true") => toml::Value::Boolean(true),
+                (true, "false") => toml::Value::Boolean(false),
+                _ => toml::Value::String(value),
+            };
+            set_path(&mut table, path, value);
         }
         let config: Config =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
@@ -236,7 +381,57 @@ impl Config {
         if self.storage.path.as_os_str().is_empty() {
             return Err(invalid("storage.path", "must not be empty"));
         }
+        let mut prefixes = std::collections::HashSet::new();
+        for (i, rule) in self.pull_through.iter().enumerate() {
+            let key = |k: &str| format!("pull_through[{i}].{k}");
+            let fail = |k: &str, m: String| ConfigError::Invalid {
+                key: key(k),
+                message: m,
+            };
+            if !prefixes.insert(rule.prefix.as_str()) {
+                return Err(fail("prefix", format!("{:?} is used by two rules", rule.prefix)));
+            }
+            if rule.prefix != "ROOT" {
+                rule.prefix
+                    .parse::<crate::oci::RepoName>()
+                    .map_err(|e| fail("prefix", format!("must be ROOT or a repository namespace: {e}")))?;
+            }
+            if let Some(p) = &rule.upstream_prefix {
+                p.parse::<crate::oci::RepoName>()
+                    .map_err(|e| fail("upstream_prefix", e.to_string()))?;
+            }
+            let uri: http::Uri = rule
+                .upstream
+                .parse()
+                .map_err(|e| fail("upstream", format!("not a URL: {e}")))?;
+            let scheme_ok = matches!(uri.scheme_str(), Some("http") | Some("https"));
+            let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
+            if !scheme_ok || uri.authority().is_none() || !path_ok {
+                return Err(fail(
+                    "upstream",
+                    "must be http(s)://host[:port] with no path".to_string(),
+                ));
+            }
+            if let Some(c) = &rule.credentials {
+                c.password()
+                    .map_err(|m| fail("credentials", m))?;
+            }
+        }
         Ok(())
+    }
+}
+
+impl CredentialsConfig {
+    /// Reads the secret from its environment variable or file.
+    pub fn password(&self) -> Result<String, String> {
+        match (&self.password_env, &self.password_file) {
+            (Some(var), None) => std::env::var(var)
+                .map_err(|_| format!("environment variable {var} (password_env) is not set")),
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+                .map_err(|e| format!("cannot read password_file {}: {e}", file.display())),
+            _ => Err("set exactly one of password_env and password_file".to_string()),
+        }
     }
 }
 
@@ -290,6 +485,42 @@ mod tests {
                 "config/wharf.toml does not document {path}"
             );
         }
+    }
+
+    #[test]
+    fn pull_through_rules() {
+        let c = Config::load(None, Vec::new()).unwrap();
+        let prefixes: Vec<&str> = c.pull_through.iter().map(|r| r.prefix.as_str()).collect();
+        assert_eq!(prefixes, ["docker-hub", "ROOT", "ghcr", "quay", "k8s", "ecr-public"]);
+        let c = load_str("pull_through = []\n", &[]).unwrap();
+        assert!(c.pull_through.is_empty());
+        let c = load_str(
+            "[[pull_through]]\nprefix = \"up\"\nupstream = \"http://127.0.0.1:5001\"\ntag_ttl = \"1m\"\n",
+            &[("WHARF_CACHE_PREFETCH", "true")],
+        )
+        .unwrap();
+        assert_eq!(c.pull_through.len(), 1);
+        assert_eq!(c.pull_through[0].tag_ttl, Duration::from_secs(60));
+        assert!(c.cache.prefetch);
+        for (body, key) in [
+            ("prefix = \"Bad\"\nupstream = \"http://h\"", "pull_through[0].prefix"),
+            ("prefix = \"a\"\nupstream = \"ftp://h\"", "pull_through[0].upstream"),
+            ("prefix = \"a\"\nupstream = \"http://h/path\"", "pull_through[0].upstream"),
+            ("prefix = \"a\"\nupstream = \"http://h\"\ncredentials = { username = \"u\" }", "pull_through[0].credentials"),
+            ("prefix = \"a\"\nupstream = \"http://h\"\ncredentials = { username = \"u\", password_env = \"WHARF_TEST_SURELY_UNSET\" }", "pull_through[0].credentials"),
+            ("prefix = \"a\"\nupstream = \"http://h\"\ntag_ttl = \"x\"", "pull_through[0].tag_ttl"),
+            ("prefix = \"a\"\nupstream = \"http://h\"\nbogus = 1", "pull_through[0]"),
+        ] {
+            let e = load_str(&format!("[[pull_through]]\n{body}\n"), &[]).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{e}");
+        }
+        let e = load_str(
+            "[[pull_through]]\nprefix = \"a\"\nupstream = \"http://h\"\n[[pull_through]]\nprefix = \"a\"\nupstream = \"http://g\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("pull_through[1].prefix"), "{e}");
     }
 
     #[test]

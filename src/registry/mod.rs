@@ -8,7 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures::StreamExt;
 
+use crate::cache::{Cache, CacheError, CachedBlob, Routed, Target};
 use crate::oci::manifest::{Descriptor, MAX_MANIFEST_SIZE, Manifest, ManifestError};
+use crate::upstream::UpstreamError;
 use crate::oci::{
     Algorithm, ByteRange, Digest, MediaType, Reference, RepoName, UploadId, UploadRange,
 };
@@ -56,6 +58,15 @@ pub enum RegistryError {
     RangeNotSatisfiable { size: u64 },
     #[error("{0}")]
     Unsupported(String),
+    /// A write into a pull-through namespace.
+    #[error("{0}")]
+    Denied(String),
+    /// The cache could not get content from upstream (not there, or upstream
+    /// failing with nothing cached); `what` says which kind of content.
+    #[error("{message}")]
+    Upstream { what: Missing, message: String },
+    #[error("{0}")]
+    TooManyRequests(String),
     #[error("reading the request body failed: {0}")]
     Body(std::io::Error),
     #[error(transparent)]
@@ -72,6 +83,28 @@ impl From<StorageError> for RegistryError {
 }
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+/// The kind of content a failed upstream request was for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missing {
+    Manifest,
+    Blob,
+    Name,
+}
+
+fn cache_err(what: Missing, e: CacheError) -> RegistryError {
+    match e {
+        CacheError::Storage(e) => e.into(),
+        CacheError::Upstream {
+            host,
+            source: UpstreamError::TooManyRequests { .. },
+        } => RegistryError::TooManyRequests(format!("upstream {host} is rate limiting")),
+        other => RegistryError::Upstream {
+            what,
+            message: other.to_string(),
+        },
+    }
+}
 
 /// A manifest found by reference.
 #[derive(Debug, Clone)]
@@ -119,6 +152,7 @@ pub struct Registry {
     uploads: Arc<dyn UploadStore>,
     meta: Arc<dyn MetaStore>,
     manifests: moka::sync::Cache<Digest, Bytes>,
+    cache: Option<Arc<Cache>>,
 }
 
 fn unix_now() -> u64 {
@@ -143,7 +177,65 @@ impl Registry {
             uploads,
             meta,
             manifests,
+            cache: None,
         }
+    }
+
+    /// Serves repositories that are not hosted through `cache`.
+    pub fn with_cache(mut self, cache: Arc<Cache>) -> Registry {
+        self.cache = Some(cache);
+        self
+    }
+
+    pub fn cache(&self) -> Option<&Arc<Cache>> {
+        self.cache.as_ref()
+    }
+
+    /// How reads of `repo` are served. `ns` is containerd's `?ns=`.
+    pub async fn route(&self, repo: &RepoName, ns: Option<&str>) -> Result<Routed> {
+        let Some(cache) = &self.cache else {
+            return Ok(Routed::Hosted);
+        };
+        let kind = self.meta.repository(repo).await?;
+        Ok(cache
+            .rules()
+            .route(repo, ns, kind == Some(crate::storage::RepoKind::Hosted)))
+    }
+
+    async fn cached(&self, repo: &RepoName, ns: Option<&str>, what: Missing) -> Result<Option<(&Arc<Cache>, Target)>> {
+        match self.route(repo, ns).await? {
+            Routed::Hosted => Ok(None),
+            Routed::Cached(t) => Ok(Some((self.cache.as_ref().expect("routed to the cache"), t))),
+            Routed::UnknownNamespace => Err(RegistryError::Upstream {
+                what,
+                message: format!("no pull-through rule serves registry {:?}", ns.unwrap_or("")),
+            }),
+        }
+    }
+
+    /// Refuses writes into pull-through namespaces and mirror requests.
+    pub async fn check_push(&self, repo: &RepoName, ns: Option<&str>) -> Result<()> {
+        let Some(cache) = &self.cache else {
+            return Ok(());
+        };
+        if let Some(ns) = ns {
+            return Err(RegistryError::Denied(format!(
+                "requests for registry {ns:?} (?ns=) are mirror reads; pushes are not accepted"
+            )));
+        }
+        if let Some(rule) = cache.rules().forbids_push(repo) {
+            let prefix = rule.prefix.as_ref().map_or("ROOT", |p| p.as_str());
+            return Err(RegistryError::Denied(format!(
+                "{prefix}/ is a pull-through cache of {}; push to a repository outside it",
+                rule.upstream.host()
+            )));
+        }
+        if self.meta.repository(repo).await? == Some(crate::storage::RepoKind::Cached) {
+            return Err(RegistryError::Denied(format!(
+                "{repo} holds content pulled through the cache; push to another repository"
+            )));
+        }
+        Ok(())
     }
 
     pub fn blob_store(&self) -> &Arc<dyn BlobStore> {
@@ -172,13 +264,31 @@ impl Registry {
         repo: &RepoName,
         reference: &Reference,
         accept: Option<&str>,
+        ns: Option<&str>,
     ) -> Result<ManifestHit> {
-        let digest = self.resolve(repo, reference).await?;
-        let record = self
-            .meta
-            .manifest(repo, &digest)
-            .await?
-            .ok_or(RegistryError::ManifestUnknown)?;
+        let (digest, record) = match self.cached(repo, ns, Missing::Manifest).await? {
+            Some((cache, t)) => {
+                let m = cache
+                    .manifest(&t, reference)
+                    .await
+                    .map_err(|e| cache_err(Missing::Manifest, e))?;
+                let record = ManifestRecord {
+                    media_type: m.media_type,
+                    size: m.size,
+                    subject: None,
+                };
+                (m.digest, record)
+            }
+            None => {
+                let digest = self.resolve(repo, reference).await?;
+                let record = self
+                    .meta
+                    .manifest(repo, &digest)
+                    .await?
+                    .ok_or(RegistryError::ManifestUnknown)?;
+                (digest, record)
+            }
+        };
         if let (Reference::Tag(_), Some(accept)) = (reference, accept) {
             let mt = MediaType::new(&record.media_type);
             let lists_manifest_types = accept.split(',').any(|a| {
@@ -229,7 +339,9 @@ impl Registry {
         reference: &Reference,
         content_type: Option<&str>,
         body: Bytes,
+        ns: Option<&str>,
     ) -> Result<ManifestPushed> {
+        self.check_push(repo, ns).await?;
         if body.len() > MAX_MANIFEST_SIZE {
             return Err(RegistryError::ManifestTooLarge);
         }
@@ -295,7 +407,13 @@ impl Registry {
 
     /// Deletes a tag (by tag) or a manifest and every tag pointing at it (by
     /// digest).
-    pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
+    pub async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        ns: Option<&str>,
+    ) -> Result<()> {
+        self.check_push(repo, ns).await?;
         let found = match reference {
             Reference::Tag(t) => self.meta.delete_tag(repo, t).await?,
             Reference::Digest(d) => self.meta.delete_manifest(repo, d).await?,
@@ -310,7 +428,13 @@ impl Registry {
     // ---- blobs ----
 
     /// Size of a blob readable through `repo`.
-    pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
+    pub async fn blob_size(&self, repo: &RepoName, digest: &Digest, ns: Option<&str>) -> Result<u64> {
+        if let Some((cache, t)) = self.cached(repo, ns, Missing::Blob).await? {
+            return cache
+                .blob_size(&t, digest)
+                .await
+                .map_err(|e| cache_err(Missing::Blob, e));
+        }
         if !self.meta.blob_linked(repo, digest).await? {
             return Err(RegistryError::BlobUnknown);
         }
@@ -326,17 +450,40 @@ impl Registry {
         repo: &RepoName,
         digest: &Digest,
         range: Option<&str>,
+        ns: Option<&str>,
     ) -> Result<BlobBody> {
-        let size = self.blob_size(repo, digest).await?;
         // A malformed or multi-range header is ignored (full body), per RFC 9110.
         let wanted = range.and_then(|r| r.parse::<ByteRange>().ok());
-        let range = match wanted {
-            Some(r) => Some(
-                r.resolve(size)
-                    .ok_or(RegistryError::RangeNotSatisfiable { size })?,
-            ),
-            None => None,
+        let resolve = |size: u64| match wanted {
+            Some(r) => r
+                .resolve(size)
+                .map(Some)
+                .ok_or(RegistryError::RangeNotSatisfiable { size }),
+            None => Ok(None),
         };
+        if let Some((cache, t)) = self.cached(repo, ns, Missing::Blob).await? {
+            match cache
+                .blob(&t, digest)
+                .await
+                .map_err(|e| cache_err(Missing::Blob, e))?
+            {
+                CachedBlob::Filling { size, fill } => {
+                    let range = resolve(size)?;
+                    let (start, end) = range.as_ref().map_or((0, None), |r| (r.start, Some(r.end)));
+                    let stream = cache.fills.stream(fill, start, end);
+                    return Ok(BlobBody { size, range, stream });
+                }
+                CachedBlob::Stored { .. } => {}
+            }
+        } else if !self.meta.blob_linked(repo, digest).await? {
+            return Err(RegistryError::BlobUnknown);
+        }
+        let size = self
+            .blobs
+            .stat(digest)
+            .await?
+            .ok_or(RegistryError::BlobUnknown)?;
+        let range = resolve(size)?;
         let stream = match self.blobs.read(digest, range.clone()).await {
             Ok(s) => s,
             Err(StorageError::NotFound) => return Err(RegistryError::BlobUnknown),
@@ -350,7 +497,8 @@ impl Registry {
     }
 
     /// Removes a blob from a repository (the bytes stay for other repositories).
-    pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+    pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest, ns: Option<&str>) -> Result<()> {
+        self.check_push(repo, ns).await?;
         if self.meta.unlink_blob(repo, digest).await? {
             Ok(())
         } else {
@@ -360,7 +508,8 @@ impl Registry {
 
     // ---- uploads ----
 
-    pub async fn start_upload(&self, repo: &RepoName) -> Result<UploadId> {
+    pub async fn start_upload(&self, repo: &RepoName, ns: Option<&str>) -> Result<UploadId> {
+        self.check_push(repo, ns).await?;
         let id = UploadId::new_random();
         self.uploads.create(&id).await?;
         self.meta
@@ -485,8 +634,9 @@ impl Registry {
         digest: &Digest,
         length: Option<u64>,
         body: ByteStream,
+        ns: Option<&str>,
     ) -> Result<()> {
-        let id = self.start_upload(repo).await?;
+        let id = self.start_upload(repo, ns).await?;
         let appended = self.append(&id, 0, length, body).await;
         if let Err(e) = appended {
             let _ = self.uploads.abort(&id).await;
@@ -511,7 +661,9 @@ impl Registry {
         repo: &RepoName,
         digest: &Digest,
         from: Option<&RepoName>,
+        ns: Option<&str>,
     ) -> Result<MountOutcome> {
+        self.check_push(repo, ns).await?;
         if let Some(from) = from {
             if self.meta.blob_linked(from, digest).await?
                 && self.blobs.stat(digest).await?.is_some()
@@ -520,7 +672,7 @@ impl Registry {
                 return Ok(MountOutcome::Mounted);
             }
         }
-        Ok(MountOutcome::Session(self.start_upload(repo).await?))
+        Ok(MountOutcome::Session(self.start_upload(repo, ns).await?))
     }
 
     /// Drops upload sessions idle for longer than `max_age`. Returns how many.
@@ -552,7 +704,15 @@ impl Registry {
         repo: &RepoName,
         last: Option<&str>,
         n: Option<usize>,
+        ns: Option<&str>,
     ) -> Result<Page> {
+        if let Some((cache, t)) = self.cached(repo, ns, Missing::Name).await? {
+            let (items, more) = cache
+                .tags(&t, n, last)
+                .await
+                .map_err(|e| cache_err(Missing::Name, e))?;
+            return Ok(Page { items, more });
+        }
         let n = n.unwrap_or(MAX_PAGE).min(MAX_PAGE);
         let mut items = self
             .meta
@@ -578,7 +738,14 @@ impl Registry {
         repo: &RepoName,
         subject: &Digest,
         artifact_type: Option<&str>,
+        ns: Option<&str>,
     ) -> Result<Vec<Descriptor>> {
+        if let Some((cache, t)) = self.cached(repo, ns, Missing::Manifest).await? {
+            return cache
+                .referrers(&t, subject, artifact_type)
+                .await
+                .map_err(|e| cache_err(Missing::Manifest, e));
+        }
         let mut all = self.meta.referrers(repo, subject).await?;
         if let Some(t) = artifact_type {
             all.retain(|d| d.artifact_type.as_deref() == Some(t));

@@ -271,6 +271,10 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
         Vec::<String>::new()
     );
     let a: Tag = "a".parse().unwrap();
+    assert_eq!(meta.tag_checked(&repo, &a).await.unwrap(), None);
+    meta.set_tag_checked(&repo, &a, 1234).await.unwrap();
+    assert_eq!(meta.tag_checked(&repo, &a).await.unwrap(), Some(1234));
+    assert_eq!(meta.tag_checked(&other, &a).await.unwrap(), None);
     assert_eq!(meta.resolve_tag(&repo, &a).await.unwrap(), Some(d1.clone()));
     assert_eq!(meta.resolve_tag(&other, &a).await.unwrap(), None);
     assert_eq!(meta.manifest(&repo, &d1).await.unwrap(), Some(rec(None)));

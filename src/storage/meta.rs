@@ -24,6 +24,8 @@ const LINKS: TableDefinition<&str, u8> = TableDefinition::new("blob_links");
 const MANIFESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("manifests");
 /// `repo\0subject\0referrer` → JSON [`Descriptor`]
 const REFERRERS: TableDefinition<&str, &[u8]> = TableDefinition::new("referrers");
+/// `repo\0tag` → Unix seconds of the last upstream check (cache repositories)
+const CHECKED: TableDefinition<&str, u64> = TableDefinition::new("tag_checked");
 /// upload id → JSON [`UploadRecord`]
 const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
 
@@ -63,6 +65,7 @@ impl RedbMeta {
             txn.open_table(MANIFESTS).map_err(meta_err)?;
             txn.open_table(REFERRERS).map_err(meta_err)?;
             txn.open_table(UPLOADS).map_err(meta_err)?;
+            txn.open_table(CHECKED).map_err(meta_err)?;
         }
         txn.commit().map_err(meta_err)?;
         Ok(RedbMeta { db: Arc::new(db) })
@@ -265,6 +268,30 @@ impl MetaStore for RedbMeta {
                 Some(v) => Ok(Some(v.value().parse().map_err(meta_err)?)),
                 None => Ok(None),
             }
+        })
+        .await
+    }
+
+    async fn tag_checked(&self, repo: &RepoName, tag: &Tag) -> Result<Option<u64>> {
+        let k = key(repo.as_str(), tag.as_str());
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(meta_err)?;
+            let t = txn.open_table(CHECKED).map_err(meta_err)?;
+            Ok(t.get(k.as_str()).map_err(meta_err)?.map(|v| v.value()))
+        })
+        .await
+    }
+
+    async fn set_tag_checked(&self, repo: &RepoName, tag: &Tag, unix_secs: u64) -> Result<()> {
+        let k = key(repo.as_str(), tag.as_str());
+        self.run(move |db| {
+            write(db, |txn| {
+                txn.open_table(CHECKED)
+                    .map_err(meta_err)?
+                    .insert(k.as_str(), unix_secs)
+                    .map_err(meta_err)?;
+                Ok(())
+            })
         })
         .await
     }

@@ -192,6 +192,9 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Removes a manifest, every tag pointing at it and its referrer entry.
     async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
     async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>>;
+    /// When a cached tag was last confirmed upstream (Unix seconds).
+    async fn tag_checked(&self, repo: &RepoName, tag: &Tag) -> Result<Option<u64>>;
+    async fn set_tag_checked(&self, repo: &RepoName, tag: &Tag, unix_secs: u64) -> Result<()>;
     async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool>;
     /// Up to `n` tags after `last`; `None` if the repository is unknown.
     async fn tags(

@@ -1,0 +1,458 @@
+//! Fill coalescing: one upstream fetch per digest, however many clients ask
+//! and from however many repositories. The fetch runs detached from every
+//! client, appends to a staged blob while hashing, and advances a watermark;
+//! every waiter streams from the staged bytes up to the watermark as it
+//! grows. At the end the digest is verified: match → atomic publish; mismatch
+//! → nothing published, and every waiter's stream ends in an error (its
+//! response is aborted, never cleanly ended).
+//!
+//! Explicit states (after pingora's cache lock): connecting, streaming, done,
+//! failed; a waiter also gives up on a wait timeout (no progress), a fill
+//! older than the age timeout takes no new waiters, and a fill whose task
+//! vanished (its status sender dropped without a final state) is reported
+//! as abandoned and replaced by the next request.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::oci::{Digest, RepoName};
+use crate::storage::{ByteStream, FillStore, MetaStore, StagedReader};
+use crate::upstream::{UpstreamClient, UpstreamError};
+
+/// How many times a fill resumes (with a Range request) after the upstream
+/// connection breaks.
+const MAX_RESUMES: u32 = 5;
+/// Chunk size served to waiters from the staged bytes.
+const SERVE_CHUNK: usize = 512 * 1024;
+
+/// Why a fill failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FillFailure {
+    /// Upstream does not have the blob.
+    NotFound,
+    /// Upstream unreachable, refusing, or sending broken or wrong bytes.
+    Failed(Arc<str>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    Connecting,
+    Streaming,
+    Done,
+    Failed(FillFailure),
+}
+
+/// What every waiter observes.
+#[derive(Debug, Clone)]
+pub struct FillStatus {
+    /// The blob's size, once upstream has said it.
+    pub total: Option<u64>,
+    /// Bytes staged and readable.
+    pub written: u64,
+    pub phase: Phase,
+}
+
+/// One fill in progress (or just finished).
+pub struct Fill {
+    pub digest: Digest,
+    status: watch::Receiver<FillStatus>,
+    reader: Arc<dyn StagedReader>,
+    started: Instant,
+    /// Cached repositories to link the blob into once it is published.
+    repos: Mutex<Vec<RepoName>>,
+}
+
+/// Counters the fills keep (read by metrics and `cache stats`).
+#[derive(Debug, Default)]
+pub struct FillCounters {
+    pub started: std::sync::atomic::AtomicU64,
+    pub coalesced: std::sync::atomic::AtomicU64,
+    pub failed: std::sync::atomic::AtomicU64,
+    pub corrupt: std::sync::atomic::AtomicU64,
+    pub upstream_bytes: std::sync::atomic::AtomicU64,
+}
+
+pub struct Fills {
+    store: Arc<dyn FillStore>,
+    meta: Arc<dyn MetaStore>,
+    active: Mutex<HashMap<Digest, Arc<Fill>>>,
+    wait_timeout: Duration,
+    max_age: Duration,
+    stop: CancellationToken,
+    pub counters: Arc<FillCounters>,
+}
+
+fn bump(c: &std::sync::atomic::AtomicU64, n: u64) {
+    c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+impl Fills {
+    pub fn new(
+        store: Arc<dyn FillStore>,
+        meta: Arc<dyn MetaStore>,
+        wait_timeout: Duration,
+        max_age: Duration,
+        stop: CancellationToken,
+    ) -> Fills {
+        Fills {
+            store,
+            meta,
+            active: Mutex::new(HashMap::new()),
+            wait_timeout,
+            max_age,
+            stop,
+            counters: Arc::default(),
+        }
+    }
+
+    /// The fill in progress for `digest`, if any (for HEAD and eviction).
+    pub fn in_progress(&self, digest: &Digest) -> Option<Arc<Fill>> {
+        self.active.lock().expect("fills lock").get(digest).cloned()
+    }
+
+    /// Joins the fill for `digest`, or starts one fetching it from
+    /// `upstream_repo` on `upstream`. `local` is linked to the blob when the
+    /// fill publishes it.
+    pub async fn join_or_start(
+        self: &Arc<Self>,
+        digest: &Digest,
+        upstream: &UpstreamClient,
+        upstream_repo: &RepoName,
+        local: &RepoName,
+    ) -> Result<Arc<Fill>, crate::storage::StorageError> {
+        if let Some(f) = self.joinable(digest) {
+            bump(&self.counters.coalesced, 1);
+            f.add_repo(local);
+            return Ok(f);
+        }
+        let writer = self.store.begin_fill().await?;
+        let (tx, rx) = watch::channel(FillStatus {
+            total: None,
+            written: 0,
+            phase: Phase::Connecting,
+        });
+        let fill = Arc::new(Fill {
+            digest: digest.clone(),
+            status: rx,
+            reader: writer.staged(),
+            started: Instant::now(),
+            repos: Mutex::new(vec![local.clone()]),
+        });
+        {
+            let mut active = self.active.lock().expect("fills lock");
+            // Another request may have started one while we staged.
+            if let Some(f) = active.get(digest).filter(|f| f.joinable(self.max_age)) {
+                let f = f.clone();
+                drop(active);
+                tokio::spawn(writer.abort());
+                bump(&self.counters.coalesced, 1);
+                f.add_repo(local);
+                return Ok(f);
+            }
+            active.insert(digest.clone(), fill.clone());
+        }
+        bump(&self.counters.started, 1);
+        let this = self.clone();
+        let task = FillTask {
+            digest: digest.clone(),
+            upstream: upstream.clone(),
+            repo: upstream_repo.clone(),
+            tx,
+        };
+        let f = fill.clone();
+        tokio::spawn(async move {
+            let stop = this.stop.clone();
+            tokio::select! {
+                () = task.run(writer, &this, &f) => {}
+                () = stop.cancelled() => {}
+            }
+            let mut active = this.active.lock().expect("fills lock");
+            if active.get(&f.digest).is_some_and(|x| Arc::ptr_eq(x, &f)) {
+                active.remove(&f.digest);
+            }
+        });
+        Ok(fill)
+    }
+
+    fn joinable(&self, digest: &Digest) -> Option<Arc<Fill>> {
+        let active = self.active.lock().expect("fills lock");
+        active.get(digest).filter(|f| f.joinable(self.max_age)).cloned()
+    }
+
+    /// A stream of the blob's bytes `start..end` (end = the blob's end when
+    /// `None`) as the fill stages them.
+    pub fn stream(&self, fill: Arc<Fill>, start: u64, end: Option<u64>) -> ByteStream {
+        let wait = self.wait_timeout;
+        let rx = fill.status.clone();
+        futures::stream::unfold(
+            (fill, rx, start, false),
+            move |(fill, mut rx, pos, finished)| async move {
+                if finished {
+                    return None;
+                }
+                loop {
+                    let st = rx.borrow_and_update().clone();
+                    if let Phase::Failed(why) = &st.phase {
+                        let msg = match why {
+                            FillFailure::NotFound => "blob not found upstream".to_string(),
+                            FillFailure::Failed(m) => m.to_string(),
+                        };
+                        return Some((Err(io::Error::other(msg)), (fill, rx, pos, true)));
+                    }
+                    let limit = match (end, st.total) {
+                        (Some(e), _) => e,
+                        (None, Some(t)) => t,
+                        (None, None) => u64::MAX,
+                    };
+                    let done = st.phase == Phase::Done;
+                    if done && pos >= limit.min(st.written) {
+                        return None;
+                    }
+                    // The last byte waits for verification, so that a client
+                    // never receives a complete body of unverified bytes.
+                    let cap = if done { limit } else { limit.saturating_sub(1) };
+                    let available = st.written.min(cap);
+                    if available > pos {
+                        let len = (available - pos).min(SERVE_CHUNK as u64) as usize;
+                        return match fill.reader.read_at(pos, len).await {
+                            Ok(b) if !b.is_empty() => {
+                                let n = b.len() as u64;
+                                Some((Ok(b), (fill, rx, pos + n, false)))
+                            }
+                            Ok(_) => Some((
+                                Err(io::Error::other("staged bytes vanished")),
+                                (fill, rx, pos, true),
+                            )),
+                            Err(e) => Some((Err(io::Error::other(e)), (fill, rx, pos, true))),
+                        };
+                    }
+                    match tokio::time::timeout(wait, rx.changed()).await {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(_)) => {
+                            // Sender gone without a final state: check once more.
+                            let st = rx.borrow().clone();
+                            if matches!(st.phase, Phase::Done | Phase::Failed(_)) {
+                                continue;
+                            }
+                            return Some((
+                                Err(io::Error::other("the upstream fetch was abandoned")),
+                                (fill, rx, pos, true),
+                            ));
+                        }
+                        Err(_) => {
+                            return Some((
+                                Err(io::Error::other(format!(
+                                    "no progress from upstream for {wait:?}"
+                                ))),
+                                (fill, rx, pos, true),
+                            ));
+                        }
+                    }
+                }
+            },
+        )
+        .boxed()
+    }
+
+    /// Waits until the fill knows the blob's size (or failed).
+    pub async fn wait_started(&self, fill: &Fill) -> Result<u64, FillFailure> {
+        let mut rx = fill.status.clone();
+        let wait = self.wait_timeout;
+        loop {
+            {
+                let st = rx.borrow_and_update();
+                match (&st.phase, st.total) {
+                    (Phase::Failed(f), _) => return Err(f.clone()),
+                    (_, Some(t)) => return Ok(t),
+                    (Phase::Done, None) => return Ok(st.written),
+                    _ => {}
+                }
+            }
+            match tokio::time::timeout(wait, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    let st = rx.borrow().clone();
+                    return match (st.phase, st.total) {
+                        (Phase::Failed(f), _) => Err(f),
+                        (_, Some(t)) => Ok(t),
+                        _ => Err(FillFailure::Failed("the upstream fetch was abandoned".into())),
+                    };
+                }
+                Err(_) => {
+                    return Err(FillFailure::Failed(
+                        format!("upstream did not answer within {wait:?}").into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    pub fn meta(&self) -> &Arc<dyn MetaStore> {
+        &self.meta
+    }
+}
+
+impl Fill {
+    fn add_repo(&self, repo: &RepoName) {
+        let mut repos = self.repos.lock().expect("repos lock");
+        if !repos.contains(repo) {
+            repos.push(repo.clone());
+        }
+    }
+
+    fn joinable(&self, max_age: Duration) -> bool {
+        let st = self.status.borrow();
+        let alive = self.status.has_changed().is_ok()
+            || matches!(st.phase, Phase::Done | Phase::Failed(_));
+        let failed = matches!(st.phase, Phase::Failed(_));
+        alive && !failed && self.started.elapsed() < max_age
+    }
+
+    pub fn status(&self) -> FillStatus {
+        self.status.borrow().clone()
+    }
+}
+
+struct FillTask {
+    digest: Digest,
+    upstream: UpstreamClient,
+    repo: RepoName,
+    tx: watch::Sender<FillStatus>,
+}
+
+impl FillTask {
+    async fn run(self, mut writer: Box<dyn crate::storage::FillWriter>, fills: &Fills, fill: &Fill) {
+        let outcome = self.fetch(&mut *writer, fills).await;
+        let outcome = match outcome {
+            Ok(()) => match writer.commit(&self.digest).await {
+                Ok(_) => {
+                    let repos = fill.repos.lock().expect("repos lock").clone();
+                    let mut linked = Ok(());
+                    for r in &repos {
+                        if let Err(e) = fills.meta.mark_cached(r).await {
+                            linked = Err(e);
+                            break;
+                        }
+                        if let Err(e) = fills.meta.link_blob(r, &self.digest).await {
+                            linked = Err(e);
+                            break;
+                        }
+                    }
+                    linked.map_err(|e| FillFailure::Failed(format!("recording the blob failed: {e}").into()))
+                }
+                Err(crate::storage::StorageError::DigestMismatch { computed, .. }) => {
+                    bump(&fills.counters.corrupt, 1);
+                    tracing::error!(
+                        digest = %self.digest, %computed, upstream = self.upstream.host(),
+                        repo = %self.repo, "upstream sent bytes that do not match the digest; nothing stored"
+                    );
+                    Err(FillFailure::Failed(
+                        format!("upstream content hashes to {computed}, not {}", self.digest).into(),
+                    ))
+                }
+                Err(e) => Err(FillFailure::Failed(format!("storing the blob failed: {e}").into())),
+            },
+            Err(f) => {
+                writer.abort().await;
+                Err(f)
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                self.tx.send_modify(|s| s.phase = Phase::Done);
+            }
+            Err(f) => {
+                bump(&fills.counters.failed, 1);
+                tracing::warn!(digest = %self.digest, repo = %self.repo, failure = ?f, "fill failed");
+                self.tx.send_modify(|s| s.phase = Phase::Failed(f));
+            }
+        }
+    }
+
+    /// Streams the blob from upstream into `writer`, resuming with Range
+    /// requests when the connection breaks.
+    async fn fetch(
+        &self,
+        writer: &mut dyn crate::storage::FillWriter,
+        fills: &Fills,
+    ) -> Result<(), FillFailure> {
+        let mut resumes = 0u32;
+        let mut total: Option<u64> = None;
+        loop {
+            let offset = writer.written();
+            let resp = match self.upstream.get_blob(&self.repo, &self.digest, offset).await {
+                Ok(r) => r,
+                Err(UpstreamError::NotFound) => return Err(FillFailure::NotFound),
+                Err(e) => {
+                    if offset > 0 && resumes < MAX_RESUMES && e.is_retryable() {
+                        resumes += 1;
+                        continue;
+                    }
+                    return Err(FillFailure::Failed(format!("upstream: {e}").into()));
+                }
+            };
+            if total.is_none() {
+                total = resp.total_size;
+                self.tx.send_modify(|s| {
+                    s.total = total;
+                    s.phase = Phase::Streaming;
+                });
+            }
+            let mut stream = resp.stream;
+            let mut broken = None;
+            while let Some(chunk) = stream.next().await {
+                match chunk {
+                    Ok(b) => {
+                        if total.is_some_and(|t| writer.written() + b.len() as u64 > t) {
+                            return Err(FillFailure::Failed(
+                                "upstream sent more bytes than it announced".into(),
+                            ));
+                        }
+                        write(writer, &b).await?;
+                        bump(&fills.counters.upstream_bytes, b.len() as u64);
+                        let w = writer.written();
+                        self.tx.send_modify(|s| s.written = w);
+                    }
+                    Err(e) => {
+                        broken = Some(e);
+                        break;
+                    }
+                }
+            }
+            let done = match total {
+                Some(t) => writer.written() == t,
+                None => broken.is_none(),
+            };
+            if done {
+                if total.is_none() {
+                    let w = writer.written();
+                    self.tx.send_modify(|s| s.total = Some(w));
+                }
+                return Ok(());
+            }
+            resumes += 1;
+            let why = broken.map_or("body ended early".to_string(), |e| e.to_string());
+            if resumes > MAX_RESUMES {
+                return Err(FillFailure::Failed(
+                    format!("upstream connection kept breaking: {why}").into(),
+                ));
+            }
+            tracing::info!(digest = %self.digest, offset = writer.written(), %why, "resuming fill with a Range request");
+        }
+    }
+}
+
+async fn write(writer: &mut dyn crate::storage::FillWriter, b: &Bytes) -> Result<(), FillFailure> {
+    writer
+        .write(b)
+        .await
+        .map_err(|e| FillFailure::Failed(format!("staging failed: {e}").into()))
+}

@@ -1,0 +1,945 @@
+//! The request machinery behind [`super::UpstreamClient`]: the pooled
+//! hyper client, one request with authentication and redirects, retries,
+//! and reading bodies with size limits and read timeouts.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::io;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use futures::future::FutureExt;
+use http::header::{
+    AUTHORIZATION, HeaderName, HeaderValue, LOCATION, RETRY_AFTER, USER_AGENT, WWW_AUTHENTICATE,
+};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tokio::time::Instant;
+
+use super::auth::{
+    AuthScheme, Credentials, Secret, Token, TokenCache, TokenResponse, parse_www_authenticate,
+};
+use super::retry::{MAX_RETRY_AFTER, backoff, parse_retry_after};
+use super::{MAX_REDIRECTS, UpstreamError, UpstreamSettings};
+use crate::storage::ByteStream;
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+const AGENT: &str = concat!("wharf/", env!("CARGO_PKG_VERSION"));
+/// Error bodies and discarded bodies are read up to this size.
+const SMALL_BODY: usize = 64 * 1024;
+/// Largest token response accepted.
+const MAX_TOKEN_RESPONSE: usize = 1024 * 1024;
+
+/// A failed attempt, with how long the upstream asked us to wait.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: UpstreamError,
+    pub retry_after: Option<Duration>,
+}
+
+impl From<UpstreamError> for Failure {
+    fn from(error: UpstreamError) -> Self {
+        let retry_after = match &error {
+            UpstreamError::TooManyRequests { retry_after } => *retry_after,
+            _ => None,
+        };
+        Failure { error, retry_after }
+    }
+}
+
+/// One logical request: method, path and query on the upstream, extra
+/// headers, and the token scope (`None`: no auth flow, and a 401 is
+/// returned as a response).
+pub struct Op {
+    method: Method,
+    path_and_query: String,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    scope: Option<String>,
+}
+
+impl Op {
+    pub fn new(method: Method, path_and_query: String, scope: Option<String>) -> Op {
+        Op {
+            method,
+            path_and_query,
+            headers: Vec::new(),
+            scope,
+        }
+    }
+    /// Adds a header; empty or invalid values are left out.
+    pub fn header(mut self, name: HeaderName, value: &str) -> Op {
+        if !value.is_empty()
+            && let Ok(v) = HeaderValue::from_str(value)
+        {
+            self.headers.push((name, v));
+        }
+        self
+    }
+}
+
+/// The shared state of one upstream client.
+pub struct Inner {
+    pub base: Uri,
+    http: HttpClient,
+    response_timeout: Duration,
+    read_timeout: Duration,
+    max_retries: u32,
+    credentials: Option<Credentials>,
+    /// How the upstream authenticates, once a challenge told us.
+    scheme: Mutex<Option<AuthScheme>>,
+    tokens: TokenCache,
+}
+
+fn invalid(msg: impl Into<String>) -> UpstreamError {
+    UpstreamError::InvalidSettings(msg.into())
+}
+
+fn build_http(settings: &UpstreamSettings) -> Result<HttpClient, UpstreamError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for e in &native.errors {
+        tracing::debug!(error = %e, "skipping unreadable system certificate");
+    }
+    roots.add_parsable_certificates(native.certs);
+    if let Some(path) = &settings.ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| invalid(format!("reading CA file {}: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(invalid(format!(
+                "no certificate in CA file {}",
+                path.display()
+            )));
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| invalid(format!("CA file {}: {e}", path.display())))?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(settings.connect_timeout));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(tcp);
+    Ok(Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(https))
+}
+
+/// Whether `uri` has the same scheme and authority as `base`.
+fn same_origin(uri: &Uri, base: &Uri) -> bool {
+    uri.scheme() == base.scheme() && uri.authority() == base.authority()
+}
+
+impl Inner {
+    pub fn new(settings: UpstreamSettings) -> Result<Inner, UpstreamError> {
+        let url = &settings.url;
+        match url.scheme_str() {
+            Some("http") | Some("https") => {}
+            _ => return Err(invalid(format!("{url}: the scheme must be http or https"))),
+        }
+        let authority = url
+            .authority()
+            .ok_or_else(|| invalid(format!("{url}: no host")))?;
+        if authority.as_str().contains('@') {
+            return Err(invalid("credentials go in `credentials`, not in the URL"));
+        }
+        if !matches!(url.path(), "" | "/") || url.query().is_some() {
+            return Err(invalid(format!(
+                "{url}: only a scheme and a host are allowed, no path or query"
+            )));
+        }
+        let base = Uri::builder()
+            .scheme(url.scheme_str().unwrap_or("https"))
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| invalid(e.to_string()))?;
+        Ok(Inner {
+            http: build_http(&settings)?,
+            base,
+            response_timeout: settings.response_timeout,
+            read_timeout: settings.read_timeout,
+            max_retries: settings.max_retries,
+            credentials: settings.credentials,
+            scheme: Mutex::new(None),
+            tokens: TokenCache::default(),
+        })
+    }
+
+    pub fn read_timeout(&self) -> Duration {
+        self.read_timeout
+    }
+
+    fn url(&self, path_and_query: &str) -> Result<Uri, UpstreamError> {
+        Uri::builder()
+            .scheme(self.base.scheme_str().unwrap_or("https"))
+            .authority(
+                self.base
+                    .authority()
+                    .map(|a| a.as_str())
+                    .unwrap_or_default(),
+            )
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|e| UpstreamError::Protocol(format!("bad request path: {e}")))
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or `max_retries`
+    /// retries are spent. Waits `Retry-After` (when the upstream sent one of
+    /// at most [`MAX_RETRY_AFTER`]) or an exponential backoff with jitter.
+    pub async fn with_retries<T, F, Fut>(&self, op: &Op, mut attempt: F) -> Result<T, UpstreamError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let mut retries = 0;
+        loop {
+            let failure = match attempt().await {
+                Ok(v) => return Ok(v),
+                Err(f) => f,
+            };
+            if retries >= self.max_retries || !failure.error.is_retryable() {
+                return Err(failure.error);
+            }
+            let delay = match failure.retry_after {
+                Some(d) if d > MAX_RETRY_AFTER => return Err(failure.error),
+                Some(d) => d,
+                None => backoff(retries),
+            };
+            tracing::debug!(
+                method = %op.method,
+                path = %op.path_and_query,
+                error = %failure.error,
+                retry = retries + 1,
+                delay_ms = delay.as_millis() as u64,
+                "retrying upstream request"
+            );
+            tokio::time::sleep(delay).await;
+            retries += 1;
+        }
+    }
+
+    /// Sends `op`, answering auth challenges and following redirects, and
+    /// returns a successful response (any 2xx; for an `Op` without scope
+    /// also a 401). Other statuses become errors.
+    pub async fn execute(&self, op: &Op) -> Result<Response<Incoming>, Failure> {
+        let mut uri = self.url(&op.path_and_query)?;
+        let mut authz = match &op.scope {
+            Some(scope) => self.preemptive_auth(scope).await?,
+            None => None,
+        };
+        let mut challenged = false;
+        let mut redirects = 0;
+        loop {
+            let origin = same_origin(&uri, &self.base);
+            let mut req = Request::builder()
+                .method(op.method.clone())
+                .uri(uri.clone())
+                .header(USER_AGENT, AGENT);
+            for (k, v) in &op.headers {
+                req = req.header(k, v);
+            }
+            if origin && let Some(a) = &authz {
+                let mut v = HeaderValue::from_str(a.header.expose()).map_err(|_| {
+                    UpstreamError::Protocol("credentials are not a valid header value".into())
+                })?;
+                v.set_sensitive(true);
+                req = req.header(AUTHORIZATION, v);
+            }
+            let req = req
+                .body(Empty::new())
+                .map_err(|e| UpstreamError::Protocol(format!("building the request: {e}")))?;
+            let resp = self.send(req).await?;
+            let status = resp.status();
+            if status.is_success() {
+                return Ok(resp);
+            }
+            if status == StatusCode::UNAUTHORIZED && origin {
+                let Some(scope) = &op.scope else {
+                    return Ok(resp);
+                };
+                let scheme = resp
+                    .headers()
+                    .get_all(WWW_AUTHENTICATE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .filter_map(|v| parse_www_authenticate(v).ok())
+                    .find_map(|c| AuthScheme::from_challenges(&c));
+                if !challenged && let Some(scheme) = scheme {
+                    challenged = true;
+                    drain(resp.into_body(), self.read_timeout).await;
+                    if let Some(rejected) = authz.as_ref().and_then(|a| a.token.as_ref()) {
+                        self.tokens.invalidate(scope, rejected);
+                    }
+                    *self.scheme.lock().unwrap_or_else(|e| e.into_inner()) = Some(scheme.clone());
+                    authz = Some(self.authorize(&scheme, scope).await?);
+                    continue;
+                }
+                let msg = error_message(resp, self.read_timeout).await;
+                return Err(UpstreamError::Unauthorized(msg).into());
+            }
+            if matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308) {
+                redirects += 1;
+                if redirects > MAX_REDIRECTS {
+                    return Err(UpstreamError::Protocol(format!(
+                        "more than {MAX_REDIRECTS} redirects"
+                    ))
+                    .into());
+                }
+                let next = resp
+                    .headers()
+                    .get(LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .ok_or_else(|| UpstreamError::Protocol(format!("{status} without Location")))
+                    .and_then(|loc| resolve(&uri, loc))?;
+                if uri.scheme_str() == Some("https") && next.scheme_str() != Some("https") {
+                    return Err(UpstreamError::Protocol(
+                        "refusing a redirect from https to http".into(),
+                    )
+                    .into());
+                }
+                drain(resp.into_body(), self.read_timeout).await;
+                tracing::debug!(
+                    from = %op.path_and_query,
+                    to_host = next.host().unwrap_or_default(),
+                    "following upstream redirect"
+                );
+                uri = next;
+                continue;
+            }
+            return Err(status_failure(resp, self.read_timeout).await);
+        }
+    }
+
+    /// Authorization to send before any challenge, from what earlier
+    /// challenges taught.
+    async fn preemptive_auth(&self, scope: &str) -> Result<Option<Authorization>, UpstreamError> {
+        let scheme = self
+            .scheme
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match scheme {
+            None => Ok(None),
+            Some(AuthScheme::Basic) => Ok(self.credentials.as_ref().map(|c| Authorization {
+                header: c.basic_header(),
+                token: None,
+            })),
+            Some(scheme @ AuthScheme::Bearer { .. }) => {
+                self.authorize(&scheme, scope).await.map(Some)
+            }
+        }
+    }
+
+    /// The `Authorization` value answering `scheme` for `scope`.
+    async fn authorize(
+        &self,
+        scheme: &AuthScheme,
+        scope: &str,
+    ) -> Result<Authorization, UpstreamError> {
+        match scheme {
+            AuthScheme::Basic => self
+                .credentials
+                .as_ref()
+                .map(|c| Authorization {
+                    header: c.basic_header(),
+                    token: None,
+                })
+                .ok_or_else(|| {
+                    UpstreamError::Unauthorized(
+                        "upstream requires Basic credentials and none are configured".into(),
+                    )
+                }),
+            AuthScheme::Bearer {
+                realm,
+                service,
+                scope: challenge_scope,
+            } => {
+                let mut scopes = vec![scope.to_string()];
+                if let Some(s) = challenge_scope
+                    && s != scope
+                {
+                    scopes.push(s.clone());
+                }
+                let fetch = TokenFetch {
+                    http: self.http.clone(),
+                    response_timeout: self.response_timeout,
+                    read_timeout: self.read_timeout,
+                    credentials: self.credentials.clone(),
+                    realm: realm.clone(),
+                    service: service.clone(),
+                    scopes,
+                    base_is_https: self.base.scheme_str() == Some("https"),
+                };
+                let token = self
+                    .tokens
+                    .get_or_fetch(scope, move || fetch.run().boxed())
+                    .await?;
+                Ok(Authorization {
+                    header: Secret::new(format!("Bearer {}", token.expose())),
+                    token: Some(token),
+                })
+            }
+        }
+    }
+
+    async fn send(&self, req: Request<Empty<Bytes>>) -> Result<Response<Incoming>, UpstreamError> {
+        send(&self.http, req, self.response_timeout).await
+    }
+}
+
+/// An `Authorization` header value, and the bearer token inside it.
+struct Authorization {
+    header: Secret,
+    token: Option<Secret>,
+}
+
+/// One request to a token realm.
+struct TokenFetch {
+    http: HttpClient,
+    response_timeout: Duration,
+    read_timeout: Duration,
+    credentials: Option<Credentials>,
+    realm: String,
+    service: Option<String>,
+    scopes: Vec<String>,
+    base_is_https: bool,
+}
+
+impl TokenFetch {
+    async fn run(self) -> Result<Token, UpstreamError> {
+        let mut url = self.realm.clone();
+        let mut sep = if url.contains('?') { '&' } else { '?' };
+        let mut add = |k: &str, v: &str| {
+            url.push(sep);
+            url.push_str(k);
+            url.push('=');
+            url.push_str(&super::query_value(v));
+            sep = '&';
+        };
+        if let Some(service) = &self.service {
+            add("service", service);
+        }
+        for scope in &self.scopes {
+            add("scope", scope);
+        }
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| UpstreamError::Protocol(format!("bad token realm: {e}")))?;
+        match uri.scheme_str() {
+            Some("https") => {}
+            Some("http") if !(self.base_is_https && self.credentials.is_some()) => {}
+            Some("http") => {
+                return Err(UpstreamError::Protocol(
+                    "refusing to send credentials to a plain-http token realm".into(),
+                ));
+            }
+            _ => {
+                return Err(UpstreamError::Protocol(
+                    "token realm is not an http(s) URL".into(),
+                ));
+            }
+        }
+        tracing::debug!(
+            realm_host = uri.host().unwrap_or_default(),
+            scopes = ?self.scopes,
+            with_credentials = self.credentials.is_some(),
+            "fetching upstream token"
+        );
+        let mut req = Request::get(uri)
+            .header(USER_AGENT, AGENT)
+            .header(http::header::ACCEPT, "application/json");
+        if let Some(c) = &self.credentials {
+            let mut v = HeaderValue::from_str(c.basic_header().expose()).map_err(|_| {
+                UpstreamError::Protocol("credentials are not a valid header value".into())
+            })?;
+            v.set_sensitive(true);
+            req = req.header(AUTHORIZATION, v);
+        }
+        let req = req
+            .body(Empty::new())
+            .map_err(|e| UpstreamError::Protocol(format!("building the token request: {e}")))?;
+        let resp = send(&self.http, req, self.response_timeout).await?;
+        let status = resp.status();
+        if status.is_success() {
+            let body = read_body(resp.into_body(), MAX_TOKEN_RESPONSE, self.read_timeout).await?;
+            let parsed: TokenResponse = serde_json::from_slice(&body)
+                .map_err(|e| UpstreamError::Protocol(format!("bad token response: {e}")))?;
+            return parsed.into_token(Instant::now(), SystemTime::now());
+        }
+        match status.as_u16() {
+            401 => Err(UpstreamError::Unauthorized(format!(
+                "token realm rejected the request: {}",
+                error_message(resp, self.read_timeout).await
+            ))),
+            404 => Err(UpstreamError::Status {
+                status: 404,
+                message: "token realm not found".into(),
+            }),
+            _ => Err(status_failure(resp, self.read_timeout).await.error),
+        }
+    }
+}
+
+/// Resolves a `Location` against the request URI.
+fn resolve(base: &Uri, location: &str) -> Result<Uri, UpstreamError> {
+    let bad = |e: &dyn std::fmt::Display| {
+        UpstreamError::Protocol(format!("bad Location {location:?}: {e}"))
+    };
+    let loc: Uri = location.parse().map_err(|e| bad(&e))?;
+    if loc.scheme().is_some() {
+        if loc.authority().is_none() {
+            return Err(bad(&"no host"));
+        }
+        return Ok(loc);
+    }
+    let (scheme, authority) = (
+        base.scheme_str().unwrap_or("https"),
+        base.authority().map(|a| a.as_str()).unwrap_or_default(),
+    );
+    let path = if let Some(rest) = location.strip_prefix("//") {
+        // Scheme-relative.
+        return format!("{scheme}://{rest}").parse().map_err(|e| bad(&e));
+    } else if location.starts_with('/') {
+        location.to_string()
+    } else {
+        // Relative to the current path's directory.
+        let dir = base.path().rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+        format!("{dir}/{location}")
+    };
+    Uri::builder()
+        .scheme(scheme)
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+        .map_err(|e| bad(&e))
+}
+
+/// Sends one request, bounded by `timeout` until the response headers.
+async fn send(
+    http: &HttpClient,
+    req: Request<Empty<Bytes>>,
+    timeout: Duration,
+) -> Result<Response<Incoming>, UpstreamError> {
+    match tokio::time::timeout(timeout, http.request(req)).await {
+        Err(_) => Err(UpstreamError::Timeout("waiting for response headers")),
+        Ok(Err(e)) => Err(map_client_error(&e)),
+        Ok(Ok(resp)) => Ok(resp),
+    }
+}
+
+/// Every error in a chain, looking inside `io::Error`s (whose `source()`
+/// skips the error they wrap).
+fn error_chain<'a>(top: &'a (dyn StdError + 'static)) -> Vec<&'a (dyn StdError + 'static)> {
+    let mut out = Vec::new();
+    let mut next = Some(top);
+    while let Some(e) = next {
+        out.push(e);
+        next = match e.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn StdError + 'static)),
+            None => e.source(),
+        };
+    }
+    out
+}
+
+fn chain_message(chain: &[&(dyn StdError + 'static)]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for e in chain {
+        let s = e.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ")
+}
+
+fn map_client_error(e: &hyper_util::client::legacy::Error) -> UpstreamError {
+    let chain = error_chain(e);
+    if let Some(tls) = chain.iter().find_map(|e| e.downcast_ref::<rustls::Error>()) {
+        return UpstreamError::Tls(tls.to_string());
+    }
+    let timed_out = chain
+        .iter()
+        .filter_map(|e| e.downcast_ref::<io::Error>())
+        .any(|io| io.kind() == io::ErrorKind::TimedOut);
+    let msg = chain_message(&chain[1..]);
+    if e.is_connect() {
+        if timed_out {
+            UpstreamError::Timeout("connecting")
+        } else {
+            UpstreamError::Connect(msg)
+        }
+    } else {
+        UpstreamError::Connect(format!("connection failed before the response: {msg}"))
+    }
+}
+
+/// Turns a non-success response into the matching error.
+async fn status_failure(resp: Response<Incoming>, read_timeout: Duration) -> Failure {
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+    let error = match status {
+        404 => {
+            drain(resp.into_body(), read_timeout).await;
+            UpstreamError::NotFound
+        }
+        429 => {
+            drain(resp.into_body(), read_timeout).await;
+            UpstreamError::TooManyRequests { retry_after }
+        }
+        403 => UpstreamError::Denied(error_message(resp, read_timeout).await),
+        401 => UpstreamError::Unauthorized(error_message(resp, read_timeout).await),
+        _ => UpstreamError::Status {
+            status,
+            message: error_message(resp, read_timeout).await,
+        },
+    };
+    Failure { error, retry_after }
+}
+
+/// A readable message from an error response: the OCI error body's first
+/// code and message, a token realm's `details`, or the text itself.
+async fn error_message(resp: Response<Incoming>, read_timeout: Duration) -> String {
+    let status = resp.status();
+    let fallback = || status.canonical_reason().unwrap_or("error").to_string();
+    let Ok(body) = read_body(resp.into_body(), SMALL_BODY, read_timeout).await else {
+        return fallback();
+    };
+    #[derive(serde::Deserialize)]
+    struct OciError {
+        #[serde(default)]
+        code: Option<String>,
+        #[serde(default)]
+        message: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Body {
+        #[serde(default)]
+        errors: Vec<OciError>,
+        #[serde(default)]
+        details: Option<String>,
+        #[serde(default)]
+        message: Option<String>,
+        #[serde(default)]
+        error: Option<String>,
+    }
+    if let Ok(b) = serde_json::from_slice::<Body>(&body) {
+        if let Some(e) = b.errors.first() {
+            let parts: Vec<&str> = [e.code.as_deref(), e.message.as_deref()]
+                .into_iter()
+                .flatten()
+                .filter(|s| !s.is_empty())
+                .collect();
+            if !parts.is_empty() {
+                return parts.join(": ");
+            }
+        }
+        if let Some(m) = b
+            .details
+            .or(b.message)
+            .or(b.error)
+            .filter(|m| !m.is_empty())
+        {
+            return m;
+        }
+    }
+    let text = String::from_utf8_lossy(&body);
+    let text: String = text
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(200)
+        .collect();
+    if text.is_empty() { fallback() } else { text }
+}
+
+/// Reads a whole body of at most `limit` bytes, waiting at most
+/// `read_timeout` for each chunk.
+pub async fn read_body(
+    mut body: Incoming,
+    limit: usize,
+    read_timeout: Duration,
+) -> Result<Bytes, UpstreamError> {
+    let mut buf = BytesMut::new();
+    loop {
+        match tokio::time::timeout(read_timeout, body.frame()).await {
+            Err(_) => return Err(UpstreamError::Timeout("reading the body")),
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(e))) => {
+                return Err(UpstreamError::Connect(format!(
+                    "connection lost while reading the body: {}",
+                    chain_message(&error_chain(&e))
+                )));
+            }
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    if buf.len() + data.len() > limit {
+                        return Err(UpstreamError::TooLarge);
+                    }
+                    buf.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+}
+
+/// Reads and discards a small body so the connection can be reused; a
+/// large or slow one is dropped with its connection instead.
+pub async fn drain(body: Incoming, read_timeout: Duration) {
+    let _ = read_body(body, SMALL_BODY, read_timeout.min(Duration::from_secs(5))).await;
+}
+
+struct BodyState {
+    body: Incoming,
+    /// Bytes still to drop from the front (a 200 to a ranged request).
+    skip: u64,
+    /// Bytes still expected according to `Content-Length`.
+    remaining: Option<u64>,
+    read_timeout: Duration,
+    done: bool,
+}
+
+fn body_error(e: &hyper::Error) -> io::Error {
+    let kind = if e.is_incomplete_message() {
+        io::ErrorKind::UnexpectedEof
+    } else {
+        error_chain(e)
+            .iter()
+            .filter_map(|e| e.downcast_ref::<io::Error>())
+            .map(|io| io.kind())
+            .next()
+            .unwrap_or(io::ErrorKind::Other)
+    };
+    io::Error::new(
+        kind,
+        format!("upstream body failed: {}", chain_message(&error_chain(e))),
+    )
+}
+
+/// The body as a [`ByteStream`] that skips `skip` bytes and fails (instead
+/// of ending) when the body is shorter than `content_length`, breaks, or
+/// stays silent for `read_timeout`.
+pub fn body_stream(
+    body: Incoming,
+    skip: u64,
+    content_length: Option<u64>,
+    read_timeout: Duration,
+) -> ByteStream {
+    let state = BodyState {
+        body,
+        skip,
+        remaining: content_length,
+        read_timeout,
+        done: false,
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        loop {
+            match tokio::time::timeout(st.read_timeout, st.body.frame()).await {
+                Err(_) => {
+                    st.done = true;
+                    let e = io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("upstream sent no data for {:?}", st.read_timeout),
+                    );
+                    return Some((Err(e), st));
+                }
+                Ok(None) => {
+                    st.done = true;
+                    if st.remaining.is_some_and(|r| r > 0) || st.skip > 0 {
+                        let e = io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "upstream body ended before its announced length",
+                        );
+                        return Some((Err(e), st));
+                    }
+                    return None;
+                }
+                Ok(Some(Err(e))) => {
+                    st.done = true;
+                    return Some((Err(body_error(&e)), st));
+                }
+                Ok(Some(Ok(frame))) => {
+                    let Ok(mut data) = frame.into_data() else {
+                        continue;
+                    };
+                    if let Some(r) = &mut st.remaining {
+                        let n = data.len() as u64;
+                        if n > *r {
+                            st.done = true;
+                            let e = io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                "upstream body is longer than its Content-Length",
+                            );
+                            return Some((Err(e), st));
+                        }
+                        *r -= n;
+                    }
+                    if st.skip > 0 {
+                        let n = st.skip.min(data.len() as u64);
+                        data = data.slice(n as usize..);
+                        st.skip -= n;
+                    }
+                    if data.is_empty() {
+                        continue;
+                    }
+                    return Some((Ok(data), st));
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
+/// `Content-Range: bytes <start>-<end>/<total or *>` → (start, total).
+pub fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes")?.trim_start();
+    let (range, total) = rest.split_once('/')?;
+    let (start, end) = range.trim().split_once('-')?;
+    let digits = |s: &str| -> Option<u64> {
+        let s = s.trim();
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        s.parse().ok()
+    };
+    let (start, end) = (digits(start)?, digits(end)?);
+    if end < start {
+        return None;
+    }
+    let total = match total.trim() {
+        "*" => None,
+        t => {
+            let t = digits(t)?;
+            if end >= t {
+                return None;
+            }
+            Some(t)
+        }
+    };
+    Some((start, total))
+}
+
+/// Whether a `Link` header value has a `rel="next"` (or `rel=next`) link.
+pub fn link_has_next(v: &str) -> bool {
+    v.split(',').any(|link| {
+        link.split(';').skip(1).any(|param| {
+            let Some((k, val)) = param.split_once('=') else {
+                return false;
+            };
+            k.trim().eq_ignore_ascii_case("rel")
+                && val
+                    .trim()
+                    .trim_matches('"')
+                    .split_whitespace()
+                    .any(|r| r.eq_ignore_ascii_case("next"))
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range() {
+        assert_eq!(
+            parse_content_range("bytes 300-999/1000"),
+            Some((300, Some(1000)))
+        );
+        assert_eq!(parse_content_range("bytes 0-0/*"), Some((0, None)));
+        for bad in [
+            "bytes 5-4/10",
+            "bytes 0-10/10",
+            "bytes */10",
+            "items 0-1/2",
+            "bytes -1-2/3",
+            "",
+        ] {
+            assert_eq!(parse_content_range(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn links() {
+        assert!(link_has_next(r#"</v2/x/tags/list?n=2&last=b>; rel="next""#));
+        assert!(link_has_next("</a>; rel=next"));
+        assert!(link_has_next(r#"</a>; rel="prev", </b>; rel="next""#));
+        assert!(!link_has_next(r#"</a>; rel="prev""#));
+        assert!(!link_has_next(""));
+    }
+
+    #[test]
+    fn redirect_targets() {
+        let base: Uri = "http://127.0.0.1:5000/v2/a/blobs/sha256:x".parse().unwrap();
+        assert_eq!(
+            resolve(&base, "https://cdn.example/data?sig=1")
+                .unwrap()
+                .to_string(),
+            "https://cdn.example/data?sig=1"
+        );
+        assert_eq!(
+            resolve(&base, "/other?x=1").unwrap().to_string(),
+            "http://127.0.0.1:5000/other?x=1"
+        );
+        assert_eq!(
+            resolve(&base, "sibling").unwrap().to_string(),
+            "http://127.0.0.1:5000/v2/a/blobs/sibling"
+        );
+        assert_eq!(
+            resolve(&base, "//cdn.example/p").unwrap().to_string(),
+            "http://cdn.example/p"
+        );
+        assert!(resolve(&base, "http://").is_err());
+    }
+
+    #[test]
+    fn origins() {
+        let base: Uri = "https://r.example/".parse().unwrap();
+        assert!(same_origin(
+            &"https://r.example/v2/".parse().unwrap(),
+            &base
+        ));
+        assert!(!same_origin(
+            &"https://r.example:444/v2/".parse().unwrap(),
+            &base
+        ));
+        assert!(!same_origin(
+            &"http://r.example/v2/".parse().unwrap(),
+            &base
+        ));
+        assert!(!same_origin(
+            &"https://cdn.example/v2/".parse().unwrap(),
+            &base
+        ));
+    }
+}

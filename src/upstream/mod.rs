@@ -1,0 +1,551 @@
+//! A client for other OCI registries (the upstreams of the pull-through
+//! cache, later the destinations of replication).
+//!
+//! One [`UpstreamClient`] talks to one registry: pooled connections over
+//! HTTP/1.1 or HTTP/2 (ALPN), TLS with the system roots plus an optional CA,
+//! the registry token flow (`WWW-Authenticate: Bearer` → realm → cached
+//! token) and Basic auth, retries with `Retry-After` or backoff, redirects
+//! (to a CDN) without leaking credentials, and timeouts on tokio's clock.
+//!
+//! Retries only happen before a response is handed to the caller: a blob
+//! body is a stream that fails (never ends cleanly) when the connection
+//! drops, the body is shorter than announced, or the upstream goes silent.
+//! Resuming with a range request is the caller's job.
+//!
+//! Depends only on `oci` (and the [`ByteStream`] alias of `storage`).
+
+pub mod auth;
+mod client;
+pub mod retry;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, LINK, RANGE};
+
+pub use auth::{Credentials, Secret};
+
+use crate::oci::{Digest, Reference, RepoName};
+use crate::storage::ByteStream;
+use client::{Failure, Inner, Op};
+
+/// Largest manifest accepted from an upstream.
+pub const MAX_MANIFEST_SIZE: usize = 4 * 1024 * 1024;
+/// Largest tag list or referrers index accepted from an upstream.
+pub const MAX_LISTING_SIZE: usize = 16 * 1024 * 1024;
+/// Redirects followed for one request.
+pub const MAX_REDIRECTS: usize = 5;
+
+const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// How to reach one upstream registry.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    /// Scheme and authority only, e.g. `https://registry-1.docker.io`.
+    pub url: http::Uri,
+    pub credentials: Option<Credentials>,
+    /// A PEM file of extra CA certificates, trusted besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Establishing a TCP connection.
+    pub connect_timeout: Duration,
+    /// From sending a request (including connecting and the TLS handshake
+    /// on a fresh connection) to its response headers.
+    pub response_timeout: Duration,
+    /// Longest silence between two chunks of a body.
+    pub read_timeout: Duration,
+    /// Retries after the first attempt, for retryable failures.
+    pub max_retries: u32,
+}
+
+impl UpstreamSettings {
+    /// Settings with the default timeouts (connect 10 s, response 30 s,
+    /// read 60 s), 3 retries, no credentials and no extra CA.
+    pub fn new(url: http::Uri) -> UpstreamSettings {
+        UpstreamSettings {
+            url,
+            credentials: None,
+            ca_file: None,
+            connect_timeout: Duration::from_secs(10),
+            response_timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(60),
+            max_retries: 3,
+        }
+    }
+}
+
+/// What an upstream says about a manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestMeta {
+    pub digest: Digest,
+    /// The `Content-Type` without parameters (for a GET without one, the
+    /// body's `mediaType`).
+    pub media_type: String,
+    pub size: u64,
+}
+
+/// A blob being read from an upstream.
+pub struct BlobResponse {
+    /// The blob's whole size, when the upstream told it.
+    pub total_size: Option<u64>,
+    /// The bytes from the requested offset on. Ends with an `Err` (never a
+    /// clean end) if the body is cut short or stalls.
+    pub stream: ByteStream,
+}
+
+impl std::fmt::Debug for BlobResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobResponse")
+            .field("total_size", &self.total_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One page of a tag listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagPage {
+    pub tags: Vec<String>,
+    /// The upstream announced a next page (`Link: <...>; rel="next"`).
+    pub more: bool,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("not found upstream")]
+    NotFound,
+    #[error("upstream authentication failed: {0}")]
+    Unauthorized(String),
+    #[error("upstream denied access: {0}")]
+    Denied(String),
+    #[error("upstream rate limit hit{}", retry_after.map(|d| format!(" (retry after {} s)", d.as_secs())).unwrap_or_default())]
+    TooManyRequests { retry_after: Option<Duration> },
+    #[error("upstream answered {status}: {message}")]
+    Status { status: u16, message: String },
+    #[error("upstream timed out ({0})")]
+    Timeout(&'static str),
+    #[error("cannot reach upstream: {0}")]
+    Connect(String),
+    #[error("TLS with upstream failed: {0}")]
+    Tls(String),
+    #[error("upstream protocol error: {0}")]
+    Protocol(String),
+    #[error("upstream response is too large")]
+    TooLarge,
+    #[error("upstream content does not match its digest: expected {expected}, computed {computed}")]
+    DigestMismatch { expected: Digest, computed: Digest },
+    /// Only from [`UpstreamClient::new`]: the settings cannot be used.
+    #[error("invalid upstream settings: {0}")]
+    InvalidSettings(String),
+}
+
+impl UpstreamError {
+    /// Worth trying again: rate limits, 502/503/504, timeouts, connection
+    /// failures.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            UpstreamError::TooManyRequests { .. }
+            | UpstreamError::Timeout(_)
+            | UpstreamError::Connect(_) => true,
+            UpstreamError::Status { status, .. } => matches!(status, 502..=504),
+            _ => false,
+        }
+    }
+
+    /// The upstream is down or failing (connection, timeout, TLS, 5xx,
+    /// 429): a cache may serve stale content instead.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            UpstreamError::TooManyRequests { .. }
+            | UpstreamError::Timeout(_)
+            | UpstreamError::Connect(_)
+            | UpstreamError::Tls(_) => true,
+            UpstreamError::Status { status, .. } => *status >= 500,
+            _ => false,
+        }
+    }
+}
+
+/// A client for one upstream registry. Cheap to clone (shared pool, token
+/// cache and settings).
+#[derive(Clone)]
+pub struct UpstreamClient {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for UpstreamClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamClient")
+            .field("url", &self.inner.base)
+            .finish_non_exhaustive()
+    }
+}
+
+fn repo_scope(repo: &RepoName) -> String {
+    format!("repository:{repo}:pull")
+}
+
+fn header_str(
+    resp: &http::Response<hyper::body::Incoming>,
+    name: impl http::header::AsHeaderName,
+) -> Option<&str> {
+    resp.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+fn content_length(
+    resp: &http::Response<hyper::body::Incoming>,
+) -> Result<Option<u64>, UpstreamError> {
+    header_str(resp, CONTENT_LENGTH)
+        .map(|v| {
+            v.trim()
+                .parse::<u64>()
+                .map_err(|_| UpstreamError::Protocol(format!("bad Content-Length {v:?}")))
+        })
+        .transpose()
+}
+
+fn media_type_of(resp: &http::Response<hyper::body::Incoming>) -> Option<String> {
+    header_str(resp, CONTENT_TYPE)
+        .map(|v| v.split(';').next().unwrap_or_default().trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+fn header_digest(
+    resp: &http::Response<hyper::body::Incoming>,
+) -> Result<Option<Digest>, UpstreamError> {
+    header_str(resp, DOCKER_CONTENT_DIGEST)
+        .map(|v| {
+            v.trim().parse::<Digest>().map_err(|e| {
+                UpstreamError::Protocol(format!("bad Docker-Content-Digest {v:?}: {e}"))
+            })
+        })
+        .transpose()
+}
+
+/// Percent-encodes a query parameter value.
+fn query_value(v: &str) -> String {
+    const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(v, SET).to_string()
+}
+
+impl UpstreamClient {
+    /// Builds the client (TLS roots are loaded here). Connects lazily.
+    pub fn new(settings: UpstreamSettings) -> Result<Self, UpstreamError> {
+        Ok(UpstreamClient {
+            inner: Arc::new(Inner::new(settings)?),
+        })
+    }
+
+    /// The upstream's authority, e.g. `registry-1.docker.io` or
+    /// `127.0.0.1:5001`.
+    pub fn host(&self) -> &str {
+        self.inner
+            .base
+            .authority()
+            .map(|a| a.as_str())
+            .unwrap_or_default()
+    }
+
+    /// `HEAD` of a manifest. The digest comes from `Docker-Content-Digest`
+    /// (or the reference, when it is a digest); the two must agree.
+    pub async fn head_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &str,
+    ) -> Result<ManifestMeta, UpstreamError> {
+        let op = Op::new(
+            Method::HEAD,
+            format!("/v2/{repo}/manifests/{reference}"),
+            Some(repo_scope(repo)),
+        )
+        .header(ACCEPT, accept);
+        self.inner
+            .with_retries(&op, || async {
+                let resp = self.inner.execute(&op).await?;
+                let size = content_length(&resp)?.ok_or_else(|| {
+                    UpstreamError::Protocol("manifest HEAD without Content-Length".into())
+                })?;
+                let media_type = media_type_of(&resp).ok_or_else(|| {
+                    UpstreamError::Protocol("manifest HEAD without Content-Type".into())
+                })?;
+                let digest = match (header_digest(&resp)?, reference) {
+                    (Some(h), Reference::Digest(d)) if h != *d => {
+                        return Err(UpstreamError::DigestMismatch {
+                            expected: d.clone(),
+                            computed: h,
+                        }
+                        .into());
+                    }
+                    (_, Reference::Digest(d)) => d.clone(),
+                    (Some(h), Reference::Tag(_)) => h,
+                    (None, Reference::Tag(_)) => {
+                        return Err(UpstreamError::Protocol(
+                            "manifest HEAD by tag without Docker-Content-Digest".into(),
+                        )
+                        .into());
+                    }
+                };
+                client::drain(resp.into_body(), self.inner.read_timeout()).await;
+                Ok(ManifestMeta {
+                    digest,
+                    media_type,
+                    size,
+                })
+            })
+            .await
+    }
+
+    /// `GET` of a manifest (at most [`MAX_MANIFEST_SIZE`]). The body is
+    /// verified against the reference when it is a digest, else against
+    /// `Docker-Content-Digest` when present; otherwise its sha256 is the
+    /// digest.
+    pub async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &str,
+    ) -> Result<(ManifestMeta, Bytes), UpstreamError> {
+        let op = Op::new(
+            Method::GET,
+            format!("/v2/{repo}/manifests/{reference}"),
+            Some(repo_scope(repo)),
+        )
+        .header(ACCEPT, accept);
+        self.inner
+            .with_retries(&op, || async {
+                let resp = self.inner.execute(&op).await?;
+                if content_length(&resp)?.is_some_and(|n| n > MAX_MANIFEST_SIZE as u64) {
+                    return Err(UpstreamError::TooLarge.into());
+                }
+                let expected = match reference {
+                    Reference::Digest(d) => Some(d.clone()),
+                    Reference::Tag(_) => header_digest(&resp)?,
+                };
+                let media_type = media_type_of(&resp);
+                let body = client::read_body(
+                    resp.into_body(),
+                    MAX_MANIFEST_SIZE,
+                    self.inner.read_timeout(),
+                )
+                .await?;
+                let digest = match expected {
+                    Some(expected) => {
+                        let computed = Digest::of(expected.algorithm(), &body);
+                        if computed != expected {
+                            return Err(UpstreamError::DigestMismatch { expected, computed }.into());
+                        }
+                        expected
+                    }
+                    None => Digest::sha256_of(&body),
+                };
+                let media_type = media_type
+                    .or_else(|| {
+                        #[derive(serde::Deserialize)]
+                        struct M {
+                            #[serde(rename = "mediaType")]
+                            media_type: Option<String>,
+                        }
+                        serde_json::from_slice::<M>(&body).ok()?.media_type
+                    })
+                    .ok_or_else(|| {
+                        UpstreamError::Protocol(
+                            "manifest has neither Content-Type nor mediaType".into(),
+                        )
+                    })?;
+                Ok((
+                    ManifestMeta {
+                        digest,
+                        media_type,
+                        size: body.len() as u64,
+                    },
+                    body,
+                ))
+            })
+            .await
+    }
+
+    /// `GET` of a blob from byte `offset` on. Sends `Range: bytes=offset-`
+    /// when `offset > 0`; a `200` to that is handled by skipping `offset`
+    /// bytes. Redirects (to a CDN) are followed.
+    pub async fn get_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<BlobResponse, UpstreamError> {
+        let mut op = Op::new(
+            Method::GET,
+            format!("/v2/{repo}/blobs/{digest}"),
+            Some(repo_scope(repo)),
+        );
+        if offset > 0 {
+            op = op.header(RANGE, &format!("bytes={offset}-"));
+        }
+        self.inner
+            .with_retries(&op, || async {
+                let resp = self.inner.execute(&op).await?;
+                let len = content_length(&resp)?;
+                let (total_size, skip) = match resp.status().as_u16() {
+                    206 => {
+                        let cr =
+                            header_str(&resp, http::header::CONTENT_RANGE).ok_or_else(|| {
+                                UpstreamError::Protocol("206 without Content-Range".into())
+                            })?;
+                        let (start, total) = client::parse_content_range(cr).ok_or_else(|| {
+                            UpstreamError::Protocol(format!("bad Content-Range {cr:?}"))
+                        })?;
+                        if start > offset {
+                            return Err(UpstreamError::Protocol(format!(
+                                "asked for bytes from {offset}, got a range from {start}"
+                            ))
+                            .into());
+                        }
+                        (total, offset - start)
+                    }
+                    200 => {
+                        if let Some(len) = len
+                            && offset > len
+                        {
+                            return Err(UpstreamError::Protocol(format!(
+                                "offset {offset} is past the blob's {len} bytes"
+                            ))
+                            .into());
+                        }
+                        (len, offset)
+                    }
+                    s => {
+                        return Err(UpstreamError::Protocol(format!(
+                            "unexpected status {s} for a blob"
+                        ))
+                        .into());
+                    }
+                };
+                Ok(BlobResponse {
+                    total_size,
+                    stream: client::body_stream(
+                        resp.into_body(),
+                        skip,
+                        len,
+                        self.inner.read_timeout(),
+                    ),
+                })
+            })
+            .await
+    }
+
+    /// `HEAD` of a blob: its size (`Content-Length`). Redirects are
+    /// followed.
+    pub async fn head_blob(&self, repo: &RepoName, digest: &Digest) -> Result<u64, UpstreamError> {
+        let op = Op::new(
+            Method::HEAD,
+            format!("/v2/{repo}/blobs/{digest}"),
+            Some(repo_scope(repo)),
+        );
+        self.inner
+            .with_retries(&op, || async {
+                let resp = self.inner.execute(&op).await?;
+                let size = content_length(&resp)?.ok_or_else(|| {
+                    UpstreamError::Protocol("blob HEAD without Content-Length".into())
+                })?;
+                client::drain(resp.into_body(), self.inner.read_timeout()).await;
+                Ok(size)
+            })
+            .await
+    }
+
+    /// One page of `tags/list`.
+    pub async fn tags(
+        &self,
+        repo: &RepoName,
+        n: Option<usize>,
+        last: Option<&str>,
+    ) -> Result<TagPage, UpstreamError> {
+        let mut query = Vec::new();
+        if let Some(n) = n {
+            query.push(format!("n={n}"));
+        }
+        if let Some(last) = last {
+            query.push(format!("last={}", query_value(last)));
+        }
+        let mut path = format!("/v2/{repo}/tags/list");
+        if !query.is_empty() {
+            path.push('?');
+            path.push_str(&query.join("&"));
+        }
+        let op =
+            Op::new(Method::GET, path, Some(repo_scope(repo))).header(ACCEPT, "application/json");
+        self.inner
+            .with_retries(&op, || async {
+                let resp = self.inner.execute(&op).await?;
+                let more = resp
+                    .headers()
+                    .get_all(LINK)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .any(client::link_has_next);
+                let body = client::read_body(
+                    resp.into_body(),
+                    MAX_LISTING_SIZE,
+                    self.inner.read_timeout(),
+                )
+                .await?;
+                #[derive(serde::Deserialize)]
+                struct List {
+                    #[serde(default)]
+                    tags: Option<Vec<String>>,
+                }
+                let list: List = serde_json::from_slice(&body)
+                    .map_err(|e| UpstreamError::Protocol(format!("bad tag list: {e}")))?;
+                Ok(TagPage {
+                    tags: list.tags.unwrap_or_default(),
+                    more,
+                })
+            })
+            .await
+    }
+
+    /// The referrers index of `digest`, as the upstream returned it.
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Bytes, UpstreamError> {
+        let mut path = format!("/v2/{repo}/referrers/{digest}");
+        if let Some(t) = artifact_type {
+            path.push_str("?artifactType=");
+            path.push_str(&query_value(t));
+        }
+        let op = Op::new(Method::GET, path, Some(repo_scope(repo))).header(ACCEPT, OCI_INDEX);
+        self.inner
+            .with_retries(&op, || async {
+                let resp = self.inner.execute(&op).await?;
+                Ok(client::read_body(
+                    resp.into_body(),
+                    MAX_LISTING_SIZE,
+                    self.inner.read_timeout(),
+                )
+                .await?)
+            })
+            .await
+    }
+
+    /// `GET /v2/`: the upstream answers (a 401 counts as reachable).
+    pub async fn ping(&self) -> Result<(), UpstreamError> {
+        let op = Op::new(Method::GET, "/v2/".to_string(), None);
+        self.inner
+            .with_retries(&op, || async {
+                let resp = self.inner.execute(&op).await?;
+                client::drain(resp.into_body(), self.inner.read_timeout()).await;
+                Ok::<_, Failure>(())
+            })
+            .await
+    }
+}

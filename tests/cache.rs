@@ -1,0 +1,374 @@
+//! The pull-through cache against a scripted fake upstream: coalescing
+//! (one upstream GET for many concurrent cold pulls, streamed to every
+//! waiter), verification (corrupt upstream bytes are never stored or served
+//! whole), resumption after a broken upstream connection, stale serving with
+//! upstream down, tag revalidation (with paused tokio time), routing (`ns`,
+//! ROOT, prefixes) and refused pushes.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::fake_upstream::{Fault, FakeUpstream};
+use common::http::{HttpClient, Method, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::json;
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+fn rule(prefix: &str, fake: &FakeUpstream, extra: &str) -> String {
+    format!(
+        "[[pull_through]]\nprefix = \"{prefix}\"\nupstream = \"{}\"\n{extra}\n",
+        fake.url()
+    )
+}
+
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Seeds an image (config + one layer + manifest tagged `tag`) upstream.
+fn seed_image(fake: &FakeUpstream, repo: &str, tag: &str, layer: &[u8]) -> (String, String, Vec<u8>) {
+    let config = format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"tag\":\"{tag}\"}}");
+    let cd = fake.add_blob(repo, config.clone().into_bytes());
+    let ld = fake.add_blob(repo, layer.to_vec());
+    let m = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd.to_string(), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld.to_string(), "size": layer.len()}],
+    }))
+    .unwrap();
+    let md = fake.add_manifest(repo, Some(tag), OCI_MANIFEST, m.clone());
+    (md.to_string(), ld.to_string(), m)
+}
+
+/// Blob files stored under a data directory.
+fn stored_blobs(data: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let root = data.join("blobs/sha256");
+    if let Ok(prefixes) = std::fs::read_dir(&root) {
+        for p in prefixes.flatten() {
+            for b in std::fs::read_dir(p.path()).unwrap().flatten() {
+                out.push(format!("sha256:{}", b.file_name().to_string_lossy()));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thirty_two_concurrent_cold_pulls_make_one_upstream_get() {
+    let fake = FakeUpstream::start();
+    let layer = random_bytes(6 * 1024 * 1024, 1);
+    let (_, ld, _) = seed_image(&fake, "team/app", "v1", &layer);
+    // Slow enough that every client joins while the fill runs.
+    fake.fault(&ld, Fault::bytes_per_second(4 * 1024 * 1024));
+    let w = common::spawn_wharf(&rule("up", &fake, ""));
+    let http = HttpClient::new(w.url());
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let http = http.clone();
+        let path = format!("/v2/up/team/app/blobs/{ld}");
+        tasks.push(tokio::spawn(async move { http.get(&path).await }));
+    }
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.body.len(), layer.len());
+        assert_eq!(common::sha256(&r.body), ld, "every body hashes to the digest");
+    }
+    assert_eq!(
+        fake.count("GET", &format!("/v2/team/app/blobs/{ld}")),
+        1,
+        "exactly one upstream GET for 32 concurrent cold pulls"
+    );
+    // Warm now: served from the store, no new upstream request.
+    let r = http.get(&format!("/v2/up/team/app/blobs/{ld}")).await;
+    assert_eq!(common::sha256(&r.body), ld);
+    assert_eq!(fake.count("GET", &format!("/v2/team/app/blobs/{ld}")), 1);
+    assert!(stored_blobs(&w.data_dir()).contains(&ld));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_joiner_gets_its_first_byte_before_the_fill_ends() {
+    let fake = FakeUpstream::start();
+    let layer = random_bytes(4 * 1024 * 1024, 2);
+    let (_, ld, _) = seed_image(&fake, "app", "v1", &layer);
+    fake.fault(&ld, Fault::bytes_per_second(1024 * 1024)); // ~4 s in all
+    let w = common::spawn_wharf(&rule("up", &fake, ""));
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let url: http::Uri = format!("{}/v2/up/app/blobs/{ld}", w.url()).parse().unwrap();
+
+    let first = {
+        let client = client.clone();
+        let url = url.clone();
+        tokio::spawn(async move {
+            let resp = client.get(url).await.unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (Instant::now(), body)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let resp = client.get(url).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-length"], layer.len().to_string().as_str());
+    let mut body = resp.into_body();
+    let frame = body.frame().await.unwrap().unwrap();
+    let late_first_byte = Instant::now();
+    let mut late = frame.into_data().unwrap().to_vec();
+    while let Some(f) = body.frame().await {
+        late.extend_from_slice(&f.unwrap().into_data().unwrap());
+    }
+    let (first_done, first_body) = first.await.unwrap();
+    assert!(
+        late_first_byte + Duration::from_millis(500) < first_done,
+        "the late joiner streamed before the fill finished"
+    );
+    assert_eq!(common::sha256(&late), ld);
+    assert_eq!(common::sha256(&first_body), ld);
+    assert_eq!(fake.count("GET", &format!("/v2/app/blobs/{ld}")), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_upstream_bytes_are_never_stored_and_fail_every_client() {
+    let fake = FakeUpstream::start();
+    let layer = random_bytes(2 * 1024 * 1024, 3);
+    let (_, ld, _) = seed_image(&fake, "app", "v1", &layer);
+    fake.fault(&ld, Fault::WrongBytes);
+    fake.fault(&ld, Fault::bytes_per_second(2 * 1024 * 1024));
+    let w = common::spawn_wharf(&rule("up", &fake, ""));
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let url: http::Uri = format!("{}/v2/up/app/blobs/{ld}", w.url()).parse().unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let client = client.clone();
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            match client.get(url).await {
+                Err(_) => Ok(0usize),
+                Ok(resp) => match resp.into_body().collect().await {
+                    Ok(b) => Err(b.to_bytes().len()),
+                    Err(_) => Ok(1),
+                },
+            }
+        }));
+    }
+    for t in tasks {
+        let outcome = t.await.unwrap();
+        assert!(
+            outcome.is_ok(),
+            "a client received a cleanly ended body of {:?} bytes from a corrupt upstream",
+            outcome
+        );
+    }
+    assert!(stored_blobs(&w.data_dir()).is_empty(), "nothing stored");
+    // Still corrupt upstream: still refused.
+    let r = HttpClient::new(w.url()).head(&format!("/v2/up/app/blobs/{ld}")).await;
+    assert_eq!(r.status, StatusCode::OK, "HEAD asks upstream for the size only");
+    assert!(stored_blobs(&w.data_dir()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_upstream_connection_is_resumed_with_a_range_request() {
+    let fake = FakeUpstream::start();
+    let layer = random_bytes(3 * 1024 * 1024, 4);
+    let (_, ld, _) = seed_image(&fake, "app", "v1", &layer);
+    fake.fault_times(&ld, Fault::Reset { after: 1024 * 1024 }, 1);
+    let w = common::spawn_wharf(&rule("up", &fake, ""));
+    let r = HttpClient::new(w.url()).get(&format!("/v2/up/app/blobs/{ld}")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(common::sha256(&r.body), ld);
+    let path = format!("/v2/app/blobs/{ld}");
+    let ranges = fake.ranges(&path);
+    assert_eq!(ranges.len(), 2, "{ranges:?}");
+    assert_eq!(ranges[0], None);
+    let resumed = ranges[1].clone().expect("the second GET is ranged");
+    let start: u64 = resumed
+        .trim_start_matches("bytes=")
+        .trim_end_matches('-')
+        .parse()
+        .unwrap();
+    assert!(start > 0 && start <= 1024 * 1024, "resumed at {start}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_request_for_an_uncached_blob_gets_the_right_bytes() {
+    let fake = FakeUpstream::start();
+    let layer = random_bytes(1024 * 1024, 5);
+    let (_, ld, _) = seed_image(&fake, "app", "v1", &layer);
+    let w = common::spawn_wharf(&rule("up", &fake, ""));
+    let r = HttpClient::new(w.url())
+        .send(Method::GET, &format!("/v2/up/app/blobs/{ld}"), &[("range", "bytes=1000-1999")], Bytes::new())
+        .await;
+    assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.header("content-range"), Some("bytes 1000-1999/1048576"));
+    assert_eq!(&r.body[..], &layer[1000..2000]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_images_still_pull_with_upstream_down() {
+    let fake = FakeUpstream::start();
+    let layer = random_bytes(512 * 1024, 6);
+    let (md, ld, m) = seed_image(&fake, "library/busybox", "1", &layer);
+    // tag_ttl 0: every pull revalidates, so the stale path is exercised.
+    let w = common::spawn_wharf(&rule("ROOT", &fake, "tag_ttl = \"0s\"\nmax_stale = \"1h\""));
+    let http = HttpClient::new(w.url());
+    let blob_path = format!("/v2/library/busybox/blobs/{ld}");
+    let pull = |http: HttpClient| {
+        let blob_path = blob_path.clone();
+        async move {
+            let r = http.get("/v2/library/busybox/manifests/1").await;
+            assert_eq!(r.status, StatusCode::OK, "{:?}", String::from_utf8_lossy(&r.body));
+            let b = http.get(&blob_path).await;
+            (r, b)
+        }
+    };
+    let (r, b) = pull(http.clone()).await;
+    assert_eq!(r.header("docker-content-digest"), Some(md.as_str()));
+    assert_eq!(&r.body[..], &m[..]);
+    assert_eq!(common::sha256(&b.body), ld);
+    fake.stop();
+    let (r, b) = pull(http.clone()).await;
+    assert_eq!(r.header("docker-content-digest"), Some(md.as_str()));
+    assert_eq!(common::sha256(&b.body), ld);
+    let r = http.get("/v2/library/busybox/tags/list").await;
+    assert_eq!(r.json()["tags"], json!(["1"]), "tags from the cache while upstream is down");
+    // Never cached: a clear 404.
+    let r = http.get("/v2/library/other/manifests/1").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.error_code(), "MANIFEST_UNKNOWN");
+    fake.restart();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_ns_root_prefixes_and_refused_pushes() {
+    let fake = FakeUpstream::start();
+    let (md, _, _) = seed_image(&fake, "library/alpine", "3", b"alpine layer");
+    let w = common::spawn_wharf(&format!(
+        "{}{}",
+        rule("hub", &fake, ""),
+        rule("ROOT", &fake, "")
+    ));
+    let http = HttpClient::new(w.url());
+    // containerd mirror: ?ns=<host>.
+    let r = http
+        .get(&format!("/v2/library/alpine/manifests/3?ns={}", fake.host()))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("docker-content-digest"), Some(md.as_str()));
+    let before = fake.total();
+    let r = http.get("/v2/library/alpine/manifests/3?ns=evil.example.com").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "an unknown ns is a 404");
+    assert_eq!(fake.total(), before);
+    // Prefix and ROOT.
+    assert_eq!(http.get("/v2/hub/library/alpine/manifests/3").await.status, StatusCode::OK);
+    assert_eq!(http.get("/v2/library/alpine/manifests/3").await.status, StatusCode::OK);
+    // Pushes into a pull-through prefix are refused.
+    let r = http.send(Method::POST, "/v2/hub/library/mine/blobs/uploads/", &[], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(r.error_code(), "DENIED");
+    let r = http
+        .send(Method::POST, "/v2/library/alpine/blobs/uploads/", &[], Bytes::new())
+        .await;
+    assert_eq!(r.error_code(), "DENIED", "a repository holding cached content takes no pushes");
+    // Hosted repositories win over ROOT and never reach upstream.
+    let before = fake.total();
+    let d = http.push_blob("mine/app", b"hosted bytes").await;
+    let r = http.get(&format!("/v2/mine/app/blobs/{d}")).await;
+    assert_eq!(&r.body[..], b"hosted bytes");
+    let r = http.get("/v2/mine/app/manifests/nope").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(fake.total(), before, "hosted repositories never fall through");
+}
+
+/// Tag freshness, with tokio's clock paused and advanced past `tag_ttl`.
+#[tokio::test]
+async fn tags_are_fresh_for_tag_ttl_then_revalidated_with_head() {
+    use wharf::cache::{Cache, Rule, Rules};
+    use wharf::oci::Reference;
+    use wharf::registry::Registry;
+    use wharf::storage::fs::FsStore;
+    use wharf::storage::meta::RedbMeta;
+    use wharf::upstream::{UpstreamClient, UpstreamSettings};
+
+    let fake = FakeUpstream::start();
+    let (d1, _, _) = seed_image(&fake, "app", "v1", b"first");
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FsStore::open(dir.path()).unwrap());
+    let meta = Arc::new(RedbMeta::open(&dir.path().join("meta.redb")).unwrap());
+    let upstream = UpstreamClient::new(UpstreamSettings::new(fake.url().parse().unwrap())).unwrap();
+    let rules = Rules(vec![Rule {
+        prefix: Some("up".parse().unwrap()),
+        upstream,
+        upstream_prefix: None,
+        tag_ttl: Duration::from_secs(600),
+        max_stale: Duration::from_secs(3600),
+        docker_hub: false,
+    }]);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let cache = Arc::new(Cache::new(
+        rules,
+        store.clone(),
+        store.clone(),
+        meta.clone(),
+        false,
+        Duration::from_secs(60),
+        Duration::from_secs(3600),
+        stop.clone(),
+    ));
+    let registry = Registry::new(store.clone(), store, meta).with_cache(cache.clone());
+    let repo = "up/app".parse().unwrap();
+    let tag: Reference = "v1".parse().unwrap();
+    let manifest_path = "/v2/app/manifests/v1";
+
+    let hit = registry.manifest(&repo, &tag, None, None).await.unwrap();
+    assert_eq!(hit.digest.to_string(), d1.to_string());
+    assert_eq!(fake.count("GET", manifest_path), 1);
+
+    // The tag moves upstream; within tag_ttl wharf does not ask.
+    let (d2, _, _) = seed_image(&fake, "app", "v1", b"second");
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(599)).await;
+    tokio::time::resume();
+    let hit = registry.manifest(&repo, &tag, None, None).await.unwrap();
+    assert_eq!(hit.digest.to_string(), d1.to_string(), "fresh: served from the cache");
+    assert_eq!(fake.count("HEAD", manifest_path), 0);
+
+    // Past tag_ttl: a HEAD finds the new digest, which is fetched by digest.
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(2)).await;
+    tokio::time::resume();
+    let hit = registry.manifest(&repo, &tag, None, None).await.unwrap();
+    assert_eq!(hit.digest.to_string(), d2.to_string(), "revalidated");
+    assert_eq!(fake.count("HEAD", manifest_path), 1);
+    assert_eq!(fake.count("GET", &format!("/v2/app/manifests/{d2}")), 1);
+
+    // Concurrent revalidations of one tag are coalesced into one HEAD.
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(601)).await;
+    tokio::time::resume();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let registry = registry.clone();
+        let repo = repo.clone();
+        let tag = tag.clone();
+        tasks.push(tokio::spawn(async move { registry.manifest(&repo, &tag, None, None).await.unwrap() }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().digest.to_string(), d2.to_string());
+    }
+    assert_eq!(fake.count("HEAD", manifest_path), 2, "one HEAD for 8 concurrent revalidations");
+    stop.cancel();
+}
