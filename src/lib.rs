@@ -2,10 +2,10 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod oci;
 pub mod registry;
 pub mod storage;
 pub mod upstream;
-pub mod cache;

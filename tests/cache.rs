@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::fake_upstream::{Fault, FakeUpstream};
+use common::fake_upstream::{FakeUpstream, Fault};
 use common::http::{HttpClient, Method, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
@@ -28,7 +28,9 @@ fn rule(prefix: &str, fake: &FakeUpstream, extra: &str) -> String {
 }
 
 fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
             x ^= x << 13;
@@ -40,7 +42,12 @@ fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
 }
 
 /// Seeds an image (config + one layer + manifest tagged `tag`) upstream.
-fn seed_image(fake: &FakeUpstream, repo: &str, tag: &str, layer: &[u8]) -> (String, String, Vec<u8>) {
+fn seed_image(
+    fake: &FakeUpstream,
+    repo: &str,
+    tag: &str,
+    layer: &[u8],
+) -> (String, String, Vec<u8>) {
     let config = format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"tag\":\"{tag}\"}}");
     let cd = fake.add_blob(repo, config.clone().into_bytes());
     let ld = fake.add_blob(repo, layer.to_vec());
@@ -87,7 +94,11 @@ async fn thirty_two_concurrent_cold_pulls_make_one_upstream_get() {
         let r = t.await.unwrap();
         assert_eq!(r.status, StatusCode::OK);
         assert_eq!(r.body.len(), layer.len());
-        assert_eq!(common::sha256(&r.body), ld, "every body hashes to the digest");
+        assert_eq!(
+            common::sha256(&r.body),
+            ld,
+            "every body hashes to the digest"
+        );
     }
     assert_eq!(
         fake.count("GET", &format!("/v2/team/app/blobs/{ld}")),
@@ -123,7 +134,10 @@ async fn a_late_joiner_gets_its_first_byte_before_the_fill_ends() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let resp = client.get(url).await.unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["content-length"], layer.len().to_string().as_str());
+    assert_eq!(
+        resp.headers()["content-length"],
+        layer.len().to_string().as_str()
+    );
     let mut body = resp.into_body();
     let frame = body.frame().await.unwrap().unwrap();
     let late_first_byte = Instant::now();
@@ -175,8 +189,14 @@ async fn corrupt_upstream_bytes_are_never_stored_and_fail_every_client() {
     }
     assert!(stored_blobs(&w.data_dir()).is_empty(), "nothing stored");
     // Still corrupt upstream: still refused.
-    let r = HttpClient::new(w.url()).head(&format!("/v2/up/app/blobs/{ld}")).await;
-    assert_eq!(r.status, StatusCode::OK, "HEAD asks upstream for the size only");
+    let r = HttpClient::new(w.url())
+        .head(&format!("/v2/up/app/blobs/{ld}"))
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "HEAD asks upstream for the size only"
+    );
     assert!(stored_blobs(&w.data_dir()).is_empty());
 }
 
@@ -187,7 +207,9 @@ async fn a_broken_upstream_connection_is_resumed_with_a_range_request() {
     let (_, ld, _) = seed_image(&fake, "app", "v1", &layer);
     fake.fault_times(&ld, Fault::Reset { after: 1024 * 1024 }, 1);
     let w = common::spawn_wharf(&rule("up", &fake, ""));
-    let r = HttpClient::new(w.url()).get(&format!("/v2/up/app/blobs/{ld}")).await;
+    let r = HttpClient::new(w.url())
+        .get(&format!("/v2/up/app/blobs/{ld}"))
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(common::sha256(&r.body), ld);
     let path = format!("/v2/app/blobs/{ld}");
@@ -210,7 +232,12 @@ async fn a_range_request_for_an_uncached_blob_gets_the_right_bytes() {
     let (_, ld, _) = seed_image(&fake, "app", "v1", &layer);
     let w = common::spawn_wharf(&rule("up", &fake, ""));
     let r = HttpClient::new(w.url())
-        .send(Method::GET, &format!("/v2/up/app/blobs/{ld}"), &[("range", "bytes=1000-1999")], Bytes::new())
+        .send(
+            Method::GET,
+            &format!("/v2/up/app/blobs/{ld}"),
+            &[("range", "bytes=1000-1999")],
+            Bytes::new(),
+        )
         .await;
     assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
     assert_eq!(r.header("content-range"), Some("bytes 1000-1999/1048576"));
@@ -230,7 +257,12 @@ async fn cached_images_still_pull_with_upstream_down() {
         let blob_path = blob_path.clone();
         async move {
             let r = http.get("/v2/library/busybox/manifests/1").await;
-            assert_eq!(r.status, StatusCode::OK, "{:?}", String::from_utf8_lossy(&r.body));
+            assert_eq!(
+                r.status,
+                StatusCode::OK,
+                "{:?}",
+                String::from_utf8_lossy(&r.body)
+            );
             let b = http.get(&blob_path).await;
             (r, b)
         }
@@ -244,7 +276,11 @@ async fn cached_images_still_pull_with_upstream_down() {
     assert_eq!(r.header("docker-content-digest"), Some(md.as_str()));
     assert_eq!(common::sha256(&b.body), ld);
     let r = http.get("/v2/library/busybox/tags/list").await;
-    assert_eq!(r.json()["tags"], json!(["1"]), "tags from the cache while upstream is down");
+    assert_eq!(
+        r.json()["tags"],
+        json!(["1"]),
+        "tags from the cache while upstream is down"
+    );
     // Never cached: a clear 404.
     let r = http.get("/v2/library/other/manifests/1").await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
@@ -264,25 +300,52 @@ async fn routing_ns_root_prefixes_and_refused_pushes() {
     let http = HttpClient::new(w.url());
     // containerd mirror: ?ns=<host>.
     let r = http
-        .get(&format!("/v2/library/alpine/manifests/3?ns={}", fake.host()))
+        .get(&format!(
+            "/v2/library/alpine/manifests/3?ns={}",
+            fake.host()
+        ))
         .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.header("docker-content-digest"), Some(md.as_str()));
     let before = fake.total();
-    let r = http.get("/v2/library/alpine/manifests/3?ns=evil.example.com").await;
+    let r = http
+        .get("/v2/library/alpine/manifests/3?ns=evil.example.com")
+        .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND, "an unknown ns is a 404");
     assert_eq!(fake.total(), before);
     // Prefix and ROOT.
-    assert_eq!(http.get("/v2/hub/library/alpine/manifests/3").await.status, StatusCode::OK);
-    assert_eq!(http.get("/v2/library/alpine/manifests/3").await.status, StatusCode::OK);
+    assert_eq!(
+        http.get("/v2/hub/library/alpine/manifests/3").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        http.get("/v2/library/alpine/manifests/3").await.status,
+        StatusCode::OK
+    );
     // Pushes into a pull-through prefix are refused.
-    let r = http.send(Method::POST, "/v2/hub/library/mine/blobs/uploads/", &[], Bytes::new()).await;
+    let r = http
+        .send(
+            Method::POST,
+            "/v2/hub/library/mine/blobs/uploads/",
+            &[],
+            Bytes::new(),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     assert_eq!(r.error_code(), "DENIED");
     let r = http
-        .send(Method::POST, "/v2/library/alpine/blobs/uploads/", &[], Bytes::new())
+        .send(
+            Method::POST,
+            "/v2/library/alpine/blobs/uploads/",
+            &[],
+            Bytes::new(),
+        )
         .await;
-    assert_eq!(r.error_code(), "DENIED", "a repository holding cached content takes no pushes");
+    assert_eq!(
+        r.error_code(),
+        "DENIED",
+        "a repository holding cached content takes no pushes"
+    );
     // Hosted repositories win over ROOT and never reach upstream.
     let before = fake.total();
     let d = http.push_blob("mine/app", b"hosted bytes").await;
@@ -290,7 +353,11 @@ async fn routing_ns_root_prefixes_and_refused_pushes() {
     assert_eq!(&r.body[..], b"hosted bytes");
     let r = http.get("/v2/mine/app/manifests/nope").await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
-    assert_eq!(fake.total(), before, "hosted repositories never fall through");
+    assert_eq!(
+        fake.total(),
+        before,
+        "hosted repositories never fall through"
+    );
 }
 
 /// Tag freshness, with tokio's clock paused and advanced past `tag_ttl`.
@@ -343,7 +410,11 @@ async fn tags_are_fresh_for_tag_ttl_then_revalidated_with_head() {
     tokio::time::advance(Duration::from_secs(599)).await;
     tokio::time::resume();
     let hit = registry.manifest(&repo, &tag, None, None).await.unwrap();
-    assert_eq!(hit.digest.to_string(), d1.to_string(), "fresh: served from the cache");
+    assert_eq!(
+        hit.digest.to_string(),
+        d1.to_string(),
+        "fresh: served from the cache"
+    );
     assert_eq!(fake.count("HEAD", manifest_path), 0);
 
     // Past tag_ttl: a HEAD finds the new digest, which is fetched by digest.
@@ -364,11 +435,17 @@ async fn tags_are_fresh_for_tag_ttl_then_revalidated_with_head() {
         let registry = registry.clone();
         let repo = repo.clone();
         let tag = tag.clone();
-        tasks.push(tokio::spawn(async move { registry.manifest(&repo, &tag, None, None).await.unwrap() }));
+        tasks.push(tokio::spawn(async move {
+            registry.manifest(&repo, &tag, None, None).await.unwrap()
+        }));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap().digest.to_string(), d2.to_string());
     }
-    assert_eq!(fake.count("HEAD", manifest_path), 2, "one HEAD for 8 concurrent revalidations");
+    assert_eq!(
+        fake.count("HEAD", manifest_path),
+        2,
+        "one HEAD for 8 concurrent revalidations"
+    );
     stop.cancel();
 }

@@ -288,7 +288,11 @@ impl App {
                 None => None,
             };
             return Ok(
-                match self.registry.mount(name, &digest, from.as_ref(), ns).await? {
+                match self
+                    .registry
+                    .mount(name, &digest, from.as_ref(), ns)
+                    .await?
+                {
                     MountOutcome::Mounted => blob_created(name, &digest),
                     MountOutcome::Session(id) => {
                         upload_accepted(StatusCode::ACCEPTED, name, &id, 0)

@@ -184,7 +184,10 @@ impl Fills {
 
     fn joinable(&self, digest: &Digest) -> Option<Arc<Fill>> {
         let active = self.active.lock().expect("fills lock");
-        active.get(digest).filter(|f| f.joinable(self.max_age)).cloned()
+        active
+            .get(digest)
+            .filter(|f| f.joinable(self.max_age))
+            .cloned()
     }
 
     /// A stream of the blob's bytes `start..end` (end = the blob's end when
@@ -283,7 +286,9 @@ impl Fills {
                     return match (st.phase, st.total) {
                         (Phase::Failed(f), _) => Err(f),
                         (_, Some(t)) => Ok(t),
-                        _ => Err(FillFailure::Failed("the upstream fetch was abandoned".into())),
+                        _ => Err(FillFailure::Failed(
+                            "the upstream fetch was abandoned".into(),
+                        )),
                     };
                 }
                 Err(_) => {
@@ -310,8 +315,8 @@ impl Fill {
 
     fn joinable(&self, max_age: Duration) -> bool {
         let st = self.status.borrow();
-        let alive = self.status.has_changed().is_ok()
-            || matches!(st.phase, Phase::Done | Phase::Failed(_));
+        let alive =
+            self.status.has_changed().is_ok() || matches!(st.phase, Phase::Done | Phase::Failed(_));
         let failed = matches!(st.phase, Phase::Failed(_));
         alive && !failed && self.started.elapsed() < max_age
     }
@@ -329,7 +334,12 @@ struct FillTask {
 }
 
 impl FillTask {
-    async fn run(self, mut writer: Box<dyn crate::storage::FillWriter>, fills: &Fills, fill: &Fill) {
+    async fn run(
+        self,
+        mut writer: Box<dyn crate::storage::FillWriter>,
+        fills: &Fills,
+        fill: &Fill,
+    ) {
         let outcome = self.fetch(&mut *writer, fills).await;
         let outcome = match outcome {
             Ok(()) => match writer.commit(&self.digest).await {
@@ -346,7 +356,9 @@ impl FillTask {
                             break;
                         }
                     }
-                    linked.map_err(|e| FillFailure::Failed(format!("recording the blob failed: {e}").into()))
+                    linked.map_err(|e| {
+                        FillFailure::Failed(format!("recording the blob failed: {e}").into())
+                    })
                 }
                 Err(crate::storage::StorageError::DigestMismatch { computed, .. }) => {
                     bump(&fills.counters.corrupt, 1);
@@ -355,10 +367,13 @@ impl FillTask {
                         repo = %self.repo, "upstream sent bytes that do not match the digest; nothing stored"
                     );
                     Err(FillFailure::Failed(
-                        format!("upstream content hashes to {computed}, not {}", self.digest).into(),
+                        format!("upstream content hashes to {computed}, not {}", self.digest)
+                            .into(),
                     ))
                 }
-                Err(e) => Err(FillFailure::Failed(format!("storing the blob failed: {e}").into())),
+                Err(e) => Err(FillFailure::Failed(
+                    format!("storing the blob failed: {e}").into(),
+                )),
             },
             Err(f) => {
                 writer.abort().await;
@@ -388,7 +403,11 @@ impl FillTask {
         let mut total: Option<u64> = None;
         loop {
             let offset = writer.written();
-            let resp = match self.upstream.get_blob(&self.repo, &self.digest, offset).await {
+            let resp = match self
+                .upstream
+                .get_blob(&self.repo, &self.digest, offset)
+                .await
+            {
                 Ok(r) => r,
                 Err(UpstreamError::NotFound) => return Err(FillFailure::NotFound),
                 Err(e) => {

@@ -72,10 +72,7 @@ pub enum CachedBlob {
     /// Stored: read it from the blob store.
     Stored { size: u64 },
     /// Being filled: stream it as it arrives.
-    Filling {
-        size: u64,
-        fill: Arc<Fill>,
-    },
+    Filling { size: u64, fill: Arc<Fill> },
 }
 
 pub struct Cache {
@@ -178,13 +175,18 @@ impl Cache {
         }
     }
 
-    async fn manifest_by_digest(&self, t: &Target, d: &Digest) -> Result<CachedManifest, CacheError> {
+    async fn manifest_by_digest(
+        &self,
+        t: &Target,
+        d: &Digest,
+    ) -> Result<CachedManifest, CacheError> {
         if let Some(m) = self.local_manifest(t, d).await? {
             bump(&self.counters.manifest_hits);
             return Ok(m);
         }
         bump(&self.counters.manifest_misses);
-        self.fetch_manifest(t, &Reference::Digest(d.clone()), None).await
+        self.fetch_manifest(t, &Reference::Digest(d.clone()), None)
+            .await
     }
 
     /// Fetches a manifest from upstream and stores it (and `tag` → it).
@@ -199,7 +201,8 @@ impl Cache {
             .get_manifest(&t.upstream, reference, ACCEPT_ALL)
             .await
             .map_err(|e| self.upstream_err(t, e))?;
-        self.store_manifest(t, &meta.digest, &meta.media_type, body, tag).await
+        self.store_manifest(t, &meta.digest, &meta.media_type, body, tag)
+            .await
     }
 
     async fn store_manifest(
@@ -271,7 +274,10 @@ impl Cache {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
         let ago = Duration::from_secs(now.saturating_sub(at));
         let instant = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
-        self.checked.lock().expect("checked lock").insert(key, instant);
+        self.checked
+            .lock()
+            .expect("checked lock")
+            .insert(key, instant);
         Some(ago)
     }
 
@@ -344,10 +350,15 @@ impl Cache {
                 // Fetch by digest: the tag may move again meanwhile.
                 let (meta, body) = self
                     .upstream(t)
-                    .get_manifest(&t.upstream, &Reference::Digest(head.digest.clone()), ACCEPT_ALL)
+                    .get_manifest(
+                        &t.upstream,
+                        &Reference::Digest(head.digest.clone()),
+                        ACCEPT_ALL,
+                    )
                     .await
                     .map_err(|e| self.upstream_err(t, e))?;
-                self.store_manifest(t, &meta.digest, &meta.media_type, body, Some(tag)).await
+                self.store_manifest(t, &meta.digest, &meta.media_type, body, Some(tag))
+                    .await
             }
             (Ok(None), _) => {
                 bump(&self.counters.manifest_misses);
@@ -383,7 +394,11 @@ impl Cache {
     }
 
     /// Re-fetches a tag (or a manifest by digest) from upstream now.
-    pub async fn refresh(&self, t: &Target, reference: &Reference) -> Result<CachedManifest, CacheError> {
+    pub async fn refresh(
+        &self,
+        t: &Target,
+        reference: &Reference,
+    ) -> Result<CachedManifest, CacheError> {
         match reference {
             Reference::Tag(tag) => {
                 self.expire_tag(&t.local, tag);
@@ -527,10 +542,18 @@ impl Cache {
             #[serde(default)]
             manifests: Vec<Descriptor>,
         }
-        let mut list = match self.upstream(t).referrers(&t.upstream, subject, artifact_type).await {
-            Ok(body) => serde_json::from_slice::<Index>(&body)
-                .map_err(|e| CacheError::Fill(format!("upstream sent an invalid referrers index: {e}")))?
-                .manifests,
+        let mut list = match self
+            .upstream(t)
+            .referrers(&t.upstream, subject, artifact_type)
+            .await
+        {
+            Ok(body) => {
+                serde_json::from_slice::<Index>(&body)
+                    .map_err(|e| {
+                        CacheError::Fill(format!("upstream sent an invalid referrers index: {e}"))
+                    })?
+                    .manifests
+            }
             Err(UpstreamError::NotFound) => Vec::new(),
             Err(e) if e.is_unavailable() => {
                 bump(&self.counters.stale_serves);

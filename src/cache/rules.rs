@@ -104,7 +104,9 @@ impl Rules {
             return Routed::Hosted;
         }
         match self.0.iter().position(|r| r.prefix.is_none()) {
-            Some(i) => self.0[i].target(i, repo).map_or(Routed::Hosted, Routed::Cached),
+            Some(i) => self.0[i]
+                .target(i, repo)
+                .map_or(Routed::Hosted, Routed::Cached),
             None => Routed::Hosted,
         }
     }

@@ -10,14 +10,14 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::App;
-use crate::cache::{Cache, Rule, Rules};
-use crate::upstream::{Credentials, Secret, UpstreamClient, UpstreamSettings};
 use crate::api::server::{self, ServerOptions};
+use crate::cache::{Cache, Rule, Rules};
 use crate::config::{Config, LogFormat};
 use crate::registry::Registry;
 use crate::storage::BlobStore;
 use crate::storage::fs::FsStore;
 use crate::storage::meta::RedbMeta;
+use crate::upstream::{Credentials, Secret, UpstreamClient, UpstreamSettings};
 
 #[derive(Parser)]
 #[command(
@@ -116,10 +116,10 @@ fn open_registry(config: &Config, stop: &CancellationToken) -> anyhow::Result<Re
     let store = Arc::new(
         FsStore::open(root).with_context(|| format!("opening storage at {}", root.display()))?,
     );
-    let meta = Arc::new(
-        RedbMeta::open(&root.join("meta.redb"))
-            .with_context(|| format!("opening metadata at {}", root.join("meta.redb").display()))?,
-    );
+    let meta =
+        Arc::new(RedbMeta::open(&root.join("meta.redb")).with_context(|| {
+            format!("opening metadata at {}", root.join("meta.redb").display())
+        })?);
     let registry = Registry::new(store.clone(), store.clone(), meta.clone());
     if config.pull_through.is_empty() {
         return Ok(registry);

@@ -389,12 +389,18 @@ impl Config {
                 message: m,
             };
             if !prefixes.insert(rule.prefix.as_str()) {
-                return Err(fail("prefix", format!("{:?} is used by two rules", rule.prefix)));
+                return Err(fail(
+                    "prefix",
+                    format!("{:?} is used by two rules", rule.prefix),
+                ));
             }
             if rule.prefix != "ROOT" {
-                rule.prefix
-                    .parse::<crate::oci::RepoName>()
-                    .map_err(|e| fail("prefix", format!("must be ROOT or a repository namespace: {e}")))?;
+                rule.prefix.parse::<crate::oci::RepoName>().map_err(|e| {
+                    fail(
+                        "prefix",
+                        format!("must be ROOT or a repository namespace: {e}"),
+                    )
+                })?;
             }
             if let Some(p) = &rule.upstream_prefix {
                 p.parse::<crate::oci::RepoName>()
@@ -413,8 +419,7 @@ impl Config {
                 ));
             }
             if let Some(c) = &rule.credentials {
-                c.password()
-                    .map_err(|m| fail("credentials", m))?;
+                c.password().map_err(|m| fail("credentials", m))?;
             }
         }
         Ok(())
@@ -491,7 +496,10 @@ mod tests {
     fn pull_through_rules() {
         let c = Config::load(None, Vec::new()).unwrap();
         let prefixes: Vec<&str> = c.pull_through.iter().map(|r| r.prefix.as_str()).collect();
-        assert_eq!(prefixes, ["docker-hub", "ROOT", "ghcr", "quay", "k8s", "ecr-public"]);
+        assert_eq!(
+            prefixes,
+            ["docker-hub", "ROOT", "ghcr", "quay", "k8s", "ecr-public"]
+        );
         let c = load_str("pull_through = []\n", &[]).unwrap();
         assert!(c.pull_through.is_empty());
         let c = load_str(
@@ -503,15 +511,38 @@ mod tests {
         assert_eq!(c.pull_through[0].tag_ttl, Duration::from_secs(60));
         assert!(c.cache.prefetch);
         for (body, key) in [
-            ("prefix = \"Bad\"\nupstream = \"http://h\"", "pull_through[0].prefix"),
-            ("prefix = \"a\"\nupstream = \"ftp://h\"", "pull_through[0].upstream"),
-            ("prefix = \"a\"\nupstream = \"http://h/path\"", "pull_through[0].upstream"),
-            ("prefix = \"a\"\nupstream = \"http://h\"\ncredentials = { username = \"u\" }", "pull_through[0].credentials"),
-            ("prefix = \"a\"\nupstream = \"http://h\"\ncredentials = { username = \"u\", password_env = \"WHARF_TEST_SURELY_UNSET\" }", "pull_through[0].credentials"),
-            ("prefix = \"a\"\nupstream = \"http://h\"\ntag_ttl = \"x\"", "pull_through[0].tag_ttl"),
-            ("prefix = \"a\"\nupstream = \"http://h\"\nbogus = 1", "pull_through[0]"),
+            (
+                "prefix = \"Bad\"\nupstream = \"http://h\"",
+                "pull_through[0].prefix",
+            ),
+            (
+                "prefix = \"a\"\nupstream = \"ftp://h\"",
+                "pull_through[0].upstream",
+            ),
+            (
+                "prefix = \"a\"\nupstream = \"http://h/path\"",
+                "pull_through[0].upstream",
+            ),
+            (
+                "prefix = \"a\"\nupstream = \"http://h\"\ncredentials = { username = \"u\" }",
+                "pull_through[0].credentials",
+            ),
+            (
+                "prefix = \"a\"\nupstream = \"http://h\"\ncredentials = { username = \"u\", password_env = \"WHARF_TEST_SURELY_UNSET\" }",
+                "pull_through[0].credentials",
+            ),
+            (
+                "prefix = \"a\"\nupstream = \"http://h\"\ntag_ttl = \"x\"",
+                "pull_through[0].tag_ttl",
+            ),
+            (
+                "prefix = \"a\"\nupstream = \"http://h\"\nbogus = 1",
+                "pull_through[0]",
+            ),
         ] {
-            let e = load_str(&format!("[[pull_through]]\n{body}\n"), &[]).unwrap_err().to_string();
+            let e = load_str(&format!("[[pull_through]]\n{body}\n"), &[])
+                .unwrap_err()
+                .to_string();
             assert!(e.starts_with(key), "{e}");
         }
         let e = load_str(

@@ -10,13 +10,13 @@ use futures::StreamExt;
 
 use crate::cache::{Cache, CacheError, CachedBlob, Routed, Target};
 use crate::oci::manifest::{Descriptor, MAX_MANIFEST_SIZE, Manifest, ManifestError};
-use crate::upstream::UpstreamError;
 use crate::oci::{
     Algorithm, ByteRange, Digest, MediaType, Reference, RepoName, UploadId, UploadRange,
 };
 use crate::storage::{
     BlobStore, ByteStream, ManifestRecord, MetaStore, StorageError, UploadRecord, UploadStore,
 };
+use crate::upstream::UpstreamError;
 
 /// The empty JSON object `{}`, the config of many OCI artifacts. wharf
 /// stores it on demand rather than rejecting manifests that assume it.
@@ -202,13 +202,21 @@ impl Registry {
             .route(repo, ns, kind == Some(crate::storage::RepoKind::Hosted)))
     }
 
-    async fn cached(&self, repo: &RepoName, ns: Option<&str>, what: Missing) -> Result<Option<(&Arc<Cache>, Target)>> {
+    async fn cached(
+        &self,
+        repo: &RepoName,
+        ns: Option<&str>,
+        what: Missing,
+    ) -> Result<Option<(&Arc<Cache>, Target)>> {
         match self.route(repo, ns).await? {
             Routed::Hosted => Ok(None),
             Routed::Cached(t) => Ok(Some((self.cache.as_ref().expect("routed to the cache"), t))),
             Routed::UnknownNamespace => Err(RegistryError::Upstream {
                 what,
-                message: format!("no pull-through rule serves registry {:?}", ns.unwrap_or("")),
+                message: format!(
+                    "no pull-through rule serves registry {:?}",
+                    ns.unwrap_or("")
+                ),
             }),
         }
     }
@@ -428,7 +436,12 @@ impl Registry {
     // ---- blobs ----
 
     /// Size of a blob readable through `repo`.
-    pub async fn blob_size(&self, repo: &RepoName, digest: &Digest, ns: Option<&str>) -> Result<u64> {
+    pub async fn blob_size(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        ns: Option<&str>,
+    ) -> Result<u64> {
         if let Some((cache, t)) = self.cached(repo, ns, Missing::Blob).await? {
             return cache
                 .blob_size(&t, digest)
@@ -471,7 +484,11 @@ impl Registry {
                     let range = resolve(size)?;
                     let (start, end) = range.as_ref().map_or((0, None), |r| (r.start, Some(r.end)));
                     let stream = cache.fills.stream(fill, start, end);
-                    return Ok(BlobBody { size, range, stream });
+                    return Ok(BlobBody {
+                        size,
+                        range,
+                        stream,
+                    });
                 }
                 CachedBlob::Stored { .. } => {}
             }
@@ -497,7 +514,12 @@ impl Registry {
     }
 
     /// Removes a blob from a repository (the bytes stay for other repositories).
-    pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest, ns: Option<&str>) -> Result<()> {
+    pub async fn delete_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        ns: Option<&str>,
+    ) -> Result<()> {
         self.check_push(repo, ns).await?;
         if self.meta.unlink_blob(repo, digest).await? {
             Ok(())
