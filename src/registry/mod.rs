@@ -710,9 +710,13 @@ impl Registry {
                 purged += 1;
             }
         }
-        // Records whose staged bytes are gone.
+        // Records whose staged bytes are gone. A session created after the
+        // listing above has its record but was not listed: only drop a record
+        // whose staging is confirmed absent now.
         for (id, _) in self.meta.uploads().await? {
-            if !staged.iter().any(|(s, _)| s == &id) {
+            if !staged.iter().any(|(s, _)| s == &id)
+                && matches!(self.uploads.size(&id).await, Err(StorageError::NotFound))
+            {
                 self.end_session(&id).await;
             }
         }

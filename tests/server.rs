@@ -1,0 +1,1531 @@
+//! The server as an operator runs it: the real `wharf` binary, driven over
+//! raw TCP, hyper and curl.
+//!
+//! * request heads over `server.max_header_size` get 431 and store nothing;
+//! * clients that are slow to send their request head are disconnected after
+//!   `server.header_read_timeout`, while everyone else is served;
+//! * SIGTERM lets requests in flight finish, refuses new connections, is not
+//!   held up by idle connections, and gives up after `server.shutdown_timeout`;
+//!   the process exits 0;
+//! * TLS (HTTP/2 and HTTP/1.1 by ALPN) and cleartext HTTP/2 (h2c);
+//! * configuration errors stop `serve` and `check-config` with the key path;
+//!   environment overrides are validated and applied;
+//! * `fsck` finds and quarantines corrupt blobs, which are then not served;
+//! * upload sessions survive a SIGKILL and are purged once abandoned.
+
+mod common;
+
+use std::io::{BufRead as _, BufReader, Read as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::http::{HttpClient, Method, StatusCode};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+/// Upper bound for anything that should take a second or two; generous so a
+/// loaded machine does not make the tests flaky.
+const PATIENCE: Duration = Duration::from_secs(20);
+const MIB: usize = 1024 * 1024;
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+/// Deterministic pseudo-random bytes (splitmix64).
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes `DIR/wharf.toml` listening on a free port with its data in
+/// `DIR/data`. `server_extra` goes into `[server]` (it may open
+/// `[server.tls]`), `storage_extra` into `[storage]`.
+fn write_config(dir: &Path, server_extra: &str, storage_extra: &str) -> PathBuf {
+    let config = dir.join("wharf.toml");
+    let data = dir.join("data");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\ntype = \"filesystem\"\npath = {:?}\n{storage_extra}\n\n\
+             [server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n",
+            data.display().to_string()
+        ),
+    )
+    .expect("write config");
+    config
+}
+
+/// A `wharf` command whose environment carries no `WHARF_*` configuration
+/// from the caller (only what the test sets), and quiet logs.
+fn wharf_cmd() -> Command {
+    let mut cmd = Command::new(common::wharf_bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("WHARF_") && k != "WHARF_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    if std::env::var_os("WHARF_LOG").is_none() {
+        cmd.env("WHARF_LOG", "warn");
+    }
+    cmd
+}
+
+/// Runs a command to completion, killing it and failing the test if it takes
+/// longer than `limit` (a `serve` that should have refused to start must not
+/// hang the suite).
+fn run_cmd(cmd: &mut Command, limit: Duration) -> Output {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} did not finish within {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&err.join().unwrap_or_default())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out.join().expect("stdout reader"),
+        stderr: err.join().expect("stderr reader"),
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A `wharf serve` process over a directory the test owns (so it can be
+/// restarted over the same data). Killed on drop.
+struct Server {
+    child: Child,
+    /// As printed on stdout: `http://ADDR` or `https://ADDR`.
+    url: String,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn start(config: &Path) -> Server {
+        Server::start_env(config, &[])
+    }
+
+    fn start_env(config: &Path, env: &[(&str, &str)]) -> Server {
+        let mut cmd = wharf_cmd();
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn wharf");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(rest.trim().to_string());
+                }
+            }
+        });
+        let url = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(url) => url,
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait();
+                panic!("wharf did not report its listening address (exit: {status:?})");
+            }
+        };
+        let addr = url
+            .split_once("://")
+            .map(|(_, a)| a)
+            .unwrap_or(&url)
+            .parse()
+            .unwrap_or_else(|e| panic!("address in {url:?}: {e}"));
+        Server { child, url, addr }
+    }
+
+    fn client(&self) -> HttpClient {
+        HttpClient::new(format!("http://{}", self.addr))
+    }
+
+    fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -TERM failed");
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits (without blocking the runtime) for the process to exit.
+    async fn exited_within(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "wharf did not exit within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Upload sessions staged on disk: `(id, staged bytes)`.
+fn staged_uploads(data: &Path) -> Vec<(String, u64)> {
+    let Ok(entries) = std::fs::read_dir(data.join("uploads")) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path().is_dir())
+        .map(|e| {
+            let size = std::fs::metadata(e.path().join("data"))
+                .map(|m| m.len())
+                .unwrap_or(0);
+            (e.file_name().to_string_lossy().into_owned(), size)
+        })
+        .collect()
+}
+
+/// Polls `cond` every 20 ms until it holds, failing after `limit`.
+async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The on-disk path of a published blob.
+fn blob_path(data: &Path, digest: &str) -> PathBuf {
+    let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+    data.join("blobs").join("sha256").join(&hex[..2]).join(hex)
+}
+
+/// Starts an upload session; returns its Location (a path) and id.
+async fn start_upload(client: &HttpClient, repo: &str) -> (String, String) {
+    let r = client
+        .send(
+            Method::POST,
+            &format!("/v2/{repo}/blobs/uploads/"),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "start upload: {r:?}");
+    let loc = r.header("location").expect("Location").to_string();
+    let id = loc
+        .split('?')
+        .next()
+        .and_then(|p| p.rsplit('/').next())
+        .expect("upload id")
+        .to_string();
+    (loc, id)
+}
+
+fn with_query(loc: &str, q: &str) -> String {
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    format!("{loc}{sep}{q}")
+}
+
+/// GETs a blob and checks it is exactly `expected`.
+async fn assert_blob(client: &HttpClient, repo: &str, expected: &[u8]) {
+    let digest = common::sha256(expected);
+    let r = client.get(&format!("/v2/{repo}/blobs/{digest}")).await;
+    assert_eq!(r.status, StatusCode::OK, "GET {digest}: {r:?}");
+    assert_eq!(r.body.len(), expected.len(), "length of {digest}");
+    assert_eq!(common::sha256(&r.body), digest, "content of {digest}");
+}
+
+/// A hand-driven HTTP/1.1 connection, for requests whose timing matters.
+struct Raw {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct RawResp {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl RawResp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+impl Raw {
+    async fn connect(addr: SocketAddr) -> Raw {
+        Raw {
+            stream: TcpStream::connect(addr).await.expect("connect"),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
+    /// Sends `data` as HTTP/1.1 chunks of 64 KiB.
+    async fn send_chunked(&mut self, data: &[u8]) -> std::io::Result<()> {
+        for part in data.chunks(64 * 1024) {
+            let mut frame = format!("{:x}\r\n", part.len()).into_bytes();
+            frame.extend_from_slice(part);
+            frame.extend_from_slice(b"\r\n");
+            self.send(&frame).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads one response (its body by Content-Length).
+    async fn response(&mut self) -> std::io::Result<RawResp> {
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let head = text(&self.buf[..end]);
+                let status = head
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| std::io::Error::other(format!("bad status line: {head}")))?;
+                let mut resp = RawResp {
+                    status,
+                    head,
+                    body: Vec::new(),
+                };
+                let len: usize = resp
+                    .header("content-length")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let start = end + 4;
+                while self.buf.len() < start + len {
+                    self.fill().await?;
+                }
+                resp.body = self.buf[start..start + len].to_vec();
+                self.buf.drain(..start + len);
+                return Ok(resp);
+            }
+            self.fill().await?;
+        }
+    }
+
+    async fn fill(&mut self) -> std::io::Result<()> {
+        let mut chunk = [0u8; 16 * 1024];
+        let n = self.stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+
+    /// Waits for the server to close the connection. `Some(bytes received
+    /// before the close)`, or `None` if it is still open after `limit`.
+    async fn closed_within(&mut self, limit: Duration) -> Option<Vec<u8>> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut got = std::mem::take(&mut self.buf);
+        loop {
+            let mut chunk = [0u8; 16 * 1024];
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Err(_) => return None,
+                Ok(Ok(0)) | Ok(Err(_)) => return Some(got),
+                Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
+fn curl() -> PathBuf {
+    common::require_tool("curl")
+}
+
+/// Runs curl with `-sS` and the given arguments; returns stdout (the `-w`
+/// output). Fails the test if curl itself fails.
+fn run_curl(args: &[&str]) -> String {
+    let out = run_cmd(
+        Command::new(curl()).arg("-sS").args(args),
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "curl {} failed: {}",
+        shorten(args),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Arguments for messages, long ones (header padding) cut short.
+fn shorten(args: &[&str]) -> String {
+    args.iter()
+        .map(|a| match a.char_indices().nth(120) {
+            Some((i, _)) => format!("{}...", &a[..i]),
+            None => a.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A self-signed P-256 certificate for IP 127.0.0.1: `(cert.pem, key.pem)`.
+fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let openssl = common::require_tool("openssl");
+    let out = run_cmd(
+        Command::new(openssl).current_dir(dir).args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+            "-days",
+            "1",
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "openssl: {}", text(&out.stderr));
+    (dir.join("cert.pem"), dir.join("key.pem"))
+}
+
+fn tls_section(cert: &Path, key: &Path) -> String {
+    format!(
+        "[server.tls]\ncert = {:?}\nkey = {:?}\n",
+        cert.display().to_string(),
+        key.display().to_string()
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Request head limits
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_head_over_max_header_size_gets_431_and_stores_nothing() {
+    let w = common::spawn_wharf_with("max_header_size = \"16KiB\"", "");
+    let client = HttpClient::new(w.url());
+    let repo = "limits/big-head";
+    let blob = random_bytes(64 * 1024, 1);
+    let digest = common::sha256(&blob);
+    let padding = "a".repeat(20 * 1024);
+    // The repository exists, so a 404 below is about the blob.
+    client.push_blob(repo, b"anchor").await;
+
+    // HTTP/1.1: a complete blob upload whose head carries 20 KiB of padding.
+    let mut raw = Raw::connect(w.addr).await;
+    let head = format!(
+        "POST /v2/{repo}/blobs/uploads/?digest={digest} HTTP/1.1\r\nHost: {}\r\n\
+         X-Padding: {padding}\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: {}\r\n\r\n",
+        w.host(),
+        blob.len()
+    );
+    raw.send(head.as_bytes()).await.expect("send head");
+    let resp = tokio::time::timeout(PATIENCE, raw.response())
+        .await
+        .expect("no response to an oversized head")
+        .expect("response to an oversized head");
+    assert_eq!(resp.status, 431, "{resp:?}");
+    // The body is never read as a request: sending it is at most refused.
+    let _ = raw.send(&blob).await;
+    assert!(
+        raw.closed_within(PATIENCE).await.is_some(),
+        "connection left open after 431"
+    );
+
+    // HTTP/2 (h2c): an oversized head gets 431 too. (With a request body,
+    // h2 also resets the stream: the client exceeded the advertised
+    // SETTINGS_MAX_HEADER_LIST_SIZE. Whatever curl makes of that, nothing
+    // may be stored.)
+    let dir = tempfile::tempdir().expect("tempdir");
+    let resp_file = dir.path().join("resp");
+    let resp_file = resp_file.to_str().expect("utf-8 path");
+    let padding_header = format!("X-Padding: {padding}");
+    let out = run_curl(&[
+        "--http2-prior-knowledge",
+        "-o",
+        resp_file,
+        "-w",
+        "%{http_code} %{http_version}",
+        "-H",
+        &padding_header,
+        &format!("{}/v2/", w.url()),
+    ]);
+    assert_eq!(out, "431 2", "h2c oversized head");
+    let body_file = dir.path().join("blob");
+    std::fs::write(&body_file, &blob).expect("write blob file");
+    let _ = run_cmd(
+        Command::new(curl()).args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "-o",
+            resp_file,
+            "-H",
+            &padding_header,
+            "-H",
+            "Content-Type: application/octet-stream",
+            "--data-binary",
+            &format!("@{}", body_file.display()),
+            &format!("{}/v2/{repo}/blobs/uploads/?digest={digest}", w.url()),
+        ]),
+        Duration::from_secs(60),
+    );
+
+    // Nothing was stored: no blob, no upload session.
+    let r = client.head(&format!("/v2/{repo}/blobs/{digest}")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{r:?}");
+    assert!(!blob_path(&w.data_dir(), &digest).exists());
+    assert_eq!(staged_uploads(&w.data_dir()), Vec::new());
+
+    // New connections are served normally, heads just under the limit too.
+    let r = client
+        .send(
+            Method::GET,
+            "/v2/",
+            &[("x-padding", &"b".repeat(12 * 1024))],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "12 KiB head under a 16 KiB limit");
+    client.push_blob(repo, &blob).await;
+    assert_blob(&client, repo, &blob).await;
+}
+
+// ---------------------------------------------------------------------------
+// Slow clients
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_heads_are_cut_off_while_other_clients_are_served() {
+    let w = common::spawn_wharf_with("header_read_timeout = \"1s\"", "");
+    let client = HttpClient::new(w.url());
+    let started = Instant::now();
+
+    // One client sends half a head and stalls.
+    let mut stalled = Raw::connect(w.addr).await;
+    stalled
+        .send(format!("GET /v2/ HTTP/1.1\r\nHost: {}\r\nX-Slow: ", w.host()).as_bytes())
+        .await
+        .expect("send partial head");
+
+    // Another keeps trickling header bytes, one every 200 ms, forever.
+    let trickler = TcpStream::connect(w.addr).await.expect("connect");
+    let (mut trickle_rd, mut trickle_wr) = trickler.into_split();
+    let host = w.host();
+    let writer = tokio::spawn(async move {
+        let head = format!("PUT /v2/slow/manifests/latest HTTP/1.1\r\nHost: {host}\r\nX-Slow: ");
+        if trickle_wr.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if trickle_wr.write_all(b"a").await.is_err() {
+                return;
+            }
+        }
+    });
+
+    // Everyone else is served meanwhile.
+    for _ in 0..5 {
+        let r = client.get("/v2/").await;
+        assert_eq!(r.status, StatusCode::OK);
+        let r = client.get("/healthz").await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+
+    // "Cut off" means within a few seconds of the 1s timeout.
+    let cut_off = Duration::from_secs(10);
+    let got = stalled
+        .closed_within(cut_off)
+        .await
+        .expect("a stalled request head was never cut off");
+    let stalled_after = started.elapsed();
+    let mut trickle_got = Vec::new();
+    let trickle_closed = tokio::time::timeout(cut_off, trickle_rd.read_to_end(&mut trickle_got))
+        .await
+        .is_ok();
+    let trickle_after = started.elapsed();
+    writer.abort();
+    assert!(trickle_closed, "a trickled request head was never cut off");
+    for (what, got, after) in [
+        ("stalled", got, stalled_after),
+        ("trickled", trickle_got, trickle_after),
+    ] {
+        assert!(
+            got.is_empty() || text(&got).starts_with("HTTP/1.1 408"),
+            "{what} head: expected a close or 408, got {:?}",
+            text(&got)
+        );
+        assert!(
+            after >= Duration::from_millis(900),
+            "{what} head cut off after {after:?}, before the 1s timeout"
+        );
+    }
+
+    // And the server is still fine.
+    let r = client.get("/v2/").await;
+    assert_eq!(r.status, StatusCode::OK);
+}
+
+/// A client that connects and sends nothing (or only the beginning of the
+/// HTTP/2 preface) has not sent its request head within
+/// `header_read_timeout` either; it must not hold a connection forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_that_sends_nothing_is_closed_after_header_read_timeout() {
+    let w = common::spawn_wharf_with("header_read_timeout = \"1s\"", "");
+    let mut silent = Raw::connect(w.addr).await;
+    let mut preface = Raw::connect(w.addr).await;
+    preface.send(b"PRI * HTTP/2.0\r\n").await.expect("send");
+    let silent_closed = silent.closed_within(Duration::from_secs(8)).await.is_some();
+    let preface_closed = preface
+        .closed_within(Duration::from_secs(2))
+        .await
+        .is_some();
+    assert!(
+        silent_closed,
+        "a connection that sent no bytes was still open 8s after connecting (header_read_timeout = 1s)"
+    );
+    assert!(
+        preface_closed,
+        "a connection that sent half the HTTP/2 preface was still open 10s later (header_read_timeout = 1s)"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Graceful shutdown
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_uploads_in_flight_finish_and_refuses_new_connections() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "", "");
+    let data = dir.path().join("data");
+    let mut server = Server::start(&config);
+    let client = server.client();
+    let repo = "shutdown/in-flight";
+    let half = 4 * MIB;
+
+    // A: a chunk of an upload session, streamed with chunked encoding.
+    let a = random_bytes(8 * MIB, 2);
+    let (a_loc, a_id) = start_upload(&client, repo).await;
+    let mut conn_a = Raw::connect(server.addr).await;
+    conn_a
+        .send(
+            format!(
+                "PATCH {a_loc} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/octet-stream\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n",
+                server.addr
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("PATCH head");
+    conn_a
+        .send_chunked(&a[..half])
+        .await
+        .expect("first half of A");
+
+    // B: a whole blob in one POST ?digest=, its Content-Length body in parts.
+    let b = random_bytes(8 * MIB, 3);
+    let b_digest = common::sha256(&b);
+    let mut conn_b = Raw::connect(server.addr).await;
+    conn_b
+        .send(
+            format!(
+                "POST /v2/{repo}/blobs/uploads/?digest={b_digest} HTTP/1.1\r\nHost: {}\r\n\
+                 Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+                server.addr,
+                b.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("POST head");
+    conn_b.send(&b[..half]).await.expect("first half of B");
+
+    // Both requests are demonstrably in their handlers: bytes are on disk.
+    wait_until("both uploads to reach the disk", PATIENCE, || {
+        let staged = staged_uploads(&data);
+        let a_on_disk = staged.iter().any(|(id, n)| id == &a_id && *n >= MIB as u64);
+        let b_on_disk = staged.iter().any(|(id, n)| id != &a_id && *n >= MIB as u64);
+        a_on_disk && b_on_disk
+    })
+    .await;
+
+    server.sigterm();
+    let signalled = Instant::now();
+    // New connections are refused (the signal is handled asynchronously).
+    loop {
+        match TcpStream::connect(server.addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            // Caught in the backlog as the listener closed: try again.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("connect after SIGTERM: unexpected error {e}"),
+            Ok(probe) => drop(probe),
+        }
+        assert!(
+            signalled.elapsed() < PATIENCE,
+            "still accepting connections {PATIENCE:?} after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        server.child.try_wait().expect("try_wait").is_none(),
+        "wharf exited with two requests in flight"
+    );
+
+    // The requests in flight go on: send the rest.
+    conn_a.send_chunked(&a[half..]).await.expect("rest of A");
+    conn_a.send(b"0\r\n\r\n").await.expect("last chunk of A");
+    conn_b.send(&b[half..]).await.expect("rest of B");
+    let ra = tokio::time::timeout(PATIENCE, conn_a.response())
+        .await
+        .expect("PATCH response in time")
+        .expect("PATCH response");
+    assert_eq!(ra.status, 202, "PATCH in flight at SIGTERM: {ra:?}");
+    assert_eq!(
+        ra.header("range"),
+        Some(format!("0-{}", a.len() - 1).as_str())
+    );
+    let rb = tokio::time::timeout(PATIENCE, conn_b.response())
+        .await
+        .expect("POST response in time")
+        .expect("POST response");
+    assert_eq!(rb.status, 201, "POST in flight at SIGTERM: {rb:?}");
+    assert_eq!(rb.header("docker-content-digest"), Some(b_digest.as_str()));
+
+    let status = server.exited_within(PATIENCE).await;
+    assert!(status.success(), "exit status after SIGTERM: {status:?}");
+
+    // What they stored is all there after a restart.
+    let server = Server::start(&config);
+    let client = server.client();
+    let r = client.get(&a_loc).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    assert_eq!(
+        r.header("range"),
+        Some(format!("0-{}", a.len() - 1).as_str())
+    );
+    let a_digest = common::sha256(&a);
+    let r = client
+        .send(
+            Method::PUT,
+            &with_query(&a_loc, &format!("digest={a_digest}")),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    assert_blob(&client, repo, &a).await;
+    assert_blob(&client, repo, &b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_gives_up_on_a_request_that_never_finishes_after_shutdown_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "shutdown_timeout = \"1s\"", "");
+    let data = dir.path().join("data");
+    let mut server = Server::start(&config);
+    let repo = "shutdown/stuck";
+    let blob = random_bytes(MIB, 4);
+    let digest = common::sha256(&blob);
+    // The repository exists, so the 404 at the end is about the blob.
+    server.client().push_blob(repo, b"anchor").await;
+
+    let mut stuck = Raw::connect(server.addr).await;
+    stuck
+        .send(
+            format!(
+                "POST /v2/{repo}/blobs/uploads/?digest={digest} HTTP/1.1\r\nHost: {}\r\n\
+                 Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+                server.addr,
+                blob.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("POST head");
+    stuck.send(&blob[..1024]).await.expect("first KiB");
+    // The handler is running once it has opened its upload session.
+    wait_until("the upload session to be created", PATIENCE, || {
+        !staged_uploads(&data).is_empty()
+    })
+    .await;
+
+    server.sigterm();
+    let signalled = Instant::now();
+    let status = server.exited_within(PATIENCE).await;
+    let took = signalled.elapsed();
+    assert!(status.success(), "exit status: {status:?}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "exited after {took:?}, without waiting shutdown_timeout (1s) for the request in flight"
+    );
+    assert!(
+        stuck.closed_within(PATIENCE).await.is_some(),
+        "connection still open after exit"
+    );
+
+    // The unfinished blob was not published.
+    let server = Server::start(&config);
+    let r = server
+        .client()
+        .get(&format!("/v2/{repo}/blobs/{digest}"))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{r:?}");
+    assert!(!blob_path(&data, &digest).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_is_not_held_up_by_idle_connections() {
+    // The default shutdown_timeout (30s) must not be waited out for
+    // connections with nothing in flight.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "", "");
+    let mut server = Server::start(&config);
+
+    // Connected, nothing sent. Accepted before `keep_alive` below is served
+    // (the listener accepts in order).
+    let mut silent = Raw::connect(server.addr).await;
+    // A keep-alive connection after one request.
+    let mut keep_alive = Raw::connect(server.addr).await;
+    keep_alive
+        .send(format!("GET /v2/ HTTP/1.1\r\nHost: {}\r\n\r\n", server.addr).as_bytes())
+        .await
+        .expect("GET");
+    let r = tokio::time::timeout(PATIENCE, keep_alive.response())
+        .await
+        .expect("response in time")
+        .expect("response");
+    assert_eq!(r.status, 200);
+
+    server.sigterm();
+    let signalled = Instant::now();
+    let status = server.exited_within(Duration::from_secs(10)).await;
+    assert!(status.success(), "exit status: {status:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "took {:?} to exit",
+        signalled.elapsed()
+    );
+    assert!(silent.closed_within(PATIENCE).await.is_some());
+    assert!(keep_alive.closed_within(PATIENCE).await.is_some());
+}
+
+// ---------------------------------------------------------------------------
+// TLS and HTTP/2
+// ---------------------------------------------------------------------------
+
+#[test]
+fn tls_serves_http2_and_http1_and_round_trips_blobs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = self_signed_cert(dir.path());
+    let config = write_config(dir.path(), &tls_section(&cert, &key), "");
+    let server = Server::start(&config);
+    assert!(
+        server.url.starts_with("https://"),
+        "stdout says {:?}",
+        server.url
+    );
+    let base = server.url.clone();
+    let cacert = cert.to_str().expect("utf-8 path");
+    let file = |name: &str| dir.path().join(name).to_str().expect("utf-8").to_string();
+
+    for (flag, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        let out = run_curl(&[
+            "--cacert",
+            cacert,
+            flag,
+            "-o",
+            &file("base"),
+            "-w",
+            "%{http_code} %{http_version}",
+            &format!("{base}/v2/"),
+        ]);
+        assert_eq!(out, format!("200 {version}"), "GET /v2/ with {flag}");
+        assert_eq!(std::fs::read(file("base")).expect("body"), b"{}");
+    }
+
+    // Push one blob over each protocol, read each back over the other.
+    let repo = "tls/blobs";
+    let blobs = [
+        ("--http2", "2", random_bytes(3 * MIB + 17, 5)),
+        ("--http1.1", "1.1", random_bytes(MIB + 3, 6)),
+    ];
+    for (i, (flag, version, blob)) in blobs.iter().enumerate() {
+        let digest = common::sha256(blob);
+        let upload = file(&format!("upload-{i}"));
+        std::fs::write(&upload, blob).expect("write upload");
+        let out = run_curl(&[
+            "--cacert",
+            cacert,
+            flag,
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/octet-stream",
+            "--data-binary",
+            &format!("@{upload}"),
+            "-o",
+            &file("push-resp"),
+            "-w",
+            "%{http_code} %{http_version}",
+            &format!("{base}/v2/{repo}/blobs/uploads/?digest={digest}"),
+        ]);
+        assert_eq!(out, format!("201 {version}"), "push over {flag}");
+    }
+    for (i, (_, _, blob)) in blobs.iter().enumerate() {
+        let (flag, version) = if i == 0 {
+            ("--http1.1", "1.1")
+        } else {
+            ("--http2", "2")
+        };
+        let digest = common::sha256(blob);
+        let got = file(&format!("got-{i}"));
+        let out = run_curl(&[
+            "--cacert",
+            cacert,
+            flag,
+            "-o",
+            &got,
+            "-w",
+            "%{http_code} %{http_version}",
+            &format!("{base}/v2/{repo}/blobs/{digest}"),
+        ]);
+        assert_eq!(out, format!("200 {version}"), "GET {digest} over {flag}");
+        let got = std::fs::read(&got).expect("downloaded blob");
+        assert!(got == *blob, "blob read back over {flag} differs");
+    }
+}
+
+#[test]
+fn tls_with_a_missing_key_file_stops_serve_naming_server_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, _) = self_signed_cert(dir.path());
+    let missing = dir.path().join("no-such-key.pem");
+    let config = write_config(dir.path(), &tls_section(&cert, &missing), "");
+    for sub in [&["serve", "--config"][..], &["check-config"][..]] {
+        let out = run_cmd(wharf_cmd().args(sub).arg(&config), PATIENCE);
+        let stderr = text(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{sub:?} succeeded with a missing key"
+        );
+        assert!(stderr.contains("server.tls"), "{sub:?} stderr: {stderr}");
+        assert!(
+            !text(&out.stdout).contains("listening on"),
+            "{sub:?} started listening"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_client_that_never_handshakes_is_cut_off() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = self_signed_cert(dir.path());
+    let extra = format!("header_read_timeout = \"1s\"\n{}", tls_section(&cert, &key));
+    let config = write_config(dir.path(), &extra, "");
+    let server = Server::start(&config);
+    let mut silent = Raw::connect(server.addr).await;
+    assert!(
+        silent.closed_within(PATIENCE).await.is_some(),
+        "a TLS connection without a handshake was never closed"
+    );
+}
+
+/// After a completed TLS handshake, a client that sends no request must be
+/// cut off like any other slow client.
+#[test]
+fn tls_connection_that_sends_nothing_after_the_handshake_is_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = self_signed_cert(dir.path());
+    let extra = format!("header_read_timeout = \"1s\"\n{}", tls_section(&cert, &key));
+    let config = write_config(dir.path(), &extra, "");
+    let server = Server::start(&config);
+    for alpn in ["http/1.1", "h2"] {
+        // s_client exits when the server closes; its stdin stays open (and
+        // silent) until then.
+        let mut client = Command::new(common::require_tool("openssl"))
+            .args(["s_client", "-quiet", "-alpn", alpn, "-connect"])
+            .arg(server.addr.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn openssl s_client");
+        let deadline = Instant::now() + Duration::from_secs(8);
+        let closed = loop {
+            if client.try_wait().expect("try_wait").is_some() {
+                break true;
+            }
+            if Instant::now() > deadline {
+                let _ = client.kill();
+                let _ = client.wait();
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            closed,
+            "a TLS connection (ALPN {alpn}) that sent nothing after the handshake was still open \
+             after 8s (header_read_timeout = 1s)"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleartext_http2_with_prior_knowledge_is_served() {
+    let w = common::spawn_wharf("");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = |name: &str| dir.path().join(name).to_str().expect("utf-8").to_string();
+    let out = tokio::task::spawn_blocking({
+        let url = w.url();
+        let body = file("base");
+        move || {
+            run_curl(&[
+                "--http2-prior-knowledge",
+                "-o",
+                &body,
+                "-w",
+                "%{http_code} %{http_version}",
+                &format!("{url}/v2/"),
+            ])
+        }
+    })
+    .await
+    .expect("curl");
+    assert_eq!(out, "200 2");
+    assert_eq!(std::fs::read(file("base")).expect("body"), b"{}");
+
+    // A blob pushed over HTTP/1.1 reads back identical over h2c.
+    let blob = random_bytes(2 * MIB + 5, 7);
+    let digest = HttpClient::new(w.url()).push_blob("h2c/blob", &blob).await;
+    let out = tokio::task::spawn_blocking({
+        let url = format!("{}/v2/h2c/blob/blobs/{digest}", w.url());
+        let got = file("got");
+        move || {
+            run_curl(&[
+                "--http2-prior-knowledge",
+                "-o",
+                &got,
+                "-w",
+                "%{http_code} %{http_version}",
+                &url,
+            ])
+        }
+    })
+    .await
+    .expect("curl");
+    assert_eq!(out, "200 2");
+    assert!(std::fs::read(file("got")).expect("blob") == blob);
+}
+
+// ---------------------------------------------------------------------------
+// Configuration errors and overrides
+// ---------------------------------------------------------------------------
+
+#[test]
+fn unknown_config_keys_stop_serve_and_name_the_key_path() {
+    for (server_extra, storage_extra, path) in [
+        ("lisen = \"127.0.0.1:0\"", "", "server.lisen"),
+        ("", "upload_max_agee = \"1h\"", "storage.upload_max_agee"),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = write_config(dir.path(), server_extra, storage_extra);
+        let out = run_cmd(
+            wharf_cmd().arg("serve").arg("--config").arg(&config),
+            PATIENCE,
+        );
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "serve accepted {path}");
+        assert!(
+            stderr.contains(path),
+            "stderr does not name {path}: {stderr}"
+        );
+        assert!(!text(&out.stdout).contains("listening on"));
+        assert!(
+            !dir.path().join("data").exists(),
+            "storage was created by a refused configuration"
+        );
+    }
+}
+
+#[test]
+fn check_config_accepts_the_shipped_example_and_names_bad_values() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/wharf.toml");
+    let out = run_cmd(wharf_cmd().arg("check-config").arg(&example), PATIENCE);
+    assert!(
+        out.status.success(),
+        "config/wharf.toml: {}",
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("ok"), "{}", text(&out.stdout));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (body, path) in [
+        ("[server]\nlisten = \"nope\"\n", "server.listen"),
+        (
+            "[server]\nmax_header_size = \"1KiB\"\n",
+            "server.max_header_size",
+        ),
+        (
+            "[storage]\nupload_max_age = \"soon\"\n",
+            "storage.upload_max_age",
+        ),
+    ] {
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, body).expect("write");
+        let out = run_cmd(wharf_cmd().arg("check-config").arg(&file), PATIENCE);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "check-config accepted {body:?}");
+        assert!(
+            stderr.contains(path),
+            "stderr does not name {path}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn bad_environment_overrides_are_refused_with_the_key_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "", "");
+    for (var, value, named) in [
+        ("WHARF_SERVER_LISTEN", "bad", "server.listen"),
+        (
+            "WHARF_SERVER_SHUTDOWN_TIMEOUT",
+            "later",
+            "server.shutdown_timeout",
+        ),
+        ("WHARF_SERVER_LISTN", "127.0.0.1:0", "WHARF_SERVER_LISTN"),
+    ] {
+        let out = run_cmd(
+            wharf_cmd()
+                .arg("serve")
+                .arg("--config")
+                .arg(&config)
+                .env(var, value),
+            PATIENCE,
+        );
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "serve accepted {var}={value}");
+        assert!(stderr.contains(named), "{var}={value}: stderr: {stderr}");
+        let out = run_cmd(
+            wharf_cmd().arg("check-config").arg(&config).env(var, value),
+            PATIENCE,
+        );
+        assert!(!out.status.success(), "check-config accepted {var}={value}");
+        assert!(text(&out.stderr).contains(named));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_path_environment_override_moves_the_data_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "", "");
+    let in_file = dir.path().join("data");
+    let elsewhere = dir.path().join("elsewhere");
+    let elsewhere_s = elsewhere.to_str().expect("utf-8 path").to_string();
+    let server = Server::start_env(&config, &[("WHARF_STORAGE_PATH", &elsewhere_s)]);
+    let blob = random_bytes(100_000, 8);
+    let digest = server.client().push_blob("env/moved", &blob).await;
+    assert!(
+        blob_path(&elsewhere, &digest).is_file(),
+        "blob not under WHARF_STORAGE_PATH"
+    );
+    assert!(elsewhere.join("meta.redb").is_file());
+    assert!(
+        !in_file.exists(),
+        "the data dir of the file was used despite WHARF_STORAGE_PATH"
+    );
+    drop(server);
+
+    // Without the override the same file uses its own (empty) data dir.
+    let server = Server::start(&config);
+    let r = server.client().get("/v2/_catalog").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["repositories"], serde_json::json!([]), "{r:?}");
+    assert!(in_file.join("meta.redb").is_file());
+    assert!(!blob_path(&in_file, &digest).exists());
+}
+
+// ---------------------------------------------------------------------------
+// fsck
+// ---------------------------------------------------------------------------
+
+fn fsck(config: &Path) -> Output {
+    run_cmd(
+        wharf_cmd().arg("fsck").arg("--config").arg(config),
+        Duration::from_secs(60),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsck_quarantines_corrupt_blobs_which_are_then_not_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "", "");
+    let data = dir.path().join("data");
+    let repo = "fsck/blobs";
+    let blobs: Vec<Vec<u8>> = (0..4)
+        .map(|i| random_bytes(200_000 + i * 70_001, 100 + i as u64))
+        .collect();
+    let mut server = Server::start(&config);
+    let client = server.client();
+    for b in &blobs {
+        client.push_blob(repo, b).await;
+    }
+    server.sigterm();
+    assert!(server.exited_within(PATIENCE).await.success());
+
+    let out = fsck(&config);
+    assert!(out.status.success(), "fsck of a healthy store: {out:?}");
+
+    // Flip one byte of blob 0; cut blob 1 short.
+    let digests: Vec<String> = blobs.iter().map(|b| common::sha256(b)).collect();
+    let flipped = blob_path(&data, &digests[0]);
+    let mut bytes = std::fs::read(&flipped).expect("read blob file");
+    bytes[1234] ^= 0x01;
+    std::fs::write(&flipped, &bytes).expect("corrupt blob");
+    let truncated = blob_path(&data, &digests[1]);
+    let bytes = std::fs::read(&truncated).expect("read blob file");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).expect("truncate blob");
+
+    let out = fsck(&config);
+    let stdout = text(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "fsck passed a corrupt store: {stdout}"
+    );
+    for (i, d) in digests.iter().enumerate() {
+        if i < 2 {
+            assert!(
+                stdout.contains(d.as_str()),
+                "fsck output does not name {d}: {stdout}"
+            );
+            assert!(!blob_path(&data, d).exists(), "{d} still in place");
+            let hex = d.strip_prefix("sha256:").expect("sha256");
+            assert!(
+                data.join("quarantine")
+                    .join(format!("sha256-{hex}"))
+                    .is_file(),
+                "{d} not in quarantine"
+            );
+        } else {
+            assert!(
+                !stdout.contains(d.as_str()),
+                "fsck blames a good blob: {stdout}"
+            );
+            assert!(blob_path(&data, d).is_file());
+        }
+    }
+
+    let out = fsck(&config);
+    assert!(
+        out.status.success(),
+        "second fsck after quarantine: {}",
+        text(&out.stdout)
+    );
+
+    let server = Server::start(&config);
+    let client = server.client();
+    for (i, (b, d)) in blobs.iter().zip(&digests).enumerate() {
+        if i < 2 {
+            for method in [Method::GET, Method::HEAD] {
+                let r = client
+                    .send(
+                        method.clone(),
+                        &format!("/v2/{repo}/blobs/{d}"),
+                        &[],
+                        Bytes::new(),
+                    )
+                    .await;
+                assert_eq!(
+                    r.status,
+                    StatusCode::NOT_FOUND,
+                    "{method} quarantined {d}: {r:?}"
+                );
+                if method == Method::GET {
+                    assert_eq!(r.error_code(), "BLOB_UNKNOWN");
+                }
+            }
+        } else {
+            assert_blob(&client, repo, b).await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Upload sessions across restarts and purges
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_session_survives_sigkill_and_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "", "");
+    let repo = "resume/after-crash";
+    let blob = random_bytes(3 * MIB + 123, 9);
+    let digest = common::sha256(&blob);
+    let first = MIB + 77;
+
+    let mut server = Server::start(&config);
+    let client = server.client();
+    let (loc, _) = start_upload(&client, repo).await;
+    let r = client
+        .send(
+            Method::PATCH,
+            &loc,
+            &[
+                ("content-type", "application/octet-stream"),
+                ("content-range", &format!("0-{}", first - 1)),
+            ],
+            Bytes::copy_from_slice(&blob[..first]),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{r:?}");
+    assert_eq!(r.header("range"), Some(format!("0-{}", first - 1).as_str()));
+    server.kill9();
+
+    let server = Server::start(&config);
+    let client = server.client();
+    let r = client.get(&loc).await;
+    assert_eq!(
+        r.status,
+        StatusCode::NO_CONTENT,
+        "status after restart: {r:?}"
+    );
+    assert_eq!(r.header("range"), Some(format!("0-{}", first - 1).as_str()));
+    let loc = r.header("location").map(str::to_string).unwrap_or(loc);
+    let r = client
+        .send(
+            Method::PATCH,
+            &loc,
+            &[
+                ("content-type", "application/octet-stream"),
+                ("content-range", &format!("{first}-{}", blob.len() - 1)),
+            ],
+            Bytes::copy_from_slice(&blob[first..]),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{r:?}");
+    assert_eq!(
+        r.header("range"),
+        Some(format!("0-{}", blob.len() - 1).as_str())
+    );
+    let r = client
+        .send(
+            Method::PUT,
+            &with_query(&loc, &format!("digest={digest}")),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    assert_blob(&client, repo, &blob).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_upload_is_purged_and_an_active_one_is_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        dir.path(),
+        "",
+        "upload_max_age = \"3s\"\nupload_purge_interval = \"1s\"",
+    );
+    let data = dir.path().join("data");
+    let server = Server::start(&config);
+    let client = server.client();
+    let repo = "purge/uploads";
+
+    let (idle_loc, idle_id) = start_upload(&client, repo).await;
+    let r = client.get(&idle_loc).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "fresh upload: {r:?}");
+    assert!(data.join("uploads").join(&idle_id).is_dir());
+
+    // Another session receives a small chunk every 250 ms meanwhile: it is
+    // never idle long enough to be purged.
+    let (active_loc, _) = start_upload(&client, repo).await;
+    let mut sent: Vec<u8> = Vec::new();
+    let started = Instant::now();
+    let purged_after = loop {
+        let chunk = random_bytes(1000, sent.len() as u64);
+        let r = client
+            .send(
+                Method::PATCH,
+                &active_loc,
+                &[
+                    ("content-type", "application/octet-stream"),
+                    (
+                        "content-range",
+                        &format!("{}-{}", sent.len(), sent.len() + chunk.len() - 1),
+                    ),
+                ],
+                Bytes::copy_from_slice(&chunk),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "active upload: {r:?}");
+        sent.extend_from_slice(&chunk);
+        if !data.join("uploads").join(&idle_id).exists() {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "idle upload not purged within {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(
+        purged_after >= Duration::from_millis(2500),
+        "idle upload purged after {purged_after:?}, before upload_max_age (3s)"
+    );
+
+    let r = client.get(&idle_loc).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "purged upload: {r:?}");
+    assert_eq!(r.error_code(), "BLOB_UPLOAD_UNKNOWN");
+    let r = client
+        .send(
+            Method::PATCH,
+            &idle_loc,
+            &[("content-type", "application/octet-stream")],
+            Bytes::from_static(b"late"),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "PATCH to a purged upload: {r:?}"
+    );
+
+    // The active one survived every purge and completes.
+    let digest = common::sha256(&sent);
+    let r = client
+        .send(
+            Method::PUT,
+            &with_query(&active_loc, &format!("digest={digest}")),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "active upload: {r:?}");
+    assert_blob(&client, repo, &sent).await;
+}
+
+/// Sessions younger than `upload_max_age` are never purged, also when they
+/// start while a purge pass is busy removing many abandoned ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_younger_than_max_age_survive_busy_purge_passes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        dir.path(),
+        "",
+        "upload_max_age = \"2s\"\nupload_purge_interval = \"1s\"",
+    );
+    let data = dir.path().join("data");
+    let server = Server::start(&config);
+    let client = server.client();
+    let repo = "purge/busy";
+    let young = Duration::from_millis(200)..Duration::from_millis(1200);
+
+    // Sessions are started steadily and abandoned (work for every purge
+    // pass); each is checked once while it is well under 2s old.
+    let started = Instant::now();
+    let mut unchecked: Vec<(String, String, Instant)> = Vec::new();
+    let mut checked = 0;
+    let mut lost = Vec::new();
+    while started.elapsed() < Duration::from_secs(5) && lost.is_empty() {
+        for _ in 0..5 {
+            let (loc, id) = start_upload(&client, repo).await;
+            unchecked.push((loc, id, Instant::now()));
+        }
+        let mut later = Vec::new();
+        for (loc, id, at) in unchecked.drain(..) {
+            let age = at.elapsed();
+            if age < young.start {
+                later.push((loc, id, at));
+            } else if age < young.end {
+                let r = client.get(&loc).await;
+                checked += 1;
+                if r.status != StatusCode::NO_CONTENT {
+                    let staged = data.join("uploads").join(&id).exists();
+                    lost.push(format!(
+                        "{id}, {age:?} old: {} (staged bytes still on disk: {staged})",
+                        r.status
+                    ));
+                }
+            }
+        }
+        unchecked = later;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(checked > 50, "only {checked} sessions checked");
+    assert!(
+        lost.is_empty(),
+        "upload sessions younger than upload_max_age (2s) were purged: {lost:?}"
+    );
+}
