@@ -115,9 +115,17 @@ pub fn start(config: &Path, env: &[(&str, &str)]) -> (Child, SocketAddr) {
             }
         }
     });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("wharf did not report its listening address");
+    let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(addr) => addr,
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            let status = child.wait().expect("wait for wharf");
+            panic!("wharf exited before listening ({status}); its stderr is above");
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            let _ = child.kill();
+            panic!("wharf did not report its listening address within 60 s");
+        }
+    };
     let addr = addr
         .trim_start_matches("http://")
         .trim_start_matches("https://")
