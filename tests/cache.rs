@@ -385,6 +385,9 @@ async fn tags_are_fresh_for_tag_ttl_then_revalidated_with_head() {
         docker_hub: false,
     }]);
     let stop = tokio_util::sync::CancellationToken::new();
+    let budget = wharf::cache::budget::Budget::open(u64::MAX, store.clone(), meta.clone())
+        .await
+        .unwrap();
     let cache = Arc::new(Cache::new(
         rules,
         store.clone(),
@@ -393,6 +396,7 @@ async fn tags_are_fresh_for_tag_ttl_then_revalidated_with_head() {
         false,
         Duration::from_secs(60),
         Duration::from_secs(3600),
+        budget,
         stop.clone(),
     ));
     let registry = Registry::new(store.clone(), store, meta).with_cache(cache.clone());

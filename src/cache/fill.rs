@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::budget::Budget;
 use crate::oci::{Digest, RepoName};
 use crate::storage::{ByteStream, FillStore, MetaStore, StagedReader};
 use crate::upstream::{UpstreamClient, UpstreamError};
@@ -83,6 +84,7 @@ pub struct FillCounters {
 pub struct Fills {
     store: Arc<dyn FillStore>,
     meta: Arc<dyn MetaStore>,
+    budget: Arc<Budget>,
     active: Mutex<HashMap<Digest, Arc<Fill>>>,
     wait_timeout: Duration,
     max_age: Duration,
@@ -98,6 +100,7 @@ impl Fills {
     pub fn new(
         store: Arc<dyn FillStore>,
         meta: Arc<dyn MetaStore>,
+        budget: Arc<Budget>,
         wait_timeout: Duration,
         max_age: Duration,
         stop: CancellationToken,
@@ -105,6 +108,7 @@ impl Fills {
         Fills {
             store,
             meta,
+            budget,
             active: Mutex::new(HashMap::new()),
             wait_timeout,
             max_age,
@@ -343,9 +347,9 @@ impl FillTask {
         let outcome = self.fetch(&mut *writer, fills).await;
         let outcome = match outcome {
             Ok(()) => match writer.commit(&self.digest).await {
-                Ok(_) => {
+                Ok(size) => {
                     let repos = fill.repos.lock().expect("repos lock").clone();
-                    let mut linked = Ok(());
+                    let mut linked = fills.budget.add(&self.digest, size).await;
                     for r in &repos {
                         if let Err(e) = fills.meta.mark_cached(r).await {
                             linked = Err(e);

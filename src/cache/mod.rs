@@ -3,6 +3,7 @@
 //! and keeps manifests by tag fresh (`tag_ttl`, then a HEAD revalidation;
 //! served stale up to `max_stale` while upstream is failing).
 
+pub mod budget;
 pub mod fill;
 pub mod rules;
 
@@ -19,6 +20,7 @@ use crate::oci::manifest::{Descriptor, Manifest, ManifestKind};
 use crate::oci::{Digest, Reference, RepoName, Tag};
 use crate::storage::{BlobStore, FillStore, ManifestRecord, MetaStore, StorageError};
 use crate::upstream::{UpstreamClient, UpstreamError};
+use budget::{Budget, Hold};
 use fill::{Fill, FillFailure, Fills};
 pub use rules::{Routed, Rule, Rules, Target};
 
@@ -69,10 +71,14 @@ pub struct CachedManifest {
 
 /// A blob being served from the cache.
 pub enum CachedBlob {
-    /// Stored: read it from the blob store.
-    Stored { size: u64 },
+    /// Stored: read it from the blob store (under `hold`).
+    Stored { size: u64, hold: Hold },
     /// Being filled: stream it as it arrives.
-    Filling { size: u64, fill: Arc<Fill> },
+    Filling {
+        size: u64,
+        fill: Arc<Fill>,
+        hold: Hold,
+    },
 }
 
 pub struct Cache {
@@ -86,6 +92,7 @@ pub struct Cache {
     revalidating: Mutex<HashMap<(RepoName, Tag), Arc<tokio::sync::Mutex<()>>>>,
     prefetch: bool,
     pub counters: CacheCounters,
+    pub budget: Arc<Budget>,
 }
 
 impl Cache {
@@ -98,11 +105,13 @@ impl Cache {
         prefetch: bool,
         fill_wait_timeout: Duration,
         fill_max_age: Duration,
+        budget: Arc<Budget>,
         stop: CancellationToken,
     ) -> Cache {
         let fills = Arc::new(Fills::new(
             fill_store,
             meta.clone(),
+            budget.clone(),
             fill_wait_timeout,
             fill_max_age,
             stop,
@@ -116,6 +125,7 @@ impl Cache {
             revalidating: Mutex::new(HashMap::new()),
             prefetch,
             counters: CacheCounters::default(),
+            budget,
         }
     }
 
@@ -487,9 +497,12 @@ impl Cache {
 
     /// Opens a blob: stored, or joined to (or starting) its fill.
     pub async fn blob(&self, t: &Target, digest: &Digest) -> Result<CachedBlob, CacheError> {
+        // Held from before the lookup, so the blob cannot be evicted between
+        // finding it and streaming it.
+        let hold = self.budget.hold(digest).await;
         if let Some(size) = self.linked_size(t, digest).await? {
             bump(&self.counters.blob_hits);
-            return Ok(CachedBlob::Stored { size });
+            return Ok(CachedBlob::Stored { size, hold });
         }
         bump(&self.counters.blob_misses);
         let fill = self
@@ -497,7 +510,7 @@ impl Cache {
             .join_or_start(digest, self.upstream(t), &t.upstream, &t.local)
             .await?;
         match self.fills.wait_started(&fill).await {
-            Ok(size) => Ok(CachedBlob::Filling { size, fill }),
+            Ok(size) => Ok(CachedBlob::Filling { size, fill, hold }),
             Err(FillFailure::NotFound) => Err(self.upstream_err(t, UpstreamError::NotFound)),
             Err(FillFailure::Failed(m)) => Err(CacheError::Fill(m.to_string())),
         }

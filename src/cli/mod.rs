@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::App;
 use crate::api::server::{self, ServerOptions};
+use crate::cache::budget::Budget;
 use crate::cache::{Cache, Rule, Rules};
 use crate::config::{Config, LogFormat};
 use crate::registry::Registry;
@@ -111,7 +112,7 @@ fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
 
 /// Opens the configured stores and, when pull-through rules are configured,
 /// the cache in front of them.
-fn open_registry(config: &Config, stop: &CancellationToken) -> anyhow::Result<Registry> {
+async fn open_registry(config: &Config, stop: &CancellationToken) -> anyhow::Result<Registry> {
     let root = &config.storage.path;
     let store = Arc::new(
         FsStore::open(root).with_context(|| format!("opening storage at {}", root.display()))?,
@@ -162,7 +163,10 @@ fn open_registry(config: &Config, stop: &CancellationToken) -> anyhow::Result<Re
             docker_hub,
         });
     }
-    let cache = Cache::new(
+    let budget = Budget::open(config.cache.max_size.as_u64(), store.clone(), meta.clone())
+        .await
+        .context("loading the cache budget")?;
+    let cache = Arc::new(Cache::new(
         Rules(rules),
         store.clone(),
         store,
@@ -170,9 +174,12 @@ fn open_registry(config: &Config, stop: &CancellationToken) -> anyhow::Result<Re
         config.cache.prefetch,
         config.cache.fill_wait_timeout,
         config.cache.fill_max_age,
+        budget.clone(),
         stop.clone(),
-    );
-    Ok(registry.with_cache(Arc::new(cache)))
+    ));
+    let fills = cache.fills.clone();
+    tokio::spawn(budget.run(move |d| fills.in_progress(d).is_some(), stop.clone()));
+    Ok(registry.with_cache(cache))
 }
 
 fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Result<ExitCode> {
@@ -189,8 +196,8 @@ fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Resul
     let rt = runtime()?;
     let _guard = rt.enter();
     let stop = CancellationToken::new();
-    let registry = open_registry(&config, &stop)?;
     rt.block_on(async move {
+        let registry = open_registry(&config, &stop).await?;
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("binding {}", config.server.listen))?;

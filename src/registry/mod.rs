@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures::StreamExt;
 
+use crate::cache::budget::Hold;
 use crate::cache::{Cache, CacheError, CachedBlob, Routed, Target};
 use crate::oci::manifest::{Descriptor, MAX_MANIFEST_SIZE, Manifest, ManifestError};
 use crate::oci::{
@@ -480,17 +481,25 @@ impl Registry {
                 .await
                 .map_err(|e| cache_err(Missing::Blob, e))?
             {
-                CachedBlob::Filling { size, fill } => {
+                CachedBlob::Filling { size, fill, hold } => {
                     let range = resolve(size)?;
                     let (start, end) = range.as_ref().map_or((0, None), |r| (r.start, Some(r.end)));
-                    let stream = cache.fills.stream(fill, start, end);
+                    let stream = held(cache.fills.stream(fill, start, end), hold);
                     return Ok(BlobBody {
                         size,
                         range,
                         stream,
                     });
                 }
-                CachedBlob::Stored { .. } => {}
+                CachedBlob::Stored { size, hold } => {
+                    let range = resolve(size)?;
+                    let stream = self.read_blob(digest, range.clone()).await?;
+                    return Ok(BlobBody {
+                        size,
+                        range,
+                        stream: held(stream, hold),
+                    });
+                }
             }
         } else if !self.meta.blob_linked(repo, digest).await? {
             return Err(RegistryError::BlobUnknown);
@@ -501,16 +510,24 @@ impl Registry {
             .await?
             .ok_or(RegistryError::BlobUnknown)?;
         let range = resolve(size)?;
-        let stream = match self.blobs.read(digest, range.clone()).await {
-            Ok(s) => s,
-            Err(StorageError::NotFound) => return Err(RegistryError::BlobUnknown),
-            Err(e) => return Err(e.into()),
-        };
+        let stream = self.read_blob(digest, range.clone()).await?;
         Ok(BlobBody {
             size,
             range,
             stream,
         })
+    }
+
+    async fn read_blob(
+        &self,
+        digest: &Digest,
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<ByteStream> {
+        match self.blobs.read(digest, range).await {
+            Ok(s) => Ok(s),
+            Err(StorageError::NotFound) => Err(RegistryError::BlobUnknown),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Removes a blob from a repository (the bytes stay for other repositories).
@@ -525,6 +542,14 @@ impl Registry {
             Ok(())
         } else {
             Err(RegistryError::BlobUnknown)
+        }
+    }
+
+    /// Keeps `digest` from being evicted by the cache budget while alive.
+    async fn hold(&self, digest: &Digest) -> Option<Hold> {
+        match &self.cache {
+            Some(c) => Some(c.budget.hold(digest).await),
+            None => None,
         }
     }
 
@@ -632,6 +657,9 @@ impl Registry {
         } else {
             self.check_session(repo, id).await?;
         }
+        // Publishing and linking happen under a hold, so the cache budget
+        // cannot evict a pulled-through copy of the same digest in between.
+        let _hold = self.hold(digest).await;
         let result = self.uploads.commit(id, digest).await;
         self.end_session(id).await;
         match result {
@@ -687,6 +715,7 @@ impl Registry {
     ) -> Result<MountOutcome> {
         self.check_push(repo, ns).await?;
         if let Some(from) = from {
+            let _hold = self.hold(digest).await;
             if self.meta.blob_linked(from, digest).await?
                 && self.blobs.stat(digest).await?.is_some()
             {
@@ -778,4 +807,15 @@ impl Registry {
         }
         Ok(all)
     }
+}
+
+/// `stream`, keeping `hold` alive until the stream is dropped: the cache
+/// budget never evicts a blob while a response streams it.
+fn held(stream: ByteStream, hold: Hold) -> ByteStream {
+    stream
+        .map(move |chunk| {
+            let _ = &hold;
+            chunk
+        })
+        .boxed()
 }

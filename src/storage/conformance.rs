@@ -9,8 +9,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use super::{
-    BlobStore, ByteStream, FillStore, ManifestRecord, MetaStore, RepoKind, StorageError,
-    UploadRecord, UploadStore,
+    BlobStore, ByteStream, CacheEntry, FillStore, ManifestRecord, MetaStore, RepoKind,
+    StorageError, UploadRecord, UploadStore,
 };
 use crate::oci::manifest::Descriptor;
 use crate::oci::{Algorithm, Digest, RepoName, Tag, UploadId};
@@ -348,6 +348,37 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
     assert!(meta.uploads().await.unwrap().contains(&(id.clone(), r)));
     meta.delete_upload(&id).await.unwrap();
     assert_eq!(meta.upload(&id).await.unwrap(), None);
+
+    // Pins: a link into a hosted repository pins the blob; a link into a
+    // cached one does not.
+    let d3 = Digest::sha256_of(b"cached only");
+    meta.link_blob(&cached, &d3).await.unwrap();
+    assert!(
+        !meta.blob_pinned(&d3).await.unwrap(),
+        "cached links do not pin"
+    );
+    assert!(
+        meta.blob_pinned(&d1).await.unwrap(),
+        "a hosted link pins, and the pin outlives the link (unlinked above)"
+    );
+
+    // Cache budget entries.
+    let e = |size, accessed| CacheEntry { size, accessed };
+    meta.put_cache_entries(&[(d2.clone(), e(10, 1)), (d3.clone(), e(20, 2))])
+        .await
+        .unwrap();
+    meta.put_cache_entries(&[(d2.clone(), e(10, 5))])
+        .await
+        .unwrap();
+    let mut entries = meta.cache_entries().await.unwrap();
+    entries.sort_by_key(|(_, e)| e.accessed);
+    assert_eq!(
+        entries,
+        vec![(d3.clone(), e(20, 2)), (d2.clone(), e(10, 5))]
+    );
+    meta.delete_cache_entry(&d3).await.unwrap();
+    meta.delete_cache_entry(&d3).await.unwrap();
+    assert_eq!(meta.cache_entries().await.unwrap(), vec![(d2, e(10, 5))]);
 }
 
 /// Runs the fill contract: staged bytes readable while written, nothing

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{ManifestRecord, MetaStore, RepoKind, Result, StorageError, UploadRecord};
+use super::{CacheEntry, ManifestRecord, MetaStore, RepoKind, Result, StorageError, UploadRecord};
 use crate::oci::manifest::Descriptor;
 use crate::oci::{Digest, RepoName, Tag, UploadId};
 
@@ -26,6 +26,10 @@ const MANIFESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("manifests"
 const REFERRERS: TableDefinition<&str, &[u8]> = TableDefinition::new("referrers");
 /// `repo\0tag` → Unix seconds of the last upstream check (cache repositories)
 const CHECKED: TableDefinition<&str, u64> = TableDefinition::new("tag_checked");
+/// digest → 1: linked into a hosted repository at least once
+const PINNED: TableDefinition<&str, u8> = TableDefinition::new("pinned_blobs");
+/// digest → (size, last access in Unix µs): blobs the cache budget counts
+const CACHE: TableDefinition<&str, (u64, u64)> = TableDefinition::new("cache_entries");
 /// upload id → JSON [`UploadRecord`]
 const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
 
@@ -66,6 +70,8 @@ impl RedbMeta {
             txn.open_table(REFERRERS).map_err(meta_err)?;
             txn.open_table(UPLOADS).map_err(meta_err)?;
             txn.open_table(CHECKED).map_err(meta_err)?;
+            txn.open_table(PINNED).map_err(meta_err)?;
+            txn.open_table(CACHE).map_err(meta_err)?;
         }
         txn.commit().map_err(meta_err)?;
         Ok(RedbMeta { db: Arc::new(db) })
@@ -137,13 +143,26 @@ impl MetaStore for RedbMeta {
 
     async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
         let (repo, k) = (repo.to_string(), key(repo.as_str(), digest.as_str()));
+        let digest = digest.to_string();
         self.run(move |db| {
             write(db, |txn| {
                 ensure_repo(txn, &repo, RepoKind::Hosted)?;
+                let hosted = txn
+                    .open_table(REPOS)
+                    .map_err(meta_err)?
+                    .get(repo.as_str())
+                    .map_err(meta_err)?
+                    .is_some_and(|v| v.value() == RepoKind::Hosted as u8);
                 txn.open_table(LINKS)
                     .map_err(meta_err)?
                     .insert(k.as_str(), 1)
                     .map_err(meta_err)?;
+                if hosted {
+                    txn.open_table(PINNED)
+                        .map_err(meta_err)?
+                        .insert(digest.as_str(), 1)
+                        .map_err(meta_err)?;
+                }
                 Ok(())
             })
         })
@@ -387,6 +406,65 @@ impl MetaStore for RedbMeta {
                 out.push(serde_json::from_slice(v.value()).map_err(meta_err)?);
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn blob_pinned(&self, digest: &Digest) -> Result<bool> {
+        let digest = digest.to_string();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(meta_err)?;
+            let t = txn.open_table(PINNED).map_err(meta_err)?;
+            Ok(t.get(digest.as_str()).map_err(meta_err)?.is_some())
+        })
+        .await
+    }
+
+    async fn cache_entries(&self) -> Result<Vec<(Digest, CacheEntry)>> {
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(meta_err)?;
+            let t = txn.open_table(CACHE).map_err(meta_err)?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(meta_err)? {
+                let (k, v) = row.map_err(meta_err)?;
+                let Ok(digest) = k.value().parse::<Digest>() else {
+                    continue;
+                };
+                let (size, accessed) = v.value();
+                out.push((digest, CacheEntry { size, accessed }));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn put_cache_entries(&self, entries: &[(Digest, CacheEntry)]) -> Result<()> {
+        let entries: Vec<(String, (u64, u64))> = entries
+            .iter()
+            .map(|(d, e)| (d.to_string(), (e.size, e.accessed)))
+            .collect();
+        self.run(move |db| {
+            write(db, |txn| {
+                let mut t = txn.open_table(CACHE).map_err(meta_err)?;
+                for (k, v) in &entries {
+                    t.insert(k.as_str(), *v).map_err(meta_err)?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn delete_cache_entry(&self, digest: &Digest) -> Result<()> {
+        let digest = digest.to_string();
+        self.run(move |db| {
+            write(db, |txn| {
+                txn.open_table(CACHE)
+                    .map_err(meta_err)?
+                    .remove(digest.as_str())
+                    .map_err(meta_err)?;
+                Ok(())
+            })
         })
         .await
     }

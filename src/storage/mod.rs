@@ -145,6 +145,14 @@ pub struct ManifestRecord {
     pub subject: Option<Digest>,
 }
 
+/// A blob the cache budget accounts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheEntry {
+    pub size: u64,
+    /// Last access, Unix microseconds (strictly increasing within a process).
+    pub accessed: u64,
+}
+
 /// An upload session's metadata.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UploadRecord {
@@ -173,6 +181,8 @@ pub trait MetaStore: Send + Sync + 'static {
     /// `link_blob` and `put_manifest` create unknown repositories as hosted.
     async fn mark_cached(&self, repo: &RepoName) -> Result<()>;
     /// Makes `digest` readable through `repo` (creating the repository).
+    /// Linking into a hosted repository also pins the blob, in the same
+    /// transaction: the cache budget never evicts a pinned blob.
     async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()>;
     async fn blob_linked(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
     /// Returns whether a link existed.
@@ -207,6 +217,14 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn repositories(&self, last: Option<&str>, n: usize) -> Result<Vec<String>>;
     /// Manifests in `repo` whose subject is `subject`.
     async fn referrers(&self, repo: &RepoName, subject: &Digest) -> Result<Vec<Descriptor>>;
+
+    /// Whether `digest` was ever linked into a hosted repository.
+    async fn blob_pinned(&self, digest: &Digest) -> Result<bool>;
+    /// Every blob the cache budget accounts for.
+    async fn cache_entries(&self) -> Result<Vec<(Digest, CacheEntry)>>;
+    /// Inserts or replaces budget entries, in one transaction.
+    async fn put_cache_entries(&self, entries: &[(Digest, CacheEntry)]) -> Result<()>;
+    async fn delete_cache_entry(&self, digest: &Digest) -> Result<()>;
 
     async fn put_upload(&self, id: &UploadId, record: &UploadRecord) -> Result<()>;
     async fn upload(&self, id: &UploadId) -> Result<Option<UploadRecord>>;

@@ -1,0 +1,343 @@
+//! The cache budget: `cache.max_size` bounds the bytes of blobs pulled
+//! through the cache; over budget, the least recently used are evicted.
+//!
+//! What is never evicted:
+//! - pushed content: a blob linked into a hosted repository is pinned in the
+//!   metadata store in the same transaction as the link, and the evictor
+//!   re-checks the pin before deleting;
+//! - a blob held by a [`Hold`]: every response streaming it, every fill in
+//!   progress and every push committing or linking it holds it. Taking a
+//!   hold waits while the blob is being evicted, and the evictor only starts
+//!   on a blob nobody holds, so the two never overlap.
+//!
+//! Only blobs that fills published are budgeted (manifests are metadata of
+//! a few KiB and stay). Sizes and access times live in the metadata store,
+//! so the budget survives restarts; access times are flushed in batches.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::oci::Digest;
+use crate::storage::{BlobStore, CacheEntry, MetaStore, Result};
+
+/// How often the evictor wakes on its own (to flush access times, and to
+/// retry blobs that were held at its last pass).
+const PASS_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+struct State {
+    entries: HashMap<Digest, CacheEntry>,
+    total: u64,
+    /// Holds by digest.
+    held: HashMap<Digest, u32>,
+    /// Blobs being deleted right now: no new hold until they are gone.
+    evicting: HashSet<Digest>,
+    /// Digests whose access time changed since the last flush.
+    dirty: HashSet<Digest>,
+    /// Last access stamp given out (strictly increasing).
+    clock: u64,
+}
+
+impl State {
+    /// A strictly increasing microsecond stamp, so that the order of
+    /// accesses is exact even within one clock tick.
+    fn stamp(&mut self) -> u64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        self.clock = now.max(self.clock + 1);
+        self.clock
+    }
+}
+
+/// Metrics of the budget.
+#[derive(Debug, Default, Clone)]
+pub struct BudgetMetrics {
+    pub size_bytes: Gauge,
+    pub entries: Gauge,
+    pub evictions: Counter,
+    pub evicted_bytes: Counter,
+}
+
+pub struct Budget {
+    max: u64,
+    blobs: Arc<dyn BlobStore>,
+    meta: Arc<dyn MetaStore>,
+    state: Mutex<State>,
+    /// Woken when a hold is released or an eviction finishes.
+    released: Notify,
+    /// Woken when the budget may be exceeded.
+    over: Notify,
+    pub metrics: BudgetMetrics,
+}
+
+/// Keeps a blob from being evicted while it is alive.
+pub struct Hold {
+    budget: Arc<Budget>,
+    digest: Digest,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut st = self.budget.lock();
+        if let Some(n) = st.held.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                st.held.remove(&self.digest);
+            }
+        }
+        drop(st);
+        self.budget.released.notify_waiters();
+    }
+}
+
+/// What `cache stats` shows of the budget.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BudgetStats {
+    pub max_size_bytes: u64,
+    pub size_bytes: u64,
+    pub blobs: usize,
+    pub held: usize,
+}
+
+impl Budget {
+    /// Loads the budgeted entries from `meta`.
+    pub async fn open(
+        max: u64,
+        blobs: Arc<dyn BlobStore>,
+        meta: Arc<dyn MetaStore>,
+    ) -> Result<Arc<Budget>> {
+        let mut state = State::default();
+        for (digest, entry) in meta.cache_entries().await? {
+            state.total += entry.size;
+            state.clock = state.clock.max(entry.accessed);
+            state.entries.insert(digest, entry);
+        }
+        let metrics = BudgetMetrics::default();
+        metrics.size_bytes.set(state.total as i64);
+        metrics.entries.set(state.entries.len() as i64);
+        Ok(Arc::new(Budget {
+            max,
+            blobs,
+            meta,
+            state: Mutex::new(state),
+            released: Notify::new(),
+            over: Notify::new(),
+            metrics,
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish_size(&self, st: &State) {
+        self.metrics.size_bytes.set(st.total as i64);
+        self.metrics.entries.set(st.entries.len() as i64);
+    }
+
+    /// Holds `digest` (waiting while it is being evicted) and marks it used.
+    pub async fn hold(self: &Arc<Self>, digest: &Digest) -> Hold {
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            {
+                let mut st = self.lock();
+                if !st.evicting.contains(digest) {
+                    *st.held.entry(digest.clone()).or_default() += 1;
+                    let stamp = st.stamp();
+                    if let Some(e) = st.entries.get_mut(digest) {
+                        e.accessed = stamp;
+                        st.dirty.insert(digest.clone());
+                    }
+                    return Hold {
+                        budget: self.clone(),
+                        digest: digest.clone(),
+                    };
+                }
+            }
+            released.await;
+        }
+    }
+
+    /// Budgets a blob a fill has just published.
+    pub async fn add(&self, digest: &Digest, size: u64) -> Result<()> {
+        let entry = {
+            let mut st = self.lock();
+            let accessed = st.stamp();
+            let entry = CacheEntry { size, accessed };
+            if let Some(old) = st.entries.insert(digest.clone(), entry) {
+                st.total -= old.size;
+            }
+            st.total += size;
+            st.dirty.remove(digest);
+            self.publish_size(&st);
+            entry
+        };
+        self.meta
+            .put_cache_entries(&[(digest.clone(), entry)])
+            .await?;
+        if self.over_budget() {
+            self.over.notify_one();
+        }
+        Ok(())
+    }
+
+    fn over_budget(&self) -> bool {
+        self.lock().total > self.max
+    }
+
+    pub fn stats(&self) -> BudgetStats {
+        let st = self.lock();
+        BudgetStats {
+            max_size_bytes: self.max,
+            size_bytes: st.total,
+            blobs: st.entries.len(),
+            held: st.held.len(),
+        }
+    }
+
+    /// Writes changed access times to the metadata store.
+    pub async fn flush(&self) -> Result<()> {
+        let batch: Vec<(Digest, CacheEntry)> = {
+            let mut st = self.lock();
+            let dirty = std::mem::take(&mut st.dirty);
+            dirty
+                .into_iter()
+                .filter_map(|d| st.entries.get(&d).map(|e| (d, *e)))
+                .collect()
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.meta.put_cache_entries(&batch).await
+    }
+
+    /// Evicts least recently used blobs until the budget holds (or nothing
+    /// evictable is left). `filling` tells whether a fill is staging a
+    /// digest. Returns the number of blobs evicted.
+    pub async fn evict(&self, filling: &(dyn Fn(&Digest) -> bool + Sync)) -> Result<usize> {
+        if !self.over_budget() {
+            return Ok(0);
+        }
+        let mut order: Vec<(u64, Digest)> = {
+            let st = self.lock();
+            st.entries
+                .iter()
+                .map(|(d, e)| (e.accessed, d.clone()))
+                .collect()
+        };
+        order.sort_unstable();
+        let mut evicted = 0;
+        for (seen, digest) in order {
+            // Claim it: only if still budgeted, untouched since the snapshot,
+            // and held by nobody.
+            let entry = {
+                let mut st = self.lock();
+                if st.total <= self.max {
+                    break;
+                }
+                let Some(entry) = st.entries.get(&digest).copied() else {
+                    continue;
+                };
+                if entry.accessed != seen || st.held.contains_key(&digest) || filling(&digest) {
+                    continue;
+                }
+                st.entries.remove(&digest);
+                st.total -= entry.size;
+                st.dirty.remove(&digest);
+                st.evicting.insert(digest.clone());
+                self.publish_size(&st);
+                entry
+            };
+            let outcome = self.evict_one(&digest).await;
+            {
+                let mut st = self.lock();
+                st.evicting.remove(&digest);
+                if !matches!(outcome, Ok(true)) {
+                    // Pinned meanwhile or failed: it is not budgeted any
+                    // more (pinned) or stays budgeted (failed).
+                    if outcome.is_err() {
+                        st.total += entry.size;
+                        st.entries.insert(digest.clone(), entry);
+                        self.publish_size(&st);
+                    }
+                }
+            }
+            self.released.notify_waiters();
+            match outcome {
+                Ok(true) => {
+                    evicted += 1;
+                    self.metrics.evictions.inc();
+                    self.metrics.evicted_bytes.inc_by(entry.size);
+                    tracing::debug!(%digest, size = entry.size, "evicted from the cache");
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(%digest, error = %e, "evicting a cached blob failed");
+                    return Err(e);
+                }
+            }
+        }
+        Ok(evicted)
+    }
+
+    /// Deletes one claimed blob unless a push pinned it. Ok(false): pinned,
+    /// kept and no longer budgeted.
+    async fn evict_one(&self, digest: &Digest) -> Result<bool> {
+        if self.meta.blob_pinned(digest).await? {
+            self.meta.delete_cache_entry(digest).await?;
+            return Ok(false);
+        }
+        self.blobs.delete(digest).await?;
+        self.meta.delete_cache_entry(digest).await?;
+        Ok(true)
+    }
+
+    /// Runs until `stop`: evicts whenever the budget is exceeded, and
+    /// flushes access times.
+    pub async fn run(
+        self: Arc<Self>,
+        filling: impl Fn(&Digest) -> bool + Send + Sync + 'static,
+        stop: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                () = self.over.notified() => {}
+                () = tokio::time::sleep(PASS_INTERVAL) => {}
+                // Still over budget because everything evictable was held:
+                // look again as soon as a hold is released.
+                () = self.released.notified(), if self.over_budget() => {}
+                () = stop.cancelled() => {
+                    if let Err(e) = self.flush().await {
+                        tracing::warn!(error = %e, "saving cache access times failed");
+                    }
+                    return;
+                }
+            }
+            match self.evict(&filling).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    let st = self.stats();
+                    tracing::info!(
+                        evicted = n,
+                        size = st.size_bytes,
+                        max = st.max_size_bytes,
+                        "cache over budget: evicted least recently used blobs"
+                    );
+                }
+                Err(_) => {}
+            }
+            if let Err(e) = self.flush().await {
+                tracing::warn!(error = %e, "saving cache access times failed");
+            }
+        }
+    }
+}
