@@ -5,6 +5,7 @@ pub mod api;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod oci;
 pub mod registry;
 pub mod storage;

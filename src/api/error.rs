@@ -28,7 +28,7 @@ pub fn registry_error(e: &RegistryError) -> Resp {
         E::ManifestUnknown | E::ManifestNotAcceptable(_) => {
             (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown)
         }
-        E::NameUnknown => (StatusCode::NOT_FOUND, ErrorCode::NameUnknown),
+        E::NameUnknown | E::NameUnknownWhy(_) => (StatusCode::NOT_FOUND, ErrorCode::NameUnknown),
         E::UploadUnknown => (StatusCode::NOT_FOUND, ErrorCode::BlobUploadUnknown),
         E::DigestInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid),
         E::ManifestInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid),

@@ -2,11 +2,14 @@
 //! the result onto the distribution API's responses. Health endpoints live
 //! here too. The listener, TLS and shutdown are in [`server`].
 
+mod admin;
+pub use admin::split_ref;
 pub mod error;
 pub mod server;
 
 use std::convert::Infallible;
 use std::io;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -16,6 +19,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, BodyStream, Empty, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 
+use crate::metrics::{Metrics, RequestLabels, ServerMetrics, UpstreamMetrics};
 use crate::oci::manifest::{MAX_MANIFEST_SIZE, OCI_INDEX};
 use crate::oci::{Digest, ErrorCode, Reference, RepoName, Route, UploadId, UploadRange};
 use crate::registry::{MountOutcome, Page, Registry, RegistryError};
@@ -46,11 +50,30 @@ const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
 #[derive(Clone)]
 pub struct App {
     pub registry: Registry,
+    metrics: Arc<Metrics>,
+    counters: ServerMetrics,
 }
 
 impl App {
+    /// An app whose metrics cover only itself and the registry's cache.
     pub fn new(registry: Registry) -> App {
-        App { registry }
+        App::with_metrics(registry, &UpstreamMetrics::default())
+    }
+
+    /// An app whose `/metrics` also reports `upstream` (the counters the
+    /// upstream clients were built with).
+    pub fn with_metrics(registry: Registry, upstream: &UpstreamMetrics) -> App {
+        let counters = ServerMetrics::default();
+        let metrics = Arc::new(Metrics::new(
+            &counters,
+            upstream,
+            registry.cache().map(|c| &**c),
+        ));
+        App {
+            registry,
+            metrics,
+            counters,
+        }
     }
 
     /// Handles one request. Never fails: errors become responses.
@@ -65,6 +88,13 @@ impl App {
         let mut resp = self.dispatch(req).await;
         resp.headers_mut()
             .insert("docker-distribution-api-version", API_VERSION);
+        self.counters
+            .requests
+            .get_or_create(&RequestLabels {
+                method: method.as_str().to_string(),
+                status: resp.status().as_u16(),
+            })
+            .inc();
         tracing::info!(
             target: "wharf::access",
             %method,
@@ -81,9 +111,10 @@ impl App {
         B::Error: std::error::Error + Send + Sync + 'static,
     {
         let path = req.uri().path();
-        match path {
-            "/healthz" | "/readyz" => return json(StatusCode::OK, "{\"status\":\"ok\"}"),
-            _ => {}
+        if !path.starts_with("/v2")
+            && let Some(resp) = self.operations(req.method(), path, req.uri().query()).await
+        {
+            return resp;
         }
         let route = match Route::parse(path) {
             Ok(r) => r,
@@ -175,7 +206,9 @@ impl App {
         let body = if head {
             empty()
         } else {
-            full(self.registry.manifest_body(&hit).await?)
+            let bytes = self.registry.manifest_body(&hit).await?;
+            self.counters.bytes_served.inc_by(bytes.len() as u64);
+            full(bytes)
         };
         let mut r = Response::new(body);
         let h = r.headers_mut();
@@ -248,7 +281,14 @@ impl App {
         }
         let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
         let blob = self.registry.blob(name, digest, range, ns).await?;
-        let mut r = Response::new(stream_body(blob.stream));
+        let served = self.counters.bytes_served.clone();
+        let stream = blob
+            .stream
+            .inspect_ok(move |chunk| {
+                served.inc_by(chunk.len() as u64);
+            })
+            .boxed();
+        let mut r = Response::new(stream_body(stream));
         match blob.range {
             Some(range) => {
                 *r.status_mut() = StatusCode::PARTIAL_CONTENT;
@@ -410,10 +450,10 @@ impl App {
 }
 
 /// Decoded query parameters.
-struct Query(Vec<(String, String)>);
+pub(crate) struct Query(Vec<(String, String)>);
 
 impl Query {
-    fn parse(q: Option<&str>) -> Query {
+    pub(crate) fn parse(q: Option<&str>) -> Query {
         let decode = |s: &str| {
             percent_encoding::percent_decode_str(s)
                 .decode_utf8_lossy()
@@ -431,7 +471,7 @@ impl Query {
         )
     }
 
-    fn get(&self, key: &str) -> Option<&str> {
+    pub(crate) fn get(&self, key: &str) -> Option<&str> {
         self.0
             .iter()
             .find(|(k, _)| k == key)
@@ -452,7 +492,7 @@ fn hv(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
-fn json(status: StatusCode, body: impl Into<Bytes>) -> Resp {
+pub(crate) fn json(status: StatusCode, body: impl Into<Bytes>) -> Resp {
     let mut r = Response::new(full(body));
     *r.status_mut() = status;
     r.headers_mut().insert(

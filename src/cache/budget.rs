@@ -341,3 +341,148 @@ impl Budget {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::RepoName;
+    use crate::storage::fs::FsStore;
+    use crate::storage::meta::RedbMeta;
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        store: Arc<FsStore>,
+        meta: Arc<RedbMeta>,
+    }
+
+    fn setup() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FsStore::open(dir.path()).unwrap());
+        let meta = Arc::new(RedbMeta::open(&dir.path().join("meta.redb")).unwrap());
+        Setup {
+            _dir: dir,
+            store,
+            meta,
+        }
+    }
+
+    /// Stores `n` bytes as a cached blob and budgets it.
+    async fn cached(s: &Setup, budget: &Budget, seed: u8, n: usize) -> Digest {
+        let data = vec![seed; n];
+        let d = Digest::sha256_of(&data);
+        s.store.put(&d, data.into()).await.unwrap();
+        let repo: RepoName = "up/app".parse().unwrap();
+        s.meta.mark_cached(&repo).await.unwrap();
+        s.meta.link_blob(&repo, &d).await.unwrap();
+        budget.add(&d, n as u64).await.unwrap();
+        d
+    }
+
+    async fn exists(s: &Setup, d: &Digest) -> bool {
+        s.store.stat(d).await.unwrap().is_some()
+    }
+
+    fn none(_: &Digest) -> bool {
+        false
+    }
+
+    #[tokio::test]
+    async fn evicts_least_recently_used_until_within_budget() {
+        let s = setup();
+        let b = Budget::open(250, s.store.clone(), s.meta.clone())
+            .await
+            .unwrap();
+        let a = cached(&s, &b, 1, 100).await;
+        let c = cached(&s, &b, 2, 100).await;
+        drop(b.hold(&a).await); // a used after c: c is now the oldest
+        let d = cached(&s, &b, 3, 100).await;
+        assert_eq!(b.stats().size_bytes, 300);
+        assert_eq!(b.evict(&none).await.unwrap(), 1);
+        assert!(!exists(&s, &c).await, "the least recently used went");
+        assert!(exists(&s, &a).await && exists(&s, &d).await);
+        assert_eq!(b.stats().size_bytes, 200);
+        assert_eq!(b.metrics.evictions.get(), 1);
+        assert_eq!(b.metrics.evicted_bytes.get(), 100);
+        assert_eq!(b.evict(&none).await.unwrap(), 0, "within budget");
+    }
+
+    #[tokio::test]
+    async fn held_filling_and_pinned_blobs_are_never_evicted() {
+        let s = setup();
+        let b = Budget::open(50, s.store.clone(), s.meta.clone())
+            .await
+            .unwrap();
+        let held = cached(&s, &b, 1, 100).await;
+        let filling = cached(&s, &b, 2, 100).await;
+        let pinned = cached(&s, &b, 3, 100).await;
+        // A push links the third into a hosted repository.
+        s.meta
+            .link_blob(&"mine/app".parse().unwrap(), &pinned)
+            .await
+            .unwrap();
+        let hold = b.hold(&held).await;
+        let f = filling.clone();
+        let n = b.evict(&move |d: &Digest| d == &f).await.unwrap();
+        assert_eq!(n, 0);
+        assert!(exists(&s, &held).await, "held: kept");
+        assert!(exists(&s, &filling).await, "filling: kept");
+        assert!(exists(&s, &pinned).await, "pinned: kept");
+        assert_eq!(
+            b.stats().size_bytes,
+            200,
+            "the pinned blob left the budget, the others stay budgeted"
+        );
+        drop(hold);
+        assert_eq!(b.evict(&none).await.unwrap(), 2);
+        assert!(!exists(&s, &held).await && !exists(&s, &filling).await);
+        assert!(exists(&s, &pinned).await);
+        assert_eq!(b.stats().size_bytes, 0);
+    }
+
+    #[tokio::test]
+    async fn a_hold_waits_for_an_eviction_in_progress() {
+        let s = setup();
+        let b = Budget::open(0, s.store.clone(), s.meta.clone())
+            .await
+            .unwrap();
+        let d = cached(&s, &b, 1, 10).await;
+        // Simulate the evictor's claim, then release it from another task.
+        b.lock().evicting.insert(d.clone());
+        let waiter = {
+            let b = b.clone();
+            let d = d.clone();
+            tokio::spawn(async move {
+                let _h = b.hold(&d).await;
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "no hold while evicting");
+        b.lock().evicting.remove(&d);
+        b.released.notify_waiters();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the hold is granted once the eviction ends")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_budget_and_access_order_survive_a_restart() {
+        let s = setup();
+        let b = Budget::open(150, s.store.clone(), s.meta.clone())
+            .await
+            .unwrap();
+        let a = cached(&s, &b, 1, 100).await;
+        let c = cached(&s, &b, 2, 100).await;
+        drop(b.hold(&a).await);
+        b.flush().await.unwrap();
+        drop(b);
+        let b = Budget::open(150, s.store.clone(), s.meta.clone())
+            .await
+            .unwrap();
+        assert_eq!(b.stats().size_bytes, 200);
+        assert_eq!(b.stats().blobs, 2);
+        assert_eq!(b.evict(&none).await.unwrap(), 1);
+        assert!(exists(&s, &a).await, "a was used last, before the restart");
+        assert!(!exists(&s, &c).await);
+    }
+}

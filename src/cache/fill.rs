@@ -23,6 +23,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use prometheus_client::metrics::counter::Counter;
+
 use super::budget::Budget;
 use crate::oci::{Digest, RepoName};
 use crate::storage::{ByteStream, FillStore, MetaStore, StagedReader};
@@ -74,11 +76,11 @@ pub struct Fill {
 /// Counters the fills keep (read by metrics and `cache stats`).
 #[derive(Debug, Default)]
 pub struct FillCounters {
-    pub started: std::sync::atomic::AtomicU64,
-    pub coalesced: std::sync::atomic::AtomicU64,
-    pub failed: std::sync::atomic::AtomicU64,
-    pub corrupt: std::sync::atomic::AtomicU64,
-    pub upstream_bytes: std::sync::atomic::AtomicU64,
+    pub started: Counter,
+    pub coalesced: Counter,
+    pub failed: Counter,
+    pub corrupt: Counter,
+    pub upstream_bytes: Counter,
 }
 
 pub struct Fills {
@@ -92,8 +94,8 @@ pub struct Fills {
     pub counters: Arc<FillCounters>,
 }
 
-fn bump(c: &std::sync::atomic::AtomicU64, n: u64) {
-    c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+fn bump(c: &Counter, n: u64) {
+    c.inc_by(n);
 }
 
 impl Fills {
@@ -115,6 +117,11 @@ impl Fills {
             stop,
             counters: Arc::default(),
         }
+    }
+
+    /// How many fills are running.
+    pub fn active_count(&self) -> usize {
+        self.active.lock().expect("fills lock").len()
     }
 
     /// The fill in progress for `digest`, if any (for HEAD and eviction).

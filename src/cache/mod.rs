@@ -8,7 +8,6 @@ pub mod fill;
 pub mod rules;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,6 +15,10 @@ use bytes::Bytes;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::metrics::{self, KindLabels};
 use crate::oci::manifest::{Descriptor, Manifest, ManifestKind};
 use crate::oci::{Digest, Reference, RepoName, Tag};
 use crate::storage::{BlobStore, FillStore, ManifestRecord, MetaStore, StorageError};
@@ -31,17 +34,29 @@ pub const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, applicati
 /// Counters for metrics and `wharf cache stats`.
 #[derive(Debug, Default)]
 pub struct CacheCounters {
-    pub blob_hits: AtomicU64,
-    pub blob_misses: AtomicU64,
-    pub manifest_hits: AtomicU64,
-    pub manifest_misses: AtomicU64,
-    pub revalidations: AtomicU64,
-    pub stale_serves: AtomicU64,
-    pub upstream_errors: AtomicU64,
+    /// By kind (`blob`, `manifest`).
+    pub hits: Family<KindLabels, Counter>,
+    pub misses: Family<KindLabels, Counter>,
+    pub revalidations: Counter,
+    pub stale_serves: Counter,
 }
 
-fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
+impl CacheCounters {
+    fn hit(&self, kind: &KindLabels) {
+        self.hits.get_or_create(kind).inc();
+    }
+
+    fn miss(&self, kind: &KindLabels) {
+        self.misses.get_or_create(kind).inc();
+    }
+
+    /// Hits and misses of `kind` so far.
+    pub fn get(&self, kind: &KindLabels) -> (u64, u64) {
+        (
+            self.hits.get_or_create(kind).get(),
+            self.misses.get_or_create(kind).get(),
+        )
+    }
 }
 
 /// Why the cache could not answer.
@@ -138,7 +153,6 @@ impl Cache {
     }
 
     fn upstream_err(&self, t: &Target, source: UpstreamError) -> CacheError {
-        bump(&self.counters.upstream_errors);
         match source {
             UpstreamError::NotFound => CacheError::NotFound(format!(
                 "{} not found upstream at {}",
@@ -191,10 +205,10 @@ impl Cache {
         d: &Digest,
     ) -> Result<CachedManifest, CacheError> {
         if let Some(m) = self.local_manifest(t, d).await? {
-            bump(&self.counters.manifest_hits);
+            self.counters.hit(&metrics::MANIFEST);
             return Ok(m);
         }
-        bump(&self.counters.manifest_misses);
+        self.counters.miss(&metrics::MANIFEST);
         self.fetch_manifest(t, &Reference::Digest(d.clone()), None)
             .await
     }
@@ -294,7 +308,7 @@ impl Cache {
     async fn manifest_by_tag(&self, t: &Target, tag: &Tag) -> Result<CachedManifest, CacheError> {
         let ttl = self.rules.0[t.rule].tag_ttl;
         if let Some(m) = self.fresh(t, tag, ttl).await? {
-            bump(&self.counters.manifest_hits);
+            self.counters.hit(&metrics::MANIFEST);
             return Ok(m);
         }
         // One revalidation per tag; the others wait, then look again.
@@ -307,7 +321,7 @@ impl Cache {
             .clone();
         let _guard = lock.lock().await;
         if let Some(m) = self.fresh(t, tag, ttl).await? {
-            bump(&self.counters.manifest_hits);
+            self.counters.hit(&metrics::MANIFEST);
             return Ok(m);
         }
         let result = self.revalidate(t, tag).await;
@@ -335,7 +349,7 @@ impl Cache {
     }
 
     async fn revalidate(&self, t: &Target, tag: &Tag) -> Result<CachedManifest, CacheError> {
-        bump(&self.counters.revalidations);
+        self.counters.revalidations.inc();
         let cached = match self.meta.resolve_tag(&t.local, tag).await? {
             Some(d) => self.local_manifest(t, &d).await?,
             None => None,
@@ -356,7 +370,7 @@ impl Cache {
                 Ok(c)
             }
             (Ok(Some(head)), _) => {
-                bump(&self.counters.manifest_misses);
+                self.counters.miss(&metrics::MANIFEST);
                 // Fetch by digest: the tag may move again meanwhile.
                 let (meta, body) = self
                     .upstream(t)
@@ -371,7 +385,7 @@ impl Cache {
                     .await
             }
             (Ok(None), _) => {
-                bump(&self.counters.manifest_misses);
+                self.counters.miss(&metrics::MANIFEST);
                 self.fetch_manifest(t, &reference, Some(tag)).await
             }
             (Err(UpstreamError::NotFound), _) => {
@@ -383,8 +397,7 @@ impl Cache {
                 let max_stale = self.rules.0[t.rule].max_stale;
                 let ago = self.checked_ago(t, tag).await.unwrap_or(Duration::MAX);
                 if ago <= max_stale {
-                    bump(&self.counters.stale_serves);
-                    bump(&self.counters.upstream_errors);
+                    self.counters.stale_serves.inc();
                     tracing::warn!(repo = %t.local, %tag, error = %e, ?ago, "upstream failing; serving the cached manifest");
                     Ok(c)
                 } else {
@@ -501,10 +514,10 @@ impl Cache {
         // finding it and streaming it.
         let hold = self.budget.hold(digest).await;
         if let Some(size) = self.linked_size(t, digest).await? {
-            bump(&self.counters.blob_hits);
+            self.counters.hit(&metrics::BLOB);
             return Ok(CachedBlob::Stored { size, hold });
         }
-        bump(&self.counters.blob_misses);
+        self.counters.miss(&metrics::BLOB);
         let fill = self
             .fills
             .join_or_start(digest, self.upstream(t), &t.upstream, &t.local)
@@ -528,7 +541,7 @@ impl Cache {
         match self.upstream(t).tags(&t.upstream, n, last).await {
             Ok(page) => Ok((page.tags, page.more)),
             Err(e) if e.is_unavailable() => {
-                bump(&self.counters.stale_serves);
+                self.counters.stale_serves.inc();
                 let n = n.unwrap_or(crate::registry::MAX_PAGE);
                 let mut tags = self
                     .meta
@@ -569,7 +582,7 @@ impl Cache {
             }
             Err(UpstreamError::NotFound) => Vec::new(),
             Err(e) if e.is_unavailable() => {
-                bump(&self.counters.stale_serves);
+                self.counters.stale_serves.inc();
                 self.meta.referrers(&t.local, subject).await?
             }
             Err(e) => return Err(self.upstream_err(t, e)),

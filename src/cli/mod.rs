@@ -1,4 +1,6 @@
-//! The `wharf` command line: `serve`, `check-config` and `fsck`.
+//! The `wharf` command line: `serve`, `check-config`, `fsck` and `cache`.
+
+mod cache;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,6 +16,7 @@ use crate::api::server::{self, ServerOptions};
 use crate::cache::budget::Budget;
 use crate::cache::{Cache, Rule, Rules};
 use crate::config::{Config, LogFormat};
+use crate::metrics::UpstreamMetrics;
 use crate::registry::Registry;
 use crate::storage::BlobStore;
 use crate::storage::fs::FsStore;
@@ -48,6 +51,11 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Operate a running wharf's pull-through cache.
+    Cache {
+        #[command(subcommand)]
+        command: cache::CacheCommand,
+    },
     /// Re-hash every stored blob; quarantine and report any that do not
     /// match their digest. Exits non-zero if any did not.
     Fsck {
@@ -68,6 +76,9 @@ pub fn main() -> ExitCode {
         Command::Serve { config, log_format } => serve(config.as_deref(), log_format),
         Command::CheckConfig { file } => check_config(&file),
         Command::Fsck { config } => fsck(config.as_deref()),
+        Command::Cache { command } => runtime()
+            .and_then(|rt| rt.block_on(cache::run(command)))
+            .map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -112,7 +123,11 @@ fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
 
 /// Opens the configured stores and, when pull-through rules are configured,
 /// the cache in front of them.
-async fn open_registry(config: &Config, stop: &CancellationToken) -> anyhow::Result<Registry> {
+async fn open_registry(
+    config: &Config,
+    upstream_metrics: &UpstreamMetrics,
+    stop: &CancellationToken,
+) -> anyhow::Result<Registry> {
     let root = &config.storage.path;
     let store = Arc::new(
         FsStore::open(root).with_context(|| format!("opening storage at {}", root.display()))?,
@@ -143,6 +158,7 @@ async fn open_registry(config: &Config, stop: &CancellationToken) -> anyhow::Res
             response_timeout: r.response_timeout,
             read_timeout: r.read_timeout,
             max_retries: 3,
+            metrics: upstream_metrics.clone(),
         })
         .with_context(ctx)?;
         let docker_hub = crate::cache::rules::is_docker_hub(upstream.host());
@@ -197,7 +213,8 @@ fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Resul
     let _guard = rt.enter();
     let stop = CancellationToken::new();
     rt.block_on(async move {
-        let registry = open_registry(&config, &stop).await?;
+        let upstream_metrics = UpstreamMetrics::default();
+        let registry = open_registry(&config, &upstream_metrics, &stop).await?;
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("binding {}", config.server.listen))?;
@@ -222,7 +239,8 @@ fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Resul
             shutdown_timeout: config.server.shutdown_timeout,
             tls_handshake_timeout: config.server.header_read_timeout,
         };
-        server::run(listener, App::new(registry), tls, opts, shutdown_signal()).await;
+        let app = App::with_metrics(registry, &upstream_metrics);
+        server::run(listener, app, tls, opts, shutdown_signal()).await;
         stop.cancel();
         let _ = purge.await;
         tracing::info!("stopped");

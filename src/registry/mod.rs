@@ -37,6 +37,8 @@ pub enum RegistryError {
     ManifestNotAcceptable(String),
     #[error("repository name not known to registry")]
     NameUnknown,
+    #[error("{0}")]
+    NameUnknownWhy(String),
     #[error("upload session unknown")]
     UploadUnknown,
     #[error("{0}")]
@@ -249,6 +251,33 @@ impl Registry {
 
     pub fn blob_store(&self) -> &Arc<dyn BlobStore> {
         &self.blobs
+    }
+
+    /// Whether storage answers: the metadata store reads and the blob store
+    /// stats (for readiness probes).
+    pub async fn ready(&self) -> Result<()> {
+        self.meta.repositories(None, 1).await?;
+        self.blobs.stat(&Digest::sha256_of(b"")).await?;
+        Ok(())
+    }
+
+    /// Re-fetches a cached tag (or manifest by digest) from upstream now,
+    /// whatever its age. Only for repositories served by a pull-through rule.
+    pub async fn refresh(&self, repo: &RepoName, reference: &Reference) -> Result<ManifestHit> {
+        let Some((cache, t)) = self.cached(repo, None, Missing::Manifest).await? else {
+            return Err(RegistryError::NameUnknownWhy(format!(
+                "{repo} is not served by a pull-through rule; only cached repositories refresh"
+            )));
+        };
+        let m = cache
+            .refresh(&t, reference)
+            .await
+            .map_err(|e| cache_err(Missing::Manifest, e))?;
+        Ok(ManifestHit {
+            digest: m.digest,
+            media_type: m.media_type,
+            size: m.size,
+        })
     }
 
     // ---- manifests ----

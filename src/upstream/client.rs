@@ -95,6 +95,7 @@ pub struct Inner {
     read_timeout: Duration,
     max_retries: u32,
     credentials: Option<Credentials>,
+    metrics: crate::metrics::UpstreamMetrics,
     /// How the upstream authenticates, once a challenge told us.
     scheme: Mutex<Option<AuthScheme>>,
     tokens: TokenCache,
@@ -182,6 +183,7 @@ impl Inner {
             read_timeout: settings.read_timeout,
             max_retries: settings.max_retries,
             credentials: settings.credentials,
+            metrics: settings.metrics,
             scheme: Mutex::new(None),
             tokens: TokenCache::default(),
         })
@@ -404,8 +406,38 @@ impl Inner {
         }
     }
 
+    /// One bodiless request to `path_and_query`, without auth or retries;
+    /// returns the status and a body of at most 1 MiB whatever the status
+    /// (for wharf's own operations API).
+    pub async fn call(
+        &self,
+        method: Method,
+        path_and_query: &str,
+    ) -> Result<(StatusCode, Bytes), UpstreamError> {
+        let req = Request::builder()
+            .method(method)
+            .uri(self.url(path_and_query)?)
+            .header(USER_AGENT, AGENT)
+            .body(Empty::new())
+            .map_err(|e| UpstreamError::Protocol(format!("building the request: {e}")))?;
+        let resp = self.send(req).await?;
+        let status = resp.status();
+        let body = read_body(resp.into_body(), 1 << 20, self.read_timeout).await?;
+        Ok((status, body))
+    }
+
     async fn send(&self, req: Request<Empty<Bytes>>) -> Result<Response<Incoming>, UpstreamError> {
-        send(&self.http, req, self.response_timeout).await
+        let sent = send(&self.http, req, self.response_timeout).await;
+        let outcome = match &sent {
+            Ok(resp) => Ok(resp.status().as_u16()),
+            Err(UpstreamError::Timeout(_)) => Err("timeout"),
+            Err(UpstreamError::Connect(_)) => Err("connect"),
+            Err(UpstreamError::Tls(_)) => Err("tls"),
+            Err(_) => Err("error"),
+        };
+        let host = self.base.authority().map_or("", |a| a.as_str());
+        self.metrics.record(host, outcome);
+        sent
     }
 }
 

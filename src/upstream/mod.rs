@@ -59,6 +59,8 @@ pub struct UpstreamSettings {
     pub read_timeout: Duration,
     /// Retries after the first attempt, for retryable failures.
     pub max_retries: u32,
+    /// Where requests are counted (shared by every upstream client).
+    pub metrics: crate::metrics::UpstreamMetrics,
 }
 
 impl UpstreamSettings {
@@ -69,6 +71,7 @@ impl UpstreamSettings {
             url,
             credentials: None,
             ca_file: None,
+            metrics: Default::default(),
             connect_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(60),
@@ -538,6 +541,16 @@ impl UpstreamClient {
     }
 
     /// `GET /v2/`: the upstream answers (a 401 counts as reachable).
+    /// A bodiless request to a path outside the registry API of the same
+    /// server, e.g. wharf's `/_wharf/...`: the status and body, unjudged.
+    pub async fn call(
+        &self,
+        method: Method,
+        path_and_query: &str,
+    ) -> Result<(http::StatusCode, Bytes), UpstreamError> {
+        self.inner.call(method, path_and_query).await
+    }
+
     pub async fn ping(&self) -> Result<(), UpstreamError> {
         let op = Op::new(Method::GET, "/v2/".to_string(), None);
         self.inner

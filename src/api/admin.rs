@@ -1,0 +1,186 @@
+//! Operations endpoints beside the registry API: health and readiness
+//! probes, Prometheus metrics, and the cache's admin API (stats, forced
+//! refresh) that `wharf cache` talks to.
+//!
+//! - `GET /healthz`: the process answers (liveness).
+//! - `GET /readyz`: storage answers (readiness); 503 with the reason if not.
+//! - `GET /metrics`: the Prometheus text exposition.
+//! - `GET /_wharf/cache/stats`: budget, hit and miss counts, fills, as JSON.
+//! - `POST /_wharf/cache/refresh?ref=NAME:TAG` (or `NAME@DIGEST`): fetch a
+//!   cached manifest from upstream now, whatever its age.
+//!
+//! Errors use the distribution spec's JSON error format.
+
+use http::{HeaderValue, Method, Response, StatusCode, header};
+
+use super::error::{error_response, registry_error};
+use super::{App, Query, Resp, full, json};
+use crate::metrics::{BLOB, MANIFEST};
+use crate::oci::{ErrorCode, Reference, RepoName};
+
+impl App {
+    /// Answers an operations path, or `None` for any other path.
+    pub(super) async fn operations(
+        &self,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+    ) -> Option<Resp> {
+        let resp = match (method, path) {
+            (&Method::GET | &Method::HEAD, "/healthz") => {
+                json(StatusCode::OK, r#"{"status":"ok"}"#)
+            }
+            (&Method::GET | &Method::HEAD, "/readyz") => self.readyz().await,
+            (&Method::GET, "/metrics") => {
+                let mut r = Response::new(full(self.metrics.encode()));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                r
+            }
+            (&Method::GET, "/_wharf/cache/stats") => self.cache_stats(),
+            (&Method::POST, "/_wharf/cache/refresh") => self.refresh(&Query::parse(query)).await,
+            (
+                _,
+                "/healthz"
+                | "/readyz"
+                | "/metrics"
+                | "/_wharf/cache/stats"
+                | "/_wharf/cache/refresh",
+            ) => error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::Unsupported,
+                &format!("method {method} is not supported on {path}"),
+            ),
+            _ => return None,
+        };
+        Some(resp)
+    }
+
+    async fn readyz(&self) -> Resp {
+        match self.registry.ready().await {
+            Ok(()) => json(StatusCode::OK, r#"{"status":"ready"}"#),
+            Err(e) => {
+                tracing::warn!(error = %e, "readiness check failed");
+                let body = serde_json::json!({ "status": "unavailable", "reason": e.to_string() });
+                json(StatusCode::SERVICE_UNAVAILABLE, body.to_string())
+            }
+        }
+    }
+
+    fn cache_stats(&self) -> Resp {
+        let Some(cache) = self.registry.cache() else {
+            return error_response(
+                StatusCode::NOT_FOUND,
+                ErrorCode::NameUnknown,
+                "the pull-through cache is off (no [[pull_through]] rules)",
+            );
+        };
+        let (blob_hits, blob_misses) = cache.counters.get(&BLOB);
+        let (manifest_hits, manifest_misses) = cache.counters.get(&MANIFEST);
+        let f = &cache.fills.counters;
+        let body = serde_json::json!({
+            "budget": cache.budget.stats(),
+            "blobs": { "hits": blob_hits, "misses": blob_misses },
+            "manifests": { "hits": manifest_hits, "misses": manifest_misses },
+            "revalidations": cache.counters.revalidations.get(),
+            "stale_serves": cache.counters.stale_serves.get(),
+            "fills": {
+                "started": f.started.get(),
+                "in_progress": cache.fills.active_count(),
+                "coalesced_waiters": f.coalesced.get(),
+                "failed": f.failed.get(),
+                "corrupt": f.corrupt.get(),
+                "upstream_bytes": f.upstream_bytes.get(),
+            },
+            "evictions": cache.budget.metrics.evictions.get(),
+            "evicted_bytes": cache.budget.metrics.evicted_bytes.get(),
+            "rules": cache.rules().0.iter().map(|r| serde_json::json!({
+                "prefix": r.prefix.as_ref().map_or("ROOT", |p| p.as_str()),
+                "upstream": r.upstream.host(),
+            })).collect::<Vec<_>>(),
+        });
+        json(StatusCode::OK, body.to_string())
+    }
+
+    async fn refresh(&self, query: &Query) -> Resp {
+        let Some(image) = query.get("ref") else {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::NameInvalid,
+                "missing ref=NAME:TAG or ref=NAME@DIGEST",
+            );
+        };
+        let (name, reference) = match split_ref(image) {
+            Ok(x) => x,
+            Err(msg) => {
+                return error_response(StatusCode::BAD_REQUEST, ErrorCode::NameInvalid, &msg);
+            }
+        };
+        match self.registry.refresh(&name, &reference).await {
+            Ok(hit) => {
+                let body = serde_json::json!({
+                    "name": name.as_str(),
+                    "reference": reference.to_string(),
+                    "digest": hit.digest.as_str(),
+                    "media_type": hit.media_type,
+                    "size": hit.size,
+                });
+                json(StatusCode::OK, body.to_string())
+            }
+            Err(e) => registry_error(&e),
+        }
+    }
+}
+
+/// Splits `NAME:TAG`, `NAME@DIGEST` (or a bare `NAME`, meaning `latest`)
+/// into a repository and a reference, checking both against the spec's
+/// grammars.
+pub fn split_ref(image: &str) -> Result<(RepoName, Reference), String> {
+    let (name, reference) = if let Some((n, d)) = image.split_once('@') {
+        (n, d)
+    } else {
+        // A colon after the last slash separates the tag (a colon before
+        // it belongs to a host:port, which local names never have).
+        let last_slash = image.rfind('/').map_or(0, |i| i + 1);
+        match image[last_slash..].rfind(':') {
+            Some(i) => (&image[..last_slash + i], &image[last_slash + i + 1..]),
+            None => (image, "latest"),
+        }
+    };
+    let name: RepoName = name
+        .parse()
+        .map_err(|e| format!("invalid repository name {name:?}: {e}"))?;
+    let reference: Reference = reference
+        .parse()
+        .map_err(|e| format!("invalid tag or digest {reference:?}: {e}"))?;
+    Ok((name, reference))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_ref;
+
+    #[test]
+    fn refs_split_into_name_and_reference() {
+        let (n, r) = split_ref("docker-hub/library/alpine:3.20").unwrap();
+        assert_eq!(
+            (n.as_str(), r.to_string().as_str()),
+            ("docker-hub/library/alpine", "3.20")
+        );
+        let (n, r) = split_ref("ghcr/org/app").unwrap();
+        assert_eq!(
+            (n.as_str(), r.to_string().as_str()),
+            ("ghcr/org/app", "latest")
+        );
+        let d = format!("sha256:{}", "a".repeat(64));
+        let (n, r) = split_ref(&format!("q/app@{d}")).unwrap();
+        assert_eq!((n.as_str(), r.to_string()), ("q/app", d));
+        assert!(split_ref("Bad/Name:1").is_err());
+        assert!(split_ref("ok/name:bad tag").is_err());
+        assert!(split_ref("ok/name@sha256:short").is_err());
+    }
+}
