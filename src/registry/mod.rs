@@ -209,13 +209,14 @@ impl Registry {
         &self,
         repo: &RepoName,
         ns: Option<&str>,
-        what: Missing,
     ) -> Result<Option<(&Arc<Cache>, Target)>> {
         match self.route(repo, ns).await? {
             Routed::Hosted => Ok(None),
             Routed::Cached(t) => Ok(Some((self.cache.as_ref().expect("routed to the cache"), t))),
+            // No rule serves that registry: the repository is unknown here,
+            // whatever was asked of it (containerd falls back on the 404).
             Routed::UnknownNamespace => Err(RegistryError::Upstream {
-                what,
+                what: Missing::Name,
                 message: format!(
                     "no pull-through rule serves registry {:?}",
                     ns.unwrap_or("")
@@ -264,7 +265,7 @@ impl Registry {
     /// Re-fetches a cached tag (or manifest by digest) from upstream now,
     /// whatever its age. Only for repositories served by a pull-through rule.
     pub async fn refresh(&self, repo: &RepoName, reference: &Reference) -> Result<ManifestHit> {
-        let Some((cache, t)) = self.cached(repo, None, Missing::Manifest).await? else {
+        let Some((cache, t)) = self.cached(repo, None).await? else {
             return Err(RegistryError::NameUnknownWhy(format!(
                 "{repo} is not served by a pull-through rule; only cached repositories refresh"
             )));
@@ -304,7 +305,7 @@ impl Registry {
         accept: Option<&str>,
         ns: Option<&str>,
     ) -> Result<ManifestHit> {
-        let (digest, record) = match self.cached(repo, ns, Missing::Manifest).await? {
+        let (digest, record) = match self.cached(repo, ns).await? {
             Some((cache, t)) => {
                 let m = cache
                     .manifest(&t, reference)
@@ -472,7 +473,7 @@ impl Registry {
         digest: &Digest,
         ns: Option<&str>,
     ) -> Result<u64> {
-        if let Some((cache, t)) = self.cached(repo, ns, Missing::Blob).await? {
+        if let Some((cache, t)) = self.cached(repo, ns).await? {
             return cache
                 .blob_size(&t, digest)
                 .await
@@ -504,7 +505,7 @@ impl Registry {
                 .ok_or(RegistryError::RangeNotSatisfiable { size }),
             None => Ok(None),
         };
-        if let Some((cache, t)) = self.cached(repo, ns, Missing::Blob).await? {
+        if let Some((cache, t)) = self.cached(repo, ns).await? {
             match cache
                 .blob(&t, digest)
                 .await
@@ -790,7 +791,7 @@ impl Registry {
         n: Option<usize>,
         ns: Option<&str>,
     ) -> Result<Page> {
-        if let Some((cache, t)) = self.cached(repo, ns, Missing::Name).await? {
+        if let Some((cache, t)) = self.cached(repo, ns).await? {
             let (items, more) = cache
                 .tags(&t, n, last)
                 .await
@@ -824,7 +825,7 @@ impl Registry {
         artifact_type: Option<&str>,
         ns: Option<&str>,
     ) -> Result<Vec<Descriptor>> {
-        if let Some((cache, t)) = self.cached(repo, ns, Missing::Manifest).await? {
+        if let Some((cache, t)) = self.cached(repo, ns).await? {
             return cache
                 .referrers(&t, subject, artifact_type)
                 .await

@@ -114,6 +114,34 @@ pub fn oci_image(dir: &Path, arch: &str) -> OciImage {
     }
 }
 
+/// Like [`oci_image`], with one more layer holding `/payload`: `size` random
+/// bytes (they do not compress, so the layer blob is about as large). For
+/// tests that need a blob big enough to take a while to transfer.
+pub fn oci_image_with_payload(dir: &Path, arch: &str, size: u64) -> OciImage {
+    let mut image = oci_image(dir, arch);
+    let payload = dir.join(unique("payload"));
+    std::fs::create_dir_all(&payload).expect("mkdir payload");
+    let mut random = std::fs::File::open("/dev/urandom")
+        .expect("open /dev/urandom")
+        .take(size);
+    let mut file = std::fs::File::create(payload.join("payload")).expect("create payload");
+    let copied = std::io::copy(&mut random, &mut file).expect("write payload");
+    assert_eq!(copied, size, "short read from /dev/urandom");
+    drop(file);
+    run(Command::new("umoci")
+        .args([
+            "insert",
+            "--image",
+            &format!("{}:{}", image.layout.display(), image.tag),
+        ])
+        .arg(&payload)
+        .arg("/"));
+    let digest = tag_digest(&image.layout, &image.tag);
+    image.digest = digest.clone();
+    image.platforms[0].digest = digest;
+    image
+}
+
 /// An OCI image index with an `amd64` and an `arm64` image, tagged `multi` in
 /// a new OCI layout at `dir/layout`. The index is stored as a blob and named
 /// in `index.json`, as an OCI layout stores any index.
@@ -351,22 +379,26 @@ fn add_image(dir: &Path, layout: &Path, tag: &str, arch: &str) -> Platform {
         .args(["insert", "--image", &image])
         .arg(&rootfs)
         .arg("/"));
+    Platform {
+        architecture: arch.to_string(),
+        digest: tag_digest(layout, tag),
+        marker,
+    }
+}
+
+/// The digest `tag` points at in the layout's `index.json`.
+fn tag_digest(layout: &Path, tag: &str) -> String {
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("read index.json"))
             .expect("index.json is JSON");
-    let digest = index["manifests"]
+    index["manifests"]
         .as_array()
         .expect("manifests")
         .iter()
         .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
         .and_then(|m| m["digest"].as_str())
         .unwrap_or_else(|| panic!("umoci wrote no manifest for tag {tag}"))
-        .to_string();
-    Platform {
-        architecture: arch.to_string(),
-        digest,
-        marker,
-    }
+        .to_string()
 }
 
 fn blob_path(layout: &Path, digest: &str) -> PathBuf {
