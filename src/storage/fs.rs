@@ -600,5 +600,10 @@ fn map_window(file: &std::fs::File, offset: u64, len: usize) -> io::Result<memma
     // once through a staging file and renamed into place, never opened for
     // writing, truncated or rewritten afterwards. Deletion (eviction,
     // quarantine by rename) unlinks the name; the mapping keeps the inode.
-    unsafe { memmap2::MmapOptions::new().offset(offset).len(len).map(file) }
+    unsafe {
+        memmap2::MmapOptions::new()
+            .offset(offset)
+            .len(len)
+            .map(file)
+    }
 }
