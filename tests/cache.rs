@@ -11,69 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::cache::{random_bytes, rule, seed_image, stored_blobs};
 use common::fake_upstream::{FakeUpstream, Fault};
 use common::http::{HttpClient, Method, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::json;
-
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-
-fn rule(prefix: &str, fake: &FakeUpstream, extra: &str) -> String {
-    format!(
-        "[[pull_through]]\nprefix = \"{prefix}\"\nupstream = \"{}\"\n{extra}\n",
-        fake.url()
-    )
-}
-
-fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
-/// Seeds an image (config + one layer + manifest tagged `tag`) upstream.
-fn seed_image(
-    fake: &FakeUpstream,
-    repo: &str,
-    tag: &str,
-    layer: &[u8],
-) -> (String, String, Vec<u8>) {
-    let config = format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"tag\":\"{tag}\"}}");
-    let cd = fake.add_blob(repo, config.clone().into_bytes());
-    let ld = fake.add_blob(repo, layer.to_vec());
-    let m = serde_json::to_vec(&json!({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd.to_string(), "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld.to_string(), "size": layer.len()}],
-    }))
-    .unwrap();
-    let md = fake.add_manifest(repo, Some(tag), OCI_MANIFEST, m.clone());
-    (md.to_string(), ld.to_string(), m)
-}
-
-/// Blob files stored under a data directory.
-fn stored_blobs(data: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let root = data.join("blobs/sha256");
-    if let Ok(prefixes) = std::fs::read_dir(&root) {
-        for p in prefixes.flatten() {
-            for b in std::fs::read_dir(p.path()).unwrap().flatten() {
-                out.push(format!("sha256:{}", b.file_name().to_string_lossy()));
-            }
-        }
-    }
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn thirty_two_concurrent_cold_pulls_make_one_upstream_get() {

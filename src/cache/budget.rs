@@ -190,6 +190,25 @@ impl Budget {
         Ok(())
     }
 
+    /// Takes a blob out of the budget because a push pinned it: pushed
+    /// content is neither counted nor evicted.
+    pub async fn pinned(&self, digest: &Digest) -> Result<()> {
+        let was = {
+            let mut st = self.lock();
+            let was = st.entries.remove(digest);
+            if let Some(e) = was {
+                st.total -= e.size;
+                st.dirty.remove(digest);
+                self.publish_size(&st);
+            }
+            was
+        };
+        if was.is_some() {
+            self.meta.delete_cache_entry(digest).await?;
+        }
+        Ok(())
+    }
+
     fn over_budget(&self) -> bool {
         self.lock().total > self.max
     }

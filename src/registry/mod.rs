@@ -583,6 +583,15 @@ impl Registry {
         }
     }
 
+    /// A push linked `digest` into a hosted repository (which pinned it):
+    /// it leaves the cache budget.
+    async fn unbudget(&self, digest: &Digest) -> Result<()> {
+        if let Some(c) = &self.cache {
+            c.budget.pinned(digest).await?;
+        }
+        Ok(())
+    }
+
     // ---- uploads ----
 
     pub async fn start_upload(&self, repo: &RepoName, ns: Option<&str>) -> Result<UploadId> {
@@ -695,6 +704,7 @@ impl Registry {
         match result {
             Ok(_) => {
                 self.meta.link_blob(repo, digest).await?;
+                self.unbudget(digest).await?;
                 Ok(())
             }
             Err(StorageError::DigestMismatch { expected, computed }) => {
@@ -750,6 +760,7 @@ impl Registry {
                 && self.blobs.stat(digest).await?.is_some()
             {
                 self.meta.link_blob(repo, digest).await?;
+                self.unbudget(digest).await?;
                 return Ok(MountOutcome::Mounted);
             }
         }

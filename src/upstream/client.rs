@@ -90,7 +90,10 @@ impl Op {
 /// The shared state of one upstream client.
 pub struct Inner {
     pub base: Uri,
-    http: HttpClient,
+    /// Built on first use (it needs the system roots).
+    http: std::sync::OnceLock<HttpClient>,
+    extra_roots: Vec<CertificateDer<'static>>,
+    connect_timeout: Duration,
     response_timeout: Duration,
     read_timeout: Duration,
     max_retries: u32,
@@ -105,28 +108,51 @@ fn invalid(msg: impl Into<String>) -> UpstreamError {
     UpstreamError::InvalidSettings(msg.into())
 }
 
-fn build_http(settings: &UpstreamSettings) -> Result<HttpClient, UpstreamError> {
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for e in &native.errors {
-        tracing::debug!(error = %e, "skipping unreadable system certificate");
+/// The system's trusted roots, loaded once per process on first use (every
+/// upstream client shares them; loading takes milliseconds, so it is kept
+/// off the start-up path).
+fn native_roots() -> &'static rustls::RootCertStore {
+    static ROOTS: std::sync::OnceLock<rustls::RootCertStore> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        for e in &native.errors {
+            tracing::debug!(error = %e, "skipping unreadable system certificate");
+        }
+        roots.add_parsable_certificates(native.certs);
+        roots
+    })
+}
+
+/// Reads the extra CA file of `settings` (checked when the client is made,
+/// so a bad file stops the start).
+fn extra_roots(settings: &UpstreamSettings) -> Result<Vec<CertificateDer<'static>>, UpstreamError> {
+    let Some(path) = &settings.ca_file else {
+        return Ok(Vec::new());
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| invalid(format!("reading CA file {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(invalid(format!(
+            "no certificate in CA file {}",
+            path.display()
+        )));
     }
-    roots.add_parsable_certificates(native.certs);
-    if let Some(path) = &settings.ca_file {
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| invalid(format!("reading CA file {}: {e}", path.display())))?;
-        if certs.is_empty() {
-            return Err(invalid(format!(
-                "no certificate in CA file {}",
-                path.display()
-            )));
-        }
-        for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|e| invalid(format!("CA file {}: {e}", path.display())))?;
-        }
+    let mut check = rustls::RootCertStore::empty();
+    for cert in &certs {
+        check
+            .add(cert.clone())
+            .map_err(|e| invalid(format!("CA file {}: {e}", path.display())))?;
+    }
+    Ok(certs)
+}
+
+fn build_http(extra: &[CertificateDer<'static>], connect_timeout: Duration) -> HttpClient {
+    let mut roots = native_roots().clone();
+    for cert in extra {
+        // Checked by `extra_roots`.
+        let _ = roots.add(cert.clone());
     }
     let tls = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
@@ -134,17 +160,17 @@ fn build_http(settings: &UpstreamSettings) -> Result<HttpClient, UpstreamError> 
     let mut tcp = HttpConnector::new();
     tcp.enforce_http(false);
     tcp.set_nodelay(true);
-    tcp.set_connect_timeout(Some(settings.connect_timeout));
+    tcp.set_connect_timeout(Some(connect_timeout));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_all_versions()
         .wrap_connector(tcp);
-    Ok(Client::builder(TokioExecutor::new())
+    Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
-        .build(https))
+        .build(https)
 }
 
 /// Whether `uri` has the same scheme and authority as `base`.
@@ -177,7 +203,9 @@ impl Inner {
             .build()
             .map_err(|e| invalid(e.to_string()))?;
         Ok(Inner {
-            http: build_http(&settings)?,
+            http: std::sync::OnceLock::new(),
+            extra_roots: extra_roots(&settings)?,
+            connect_timeout: settings.connect_timeout,
             base,
             response_timeout: settings.response_timeout,
             read_timeout: settings.read_timeout,
@@ -187,6 +215,11 @@ impl Inner {
             scheme: Mutex::new(None),
             tokens: TokenCache::default(),
         })
+    }
+
+    fn http(&self) -> &HttpClient {
+        self.http
+            .get_or_init(|| build_http(&self.extra_roots, self.connect_timeout))
     }
 
     pub fn read_timeout(&self) -> Duration {
@@ -385,7 +418,7 @@ impl Inner {
                     scopes.push(s.clone());
                 }
                 let fetch = TokenFetch {
-                    http: self.http.clone(),
+                    http: self.http().clone(),
                     response_timeout: self.response_timeout,
                     read_timeout: self.read_timeout,
                     credentials: self.credentials.clone(),
@@ -427,7 +460,7 @@ impl Inner {
     }
 
     async fn send(&self, req: Request<Empty<Bytes>>) -> Result<Response<Incoming>, UpstreamError> {
-        let sent = send(&self.http, req, self.response_timeout).await;
+        let sent = send(self.http(), req, self.response_timeout).await;
         let outcome = match &sent {
             Ok(resp) => Ok(resp.status().as_u16()),
             Err(UpstreamError::Timeout(_)) => Err("timeout"),

@@ -2,6 +2,7 @@
 //! port 0 with a temporary data directory, and a small HTTP client.
 #![allow(dead_code)]
 
+pub mod cache;
 pub mod distribution;
 pub mod fake_upstream;
 pub mod http;
