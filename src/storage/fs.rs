@@ -27,7 +27,7 @@ use super::{
 use crate::oci::{Algorithm, Digest, Hasher, UploadId};
 
 /// Size of the mapped windows a published blob is served from.
-const MAP_WINDOW: u64 = 4 * 1024 * 1024;
+const MAP_WINDOW: u64 = 1024 * 1024;
 /// Write buffer for staged uploads.
 const WRITE_BUF: usize = 1024 * 1024;
 
