@@ -163,6 +163,65 @@ pub fn split_ref(image: &str) -> Result<(RepoName, Reference), String> {
 #[cfg(test)]
 mod tests {
     use super::split_ref;
+    use crate::oci::name::MAX_NAME_LEN;
+    use crate::oci::{Digest, Reference};
+    use proptest::prelude::*;
+
+    /// Repository names from the spec's grammar (the strategy of
+    /// `oci::name`'s tests), within the length limit.
+    fn name() -> impl Strategy<Value = String> {
+        "[a-z0-9]{1,8}((\\.|_|__|-{1,3})[a-z0-9]{1,8}){0,2}(/[a-z0-9]{1,8}((\\.|_|__|-{1,3})[a-z0-9]{1,8}){0,2}){0,3}"
+            .prop_filter("name too long", |s| s.len() <= MAX_NAME_LEN)
+    }
+
+    fn tag() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9_][A-Za-z0-9._-]{0,127}"
+    }
+
+    fn digest() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[0-9a-f]{64}".prop_map(|h| format!("sha256:{h}")),
+            "[0-9a-f]{128}".prop_map(|h| format!("sha512:{h}")),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn name_tag_round_trip(n in name(), t in tag()) {
+            let (name, r) = split_ref(&format!("{n}:{t}")).unwrap();
+            prop_assert_eq!(name.as_str(), n.as_str());
+            prop_assert!(matches!(&r, Reference::Tag(x) if x.as_str() == t), "{:?}", r);
+        }
+
+        #[test]
+        fn name_digest_round_trip(n in name(), d in digest()) {
+            let (name, r) = split_ref(&format!("{n}@{d}")).unwrap();
+            prop_assert_eq!(name.as_str(), n.as_str());
+            let want: Digest = d.parse().unwrap();
+            prop_assert_eq!(r, Reference::Digest(want));
+        }
+
+        #[test]
+        fn bare_name_means_latest(n in name()) {
+            let (name, r) = split_ref(&n).unwrap();
+            prop_assert_eq!(name.as_str(), n.as_str());
+            prop_assert_eq!(r.to_string(), "latest");
+        }
+
+        #[test]
+        fn split_ref_never_panics(s in ".{0,100}|[a-z0-9._/:@-]{0,40}") {
+            // And whatever it accepts re-joins into a ref that splits the same.
+            if let Ok((name, r)) = split_ref(&s) {
+                let sep = match r {
+                    Reference::Tag(_) => ':',
+                    Reference::Digest(_) => '@',
+                };
+                let again = split_ref(&format!("{name}{sep}{r}")).unwrap();
+                prop_assert_eq!(again.0, name);
+                prop_assert_eq!(again.1, r);
+            }
+        }
+    }
 
     #[test]
     fn refs_split_into_name_and_reference() {

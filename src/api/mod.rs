@@ -599,3 +599,96 @@ where
 
 /// Convenience for hyper's service: incoming requests.
 pub type IncomingRequest = Request<Incoming>;
+
+#[cfg(test)]
+mod tests {
+    use super::Query;
+    use percent_encoding::{AsciiSet, CONTROLS, NON_ALPHANUMERIC, utf8_percent_encode};
+    use proptest::prelude::*;
+
+    /// The least a client must escape in a query component: the
+    /// separators, `%`, `#`, space and controls (non-ASCII is always
+    /// escaped). `+` is left bare: the parser is percent-decoding, not
+    /// form-decoding, so a bare `+` (as in `artifactType=...+json`) stays.
+    const MINIMAL: &AsciiSet = &CONTROLS.add(b' ').add(b'%').add(b'&').add(b'=').add(b'#');
+
+    fn encode(pairs: &[(String, String)], set: &'static AsciiSet) -> String {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                format!(
+                    "{}={}",
+                    utf8_percent_encode(k, set),
+                    utf8_percent_encode(v, set)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    }
+
+    fn pairs() -> impl Strategy<Value = Vec<(String, String)>> {
+        proptest::collection::vec((".{0,12}", ".{0,24}"), 0..8)
+    }
+
+    #[test]
+    fn query_basics() {
+        let q = Query::parse(Some(
+            "n=10&last=a%2Fb&flag&&n=20&artifactType=application/x+json",
+        ));
+        assert_eq!(q.get("n"), Some("10"));
+        assert_eq!(q.get("last"), Some("a/b"));
+        assert_eq!(q.get("flag"), Some(""));
+        assert_eq!(q.get("artifactType"), Some("application/x+json"));
+        assert_eq!(q.get("missing"), None);
+        assert!(Query::parse(None).0.is_empty());
+        assert!(Query::parse(Some("")).0.is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn query_round_trip(pairs in pairs(), minimal in any::<bool>()) {
+            let set = if minimal { MINIMAL } else { NON_ALPHANUMERIC };
+            let q = Query::parse(Some(&encode(&pairs, set)));
+            prop_assert_eq!(&q.0, &pairs);
+            for (k, _) in &pairs {
+                let first = pairs.iter().find(|(k2, _)| k2 == k).map(|(_, v)| v.as_str());
+                prop_assert_eq!(q.get(k), first);
+            }
+        }
+
+        #[test]
+        fn empty_segments_are_ignored(pairs in pairs(), pads in proptest::collection::vec(0usize..3, 9)) {
+            // Stray `&`s (leading, trailing, doubled) change nothing.
+            let mut s = "&".repeat(pads[0]);
+            for (i, (k, v)) in pairs.iter().enumerate() {
+                if i > 0 {
+                    s.push_str(&"&".repeat(1 + pads[i % pads.len()]));
+                }
+                s.push_str(&encode(&[(k.clone(), v.clone())], NON_ALPHANUMERIC));
+            }
+            s.push_str(&"&".repeat(pads[8]));
+            prop_assert_eq!(Query::parse(Some(&s)).0, pairs);
+        }
+
+        #[test]
+        fn key_without_value(keys in proptest::collection::vec(".{1,12}", 1..6)) {
+            // `k` alone means `k=` (a present, empty value).
+            let s = keys
+                .iter()
+                .map(|k| utf8_percent_encode(k, NON_ALPHANUMERIC).to_string())
+                .collect::<Vec<_>>()
+                .join("&");
+            let q = Query::parse(Some(&s));
+            let expected: Vec<(String, String)> =
+                keys.iter().map(|k| (k.clone(), String::new())).collect();
+            prop_assert_eq!(q.0, expected);
+        }
+
+        #[test]
+        fn query_never_panics(s in ".{0,100}|[%&=a-f0-9+]{0,40}") {
+            let q = Query::parse(Some(&s));
+            let _ = q.get("n");
+            let _ = q.page_size();
+        }
+    }
+}

@@ -202,11 +202,15 @@ impl std::str::FromStr for Platform {
     fn from_str(s: &str) -> anyhow::Result<Platform> {
         let parts: Vec<&str> = s.split('/').collect();
         match parts.as_slice() {
-            [os, arch] | [os, arch, _] if !os.is_empty() && !arch.is_empty() => Ok(Platform {
-                os: os.to_string(),
-                arch: arch.to_string(),
-                variant: parts.get(2).map(|v| v.to_string()),
-            }),
+            [os, arch] | [os, arch, _]
+                if !os.is_empty() && !arch.is_empty() && parts.get(2) != Some(&"") =>
+            {
+                Ok(Platform {
+                    os: os.to_string(),
+                    arch: arch.to_string(),
+                    variant: parts.get(2).map(|v| v.to_string()),
+                })
+            }
             _ => bail!("platform {s:?} is not os/arch or os/arch/variant"),
         }
     }
@@ -393,5 +397,29 @@ mod tests {
         assert!("linux".parse::<Platform>().is_err());
         assert!("linux//".parse::<Platform>().is_err());
         assert!("a/b/c/d".parse::<Platform>().is_err());
+        assert!("linux/arm64/".parse::<Platform>().is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn platform_round_trip(
+            os in "[a-z0-9]{1,8}",
+            arch in "[a-z0-9_]{1,8}",
+            variant in proptest::option::of("[a-z0-9]{1,4}"),
+        ) {
+            let s = match &variant {
+                Some(v) => format!("{os}/{arch}/{v}"),
+                None => format!("{os}/{arch}"),
+            };
+            let p: Platform = s.parse().unwrap();
+            proptest::prop_assert_eq!(p, Platform { os, arch, variant });
+        }
+
+        #[test]
+        fn platform_rejects_malformed(s in "[a-z/]{0,12}") {
+            let parts: Vec<&str> = s.split('/').collect();
+            let ok = (parts.len() == 2 || parts.len() == 3) && parts.iter().all(|p| !p.is_empty());
+            proptest::prop_assert_eq!(s.parse::<Platform>().is_ok(), ok, "{}", s);
+        }
     }
 }

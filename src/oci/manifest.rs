@@ -175,12 +175,14 @@ impl Manifest {
                 let mut blobs = Vec::with_capacity(m.layers().len() + 1);
                 blobs.push(strict(m.config().digest())?);
                 for l in m.layers() {
-                    // Foreign (non-distributable) layers live elsewhere by design.
+                    // Every digest is checked; foreign (non-distributable)
+                    // layers live elsewhere by design, so they are not
+                    // required to be present.
+                    let d = strict(l.digest())?;
                     let mt = l.media_type().to_string();
-                    if mt.contains("foreign") || mt.contains("nondistributable") {
-                        continue;
+                    if !(mt.contains("foreign") || mt.contains("nondistributable")) {
+                        blobs.push(d);
                     }
-                    blobs.push(strict(l.digest())?);
                 }
                 let subject = m
                     .subject()
@@ -317,5 +319,541 @@ mod tests {
         );
         assert!(t.accepted_by("*/*"));
         assert!(!t.accepted_by(DOCKER_MANIFEST));
+    }
+
+    // ---- properties ----
+
+    use proptest::prelude::*;
+    use serde_json::{Map, Value, json};
+
+    const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+    const DOCKER_FOREIGN: &str = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
+
+    /// A valid digest string: mostly sha256, sometimes sha512.
+    fn digest() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => "[0-9a-f]{64}".prop_map(|h| format!("sha256:{h}")),
+            1 => "[0-9a-f]{128}".prop_map(|h| format!("sha512:{h}")),
+        ]
+    }
+
+    /// A media type of the `type/subtype` shape (not a manifest type).
+    fn artifact_media_type() -> impl Strategy<Value = String> {
+        "application/vnd\\.[a-z0-9]{1,10}(\\.[a-z0-9]{1,10}){0,3}(\\+(json|tar|gzip))?"
+    }
+
+    fn annotations() -> impl Strategy<Value = BTreeMap<String, String>> {
+        proptest::collection::btree_map("\\PC{0,16}", "\\PC{0,24}", 0..4)
+    }
+
+    #[derive(Debug, Clone)]
+    struct Desc {
+        media_type: String,
+        digest: String,
+        size: u64,
+        annotations: BTreeMap<String, String>,
+        urls: Vec<String>,
+        platform: Option<Value>,
+        artifact_type: Option<String>,
+    }
+
+    impl Desc {
+        fn to_json(&self) -> Value {
+            let mut o = Map::new();
+            o.insert("mediaType".into(), json!(self.media_type));
+            o.insert("digest".into(), json!(self.digest));
+            o.insert("size".into(), json!(self.size));
+            if !self.annotations.is_empty() {
+                o.insert("annotations".into(), json!(self.annotations));
+            }
+            if !self.urls.is_empty() {
+                o.insert("urls".into(), json!(self.urls));
+            }
+            if let Some(p) = &self.platform {
+                o.insert("platform".into(), p.clone());
+            }
+            if let Some(t) = &self.artifact_type {
+                o.insert("artifactType".into(), json!(t));
+            }
+            Value::Object(o)
+        }
+    }
+
+    fn desc(media_type: impl Strategy<Value = String>) -> impl Strategy<Value = Desc> {
+        (media_type, digest(), any::<u64>(), annotations()).prop_map(
+            |(media_type, digest, size, annotations)| Desc {
+                media_type,
+                digest,
+                size,
+                annotations,
+                urls: Vec::new(),
+                platform: None,
+                artifact_type: None,
+            },
+        )
+    }
+
+    /// A layer descriptor and whether it is foreign (not a blob wharf holds).
+    fn layer(docker: bool) -> impl Strategy<Value = (Desc, bool)> {
+        let known: Vec<(String, bool)> = if docker {
+            vec![
+                (
+                    "application/vnd.docker.image.rootfs.diff.tar.gzip".into(),
+                    false,
+                ),
+                (DOCKER_FOREIGN.into(), true),
+            ]
+        } else {
+            vec![
+                ("application/vnd.oci.image.layer.v1.tar".into(), false),
+                ("application/vnd.oci.image.layer.v1.tar+gzip".into(), false),
+                ("application/vnd.oci.image.layer.v1.tar+zstd".into(), false),
+                (
+                    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip".into(),
+                    true,
+                ),
+                (DOCKER_FOREIGN.into(), true),
+            ]
+        };
+        let mt = prop_oneof![
+            4 => proptest::sample::select(known),
+            1 => artifact_media_type().prop_map(|t| (t, false)),
+        ];
+        (mt, desc(Just(String::new()))).prop_map(|((mt, foreign), mut d)| {
+            d.media_type = mt;
+            if foreign {
+                d.urls = vec![format!("https://cdn.example/{}", d.digest)];
+            }
+            (d, foreign)
+        })
+    }
+
+    /// How the request presents the media type: in the body, the header,
+    /// both, or neither.
+    #[derive(Debug, Clone, Copy)]
+    enum Presented {
+        Body,
+        Header,
+        HeaderWithParams,
+        BodyAndHeader,
+        BodyAndNonManifestHeader,
+        Neither,
+    }
+
+    fn presented() -> impl Strategy<Value = Presented> {
+        proptest::sample::select(vec![
+            Presented::Body,
+            Presented::Header,
+            Presented::HeaderWithParams,
+            Presented::BodyAndHeader,
+            Presented::BodyAndNonManifestHeader,
+            Presented::Neither,
+        ])
+    }
+
+    /// Applies `p` to a body: returns the Content-Type to send and the media
+    /// type `parse` must report (body, else header, else the body's shape).
+    fn present(
+        body: &mut Map<String, Value>,
+        media_type: &str,
+        shape_default: &str,
+        p: Presented,
+    ) -> (Option<String>, String) {
+        let in_body = matches!(
+            p,
+            Presented::Body | Presented::BodyAndHeader | Presented::BodyAndNonManifestHeader
+        );
+        if in_body {
+            body.insert("mediaType".into(), json!(media_type));
+        }
+        match p {
+            Presented::Body => (None, media_type.into()),
+            Presented::Header => (Some(media_type.into()), media_type.into()),
+            Presented::HeaderWithParams => (
+                Some(format!("{media_type}; charset=utf-8")),
+                media_type.into(),
+            ),
+            Presented::BodyAndHeader => (Some(media_type.into()), media_type.into()),
+            Presented::BodyAndNonManifestHeader => {
+                (Some("application/json".into()), media_type.into())
+            }
+            Presented::Neither => (None, shape_default.into()),
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    struct GenImage {
+        docker: bool,
+        config: Desc,
+        layers: Vec<(Desc, bool)>,
+        subject: Option<Desc>,
+        artifact_type: Option<String>,
+        annotations: BTreeMap<String, String>,
+        presented: Presented,
+    }
+
+    fn gen_image() -> impl Strategy<Value = GenImage> {
+        any::<bool>().prop_flat_map(|docker| {
+            let config_type = if docker {
+                Just(DOCKER_CONFIG.to_string()).boxed()
+            } else {
+                prop_oneof![
+                    Just("application/vnd.oci.image.config.v1+json".to_string()),
+                    Just("application/vnd.oci.empty.v1+json".to_string()),
+                    artifact_media_type(),
+                ]
+                .boxed()
+            };
+            let subject_type =
+                prop_oneof![Just(OCI_MANIFEST.to_string()), Just(OCI_INDEX.to_string())];
+            (
+                desc(config_type),
+                proptest::collection::vec(layer(docker), 0..6),
+                proptest::option::of(desc(subject_type)),
+                proptest::option::of(artifact_media_type()),
+                annotations(),
+                presented(),
+            )
+                .prop_map(
+                    move |(config, layers, subject, artifact_type, annotations, presented)| {
+                        GenImage {
+                            docker,
+                            config,
+                            layers,
+                            subject,
+                            artifact_type,
+                            annotations,
+                            presented,
+                        }
+                    },
+                )
+        })
+    }
+
+    /// The body, the Content-Type and the media type `parse` must report.
+    fn render_image(g: &GenImage) -> (Vec<u8>, Option<String>, String) {
+        let mut o = Map::new();
+        o.insert("schemaVersion".into(), json!(2));
+        let mt = if g.docker {
+            DOCKER_MANIFEST
+        } else {
+            OCI_MANIFEST
+        };
+        let (header, expected_mt) = present(&mut o, mt, OCI_MANIFEST, g.presented);
+        if let Some(t) = &g.artifact_type {
+            o.insert("artifactType".into(), json!(t));
+        }
+        o.insert("config".into(), g.config.to_json());
+        o.insert(
+            "layers".into(),
+            Value::Array(g.layers.iter().map(|(d, _)| d.to_json()).collect()),
+        );
+        if let Some(s) = &g.subject {
+            o.insert("subject".into(), s.to_json());
+        }
+        if !g.annotations.is_empty() {
+            o.insert("annotations".into(), json!(g.annotations));
+        }
+        (
+            serde_json::to_vec(&Value::Object(o)).unwrap(),
+            header,
+            expected_mt,
+        )
+    }
+
+    fn platform() -> impl Strategy<Value = Value> {
+        (
+            proptest::sample::select(vec![
+                "amd64", "arm64", "arm", "386", "ppc64le", "s390x", "riscv64",
+            ]),
+            proptest::sample::select(vec!["linux", "windows", "darwin", "freebsd"]),
+            proptest::option::of("v[5-8]"),
+            proptest::option::of("[0-9]{1,2}\\.[0-9]{1,4}\\.[0-9]{1,5}"),
+            proptest::option::of(proptest::collection::vec("[a-z0-9]{1,8}", 0..3)),
+            proptest::option::of(proptest::collection::vec("[a-z0-9]{1,8}", 0..3)),
+        )
+            .prop_map(|(arch, os, variant, os_version, os_features, features)| {
+                let mut p = Map::new();
+                p.insert("architecture".into(), json!(arch));
+                p.insert("os".into(), json!(os));
+                if let Some(v) = variant {
+                    p.insert("variant".into(), json!(v));
+                }
+                if let Some(v) = os_version {
+                    p.insert("os.version".into(), json!(v));
+                }
+                if let Some(v) = os_features {
+                    p.insert("os.features".into(), json!(v));
+                }
+                if let Some(v) = features {
+                    p.insert("features".into(), json!(v));
+                }
+                Value::Object(p)
+            })
+    }
+
+    #[derive(Debug, Clone)]
+    struct GenIndex {
+        docker: bool,
+        children: Vec<Desc>,
+        subject: Option<Desc>,
+        artifact_type: Option<String>,
+        annotations: BTreeMap<String, String>,
+        presented: Presented,
+    }
+
+    fn gen_index() -> impl Strategy<Value = GenIndex> {
+        any::<bool>().prop_flat_map(|docker| {
+            let child_type = if docker {
+                Just(DOCKER_MANIFEST.to_string()).boxed()
+            } else {
+                prop_oneof![Just(OCI_MANIFEST.to_string()), Just(OCI_INDEX.to_string())].boxed()
+            };
+            let child = (
+                desc(child_type),
+                proptest::option::of(platform()),
+                proptest::option::of(artifact_media_type()),
+            )
+                .prop_map(move |(mut d, platform, artifact_type)| {
+                    d.platform = platform;
+                    if !docker {
+                        d.artifact_type = artifact_type;
+                    }
+                    d
+                });
+            let subject_type =
+                prop_oneof![Just(OCI_MANIFEST.to_string()), Just(OCI_INDEX.to_string())];
+            (
+                proptest::collection::vec(child, 0..6),
+                proptest::option::of(desc(subject_type)),
+                proptest::option::of(artifact_media_type()),
+                annotations(),
+                presented(),
+            )
+                .prop_map(
+                    move |(children, subject, artifact_type, annotations, presented)| GenIndex {
+                        docker,
+                        children,
+                        subject,
+                        artifact_type,
+                        annotations,
+                        presented,
+                    },
+                )
+        })
+    }
+
+    fn render_index(g: &GenIndex) -> (Vec<u8>, Option<String>, String) {
+        let mut o = Map::new();
+        o.insert("schemaVersion".into(), json!(2));
+        let mt = if g.docker { DOCKER_LIST } else { OCI_INDEX };
+        let (header, expected_mt) = present(&mut o, mt, OCI_INDEX, g.presented);
+        if let Some(t) = &g.artifact_type {
+            o.insert("artifactType".into(), json!(t));
+        }
+        o.insert(
+            "manifests".into(),
+            Value::Array(g.children.iter().map(Desc::to_json).collect()),
+        );
+        if let Some(s) = &g.subject {
+            o.insert("subject".into(), s.to_json());
+        }
+        if !g.annotations.is_empty() {
+            o.insert("annotations".into(), json!(g.annotations));
+        }
+        (
+            serde_json::to_vec(&Value::Object(o)).unwrap(),
+            header,
+            expected_mt,
+        )
+    }
+
+    fn strs(ds: &[Digest]) -> Vec<&str> {
+        ds.iter().map(Digest::as_str).collect()
+    }
+
+    /// Arbitrary JSON built from the manifest vocabulary, to reach past the
+    /// JSON syntax check into the structural parsing.
+    fn manifestish_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<u64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_map(|n| json!(n)),
+            Just(json!(2)),
+            digest().prop_map(Value::String),
+            "sha256:[0-9a-fA-F]{0,66}".prop_map(Value::String),
+            proptest::sample::select(vec![
+                OCI_MANIFEST,
+                OCI_INDEX,
+                DOCKER_MANIFEST,
+                DOCKER_LIST,
+                DOCKER_FOREIGN,
+                "application/vnd.oci.image.config.v1+json",
+            ])
+            .prop_map(|s| json!(s)),
+            "\\PC{0,12}".prop_map(Value::String),
+        ];
+        let key = proptest::sample::select(vec![
+            "schemaVersion",
+            "mediaType",
+            "config",
+            "layers",
+            "manifests",
+            "digest",
+            "size",
+            "subject",
+            "artifactType",
+            "annotations",
+            "platform",
+            "urls",
+            "x",
+        ]);
+        leaf.prop_recursive(4, 64, 6, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::vec((key.clone(), inner), 0..7).prop_map(|kvs| {
+                    Value::Object(kvs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+                }),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn image_round_trip(g in gen_image()) {
+            let (body, header, expected_mt) = render_image(&g);
+            let m = Manifest::parse(&body, header.as_deref()).unwrap();
+            prop_assert_eq!(m.media_type.as_str(), expected_mt.as_str());
+            prop_assert_eq!(m.kind, ManifestKind::Image);
+            let mut blobs = vec![g.config.digest.as_str()];
+            blobs.extend(
+                g.layers.iter().filter(|(_, foreign)| !foreign).map(|(d, _)| d.digest.as_str()),
+            );
+            prop_assert_eq!(strs(&m.blobs), blobs);
+            prop_assert!(m.children.is_empty());
+            prop_assert_eq!(
+                m.subject.as_ref().map(Digest::as_str),
+                g.subject.as_ref().map(|s| s.digest.as_str())
+            );
+            // artifactType, else the config's media type.
+            let artifact_type = g.artifact_type.as_deref().unwrap_or(&g.config.media_type);
+            prop_assert_eq!(m.artifact_type.as_deref(), Some(artifact_type));
+            prop_assert_eq!(&m.annotations, &g.annotations);
+        }
+
+        #[test]
+        fn index_round_trip(g in gen_index()) {
+            let (body, header, expected_mt) = render_index(&g);
+            let m = Manifest::parse(&body, header.as_deref()).unwrap();
+            prop_assert_eq!(m.media_type.as_str(), expected_mt.as_str());
+            prop_assert_eq!(m.kind, ManifestKind::Index);
+            prop_assert!(m.blobs.is_empty());
+            let children: Vec<&str> = g.children.iter().map(|d| d.digest.as_str()).collect();
+            prop_assert_eq!(strs(&m.children), children);
+            prop_assert_eq!(
+                m.subject.as_ref().map(Digest::as_str),
+                g.subject.as_ref().map(|s| s.digest.as_str())
+            );
+            prop_assert_eq!(m.artifact_type.as_deref(), g.artifact_type.as_deref());
+            prop_assert_eq!(&m.annotations, &g.annotations);
+        }
+
+        #[test]
+        fn image_and_index_headers_conflict(g in gen_image()) {
+            // A body that names its type, sent under the other kind's
+            // Content-Type, is refused.
+            let mut g = g;
+            g.presented = Presented::Body;
+            let (body, _, mt) = render_image(&g);
+            let other = if mt == OCI_MANIFEST { OCI_INDEX } else { DOCKER_LIST };
+            prop_assert!(
+                matches!(
+                    Manifest::parse(&body, Some(other)),
+                    Err(ManifestError::MediaTypeMismatch { .. })
+                ),
+                "expected a media type mismatch"
+            );
+        }
+
+        #[test]
+        fn bad_digest_is_refused(
+            g in gen_image(),
+            which in any::<proptest::sample::Index>(),
+            bad in "sha256:[0-9a-f]{0,63}|sha256:[0-9A-F]{64}|sha512:[0-9a-f]{64}|(md5|blake3|sha384|sha256\\+b64u):[0-9a-f]{1,64}|[a-z]{1,6}",
+        ) {
+            // Corrupting any one digest wharf relies on (config, a
+            // distributable layer, the subject) never yields Ok, even where
+            // oci-spec itself would accept it (unknown algorithms).
+            let mut g = g;
+            let mut slots: Vec<Option<usize>> = vec![None];
+            slots.extend((0..g.layers.len()).filter(|&i| !g.layers[i].1).map(Some));
+            let subject = g.subject.is_some();
+            let n = slots.len() + usize::from(subject);
+            match which.index(n) {
+                i if i < slots.len() => match slots[i] {
+                    None => g.config.digest = bad,
+                    Some(l) => g.layers[l].0.digest = bad,
+                },
+                _ => g.subject.as_mut().unwrap().digest = bad,
+            }
+            let (body, header, _) = render_image(&g);
+            let r = Manifest::parse(&body, header.as_deref());
+            prop_assert!(
+                matches!(r, Err(ManifestError::Digest(_)) | Err(ManifestError::Invalid(_))),
+                "got {:?}", r
+            );
+        }
+
+        // A foreign layer's digest is re-parsed strictly too, although the
+        // blob itself is not required to be present.
+        #[test]
+        fn foreign_layer_digest_is_checked(
+            g in gen_image(),
+            bad in "(md5|blake3|sha384):[0-9a-f]{1,64}",
+        ) {
+            let mut g = g;
+            g.layers.push((
+                Desc {
+                    media_type: DOCKER_FOREIGN.into(),
+                    digest: bad,
+                    size: 1,
+                    annotations: BTreeMap::new(),
+                    urls: vec!["https://cdn.example/layer".into()],
+                    platform: None,
+                    artifact_type: None,
+                },
+                true,
+            ));
+            let (body, header, _) = render_image(&g);
+            let r = Manifest::parse(&body, header.as_deref());
+            prop_assert!(
+                matches!(r, Err(ManifestError::Digest(_)) | Err(ManifestError::Invalid(_))),
+                "got {:?}", r
+            );
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..512),
+            ct in proptest::option::of(".{0,60}"),
+        ) {
+            let _ = Manifest::parse(&bytes, ct.as_deref());
+        }
+
+        #[test]
+        fn manifestish_json_never_panics(
+            v in manifestish_json(),
+            ct in proptest::option::of(proptest::sample::select(vec![
+                OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST, "application/json", "",
+            ])),
+        ) {
+            let bytes = serde_json::to_vec(&v).unwrap();
+            if let Ok(m) = Manifest::parse(&bytes, ct) {
+                // Whatever is accepted is a manifest type of the kind reported.
+                prop_assert_eq!(m.media_type.kind(), Some(m.kind));
+            }
+        }
     }
 }

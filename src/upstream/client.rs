@@ -914,21 +914,64 @@ pub fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
     Some((start, total))
 }
 
-/// Whether a `Link` header value has a `rel="next"` (or `rel=next`) link.
+/// Whether a `Link` header value (RFC 8288) has a `rel="next"` (or
+/// `rel=next`) link. `,` and `;` inside the `<URI-Reference>` or inside a
+/// quoted parameter value are data, not separators.
 pub fn link_has_next(v: &str) -> bool {
-    v.split(',').any(|link| {
-        link.split(';').skip(1).any(|param| {
-            let Some((k, val)) = param.split_once('=') else {
-                return false;
-            };
-            k.trim().eq_ignore_ascii_case("rel")
-                && val
-                    .trim()
-                    .trim_matches('"')
+    let mut chars = v.chars().peekable();
+    loop {
+        // Each link-value: `<uri>` then `; name=value` parameters.
+        while chars.next_if(|c| *c == ',' || c.is_whitespace()).is_some() {}
+        if chars.next() != Some('<') {
+            return false;
+        }
+        if !chars.by_ref().any(|c| c == '>') {
+            return false;
+        }
+        loop {
+            while chars.next_if(|c| c.is_whitespace()).is_some() {}
+            match chars.next() {
+                Some(';') => {}
+                Some(',') => break,
+                _ => return false,
+            }
+            while chars.next_if(|c| c.is_whitespace()).is_some() {}
+            let mut name = String::new();
+            while let Some(c) =
+                chars.next_if(|c| !matches!(c, '=' | ';' | ',') && !c.is_whitespace())
+            {
+                name.push(c);
+            }
+            while chars.next_if(|c| c.is_whitespace()).is_some() {}
+            let mut value = String::new();
+            if chars.next_if_eq(&'=').is_some() {
+                while chars.next_if(|c| c.is_whitespace()).is_some() {}
+                if chars.next_if_eq(&'"').is_some() {
+                    loop {
+                        match chars.next() {
+                            Some('\\') => value.extend(chars.next()),
+                            Some('"') => break,
+                            Some(c) => value.push(c),
+                            None => return false,
+                        }
+                    }
+                } else {
+                    while let Some(c) =
+                        chars.next_if(|c| !matches!(c, ';' | ',') && !c.is_whitespace())
+                    {
+                        value.push(c);
+                    }
+                }
+            }
+            if name.eq_ignore_ascii_case("rel")
+                && value
                     .split_whitespace()
                     .any(|r| r.eq_ignore_ascii_case("next"))
-        })
-    })
+            {
+                return true;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -961,6 +1004,220 @@ mod tests {
         assert!(link_has_next(r#"</a>; rel="prev", </b>; rel="next""#));
         assert!(!link_has_next(r#"</a>; rel="prev""#));
         assert!(!link_has_next(""));
+    }
+
+    // ---- properties ----
+
+    use proptest::prelude::*;
+
+    /// `start <= end < total`, over the whole u64 range and near zero.
+    fn satisfied_range() -> impl Strategy<Value = (u64, u64, u64)> {
+        prop_oneof![1u64..=u64::MAX, 1u64..64]
+            .prop_flat_map(|total| (0..total, Just(total)))
+            .prop_flat_map(|(end, total)| (0..=end, Just(end), Just(total)))
+    }
+
+    proptest! {
+        #[test]
+        fn content_range_round_trip((start, end, total) in satisfied_range()) {
+            // The tuple is (first byte position, complete length if known).
+            prop_assert_eq!(
+                parse_content_range(&format!("bytes {start}-{end}/{total}")),
+                Some((start, Some(total)))
+            );
+            prop_assert_eq!(
+                parse_content_range(&format!("bytes {start}-{end}/*")),
+                Some((start, None))
+            );
+        }
+
+        #[test]
+        fn content_range_rejects_inverted(end in 0u64..u64::MAX, d in 1u64..1 << 20, total in any::<u64>()) {
+            let start = end.saturating_add(d);
+            prop_assume!(start > end);
+            prop_assert_eq!(parse_content_range(&format!("bytes {start}-{end}/{total}")), None);
+            prop_assert_eq!(parse_content_range(&format!("bytes {start}-{end}/*")), None);
+        }
+
+        #[test]
+        fn content_range_rejects_end_past_total(start in any::<u64>(), extra in any::<u64>(), short in 0u64..4) {
+            // end >= total: the range does not fit the representation.
+            let end = start.saturating_add(extra);
+            let total = end.saturating_sub(short);
+            prop_assert_eq!(parse_content_range(&format!("bytes {start}-{end}/{total}")), None);
+        }
+
+        #[test]
+        fn content_range_rejects_overflow((start, end, total) in satisfied_range(), which in 0usize..3) {
+            // A position past u64::MAX is refused, not wrapped.
+            let mut parts = [start.to_string(), end.to_string(), total.to_string()];
+            parts[which] = format!("{}0", u64::MAX);
+            let [s, e, t] = parts;
+            prop_assert_eq!(parse_content_range(&format!("bytes {s}-{e}/{t}")), None);
+        }
+
+        #[test]
+        fn content_range_never_panics(s in ".{0,64}|bytes [0-9*/ +-]{0,40}") {
+            if let Some((start, total)) = parse_content_range(&s) {
+                if let Some(total) = total {
+                    prop_assert!(start < total);
+                }
+            }
+        }
+    }
+
+    /// Relation types, some next-like but not `next`.
+    const RELS: &[&str] = &[
+        "prev",
+        "previous",
+        "first",
+        "last",
+        "alternate",
+        "self",
+        "next-archive",
+        "prev-archive",
+        "nextpage",
+        "nofollow",
+    ];
+
+    #[derive(Debug, Clone)]
+    struct Link {
+        target: String,
+        /// Relation types of the `rel` param, if any.
+        rel: Option<Vec<String>>,
+        /// Whether `next` is among them (in some letter case).
+        next: bool,
+        /// Other params, rendered, and where the rel param goes among them.
+        others: Vec<String>,
+        rel_at: usize,
+        quoted: bool,
+        rel_key: String,
+    }
+
+    impl Link {
+        fn render(&self) -> String {
+            let mut params = self.others.clone();
+            if let Some(rels) = &self.rel {
+                let v = rels.join(" ");
+                let p = if self.quoted || rels.len() != 1 {
+                    format!("{}=\"{v}\"", self.rel_key)
+                } else {
+                    format!("{}={v}", self.rel_key)
+                };
+                params.insert(self.rel_at.min(params.len()), p);
+            }
+            let mut s = format!("<{}>", self.target);
+            for p in params {
+                s.push_str("; ");
+                s.push_str(&p);
+            }
+            s
+        }
+    }
+
+    fn link() -> impl Strategy<Value = Link> {
+        let other = prop_oneof![
+            // Quoted strings without `"`, `\\` (kept simple) or `;` `,`.
+            "[ !#-+\\--:<-\\[\\]-~]{0,20}".prop_map(|v| format!("title=\"{v}\"")),
+            Just("type=\"application/json\"".to_string()),
+            Just("hreflang=en".to_string()),
+            "[a-z/]{0,10}".prop_map(|v| format!("anchor=\"/{v}\"")),
+        ];
+        let rels = proptest::collection::vec(proptest::sample::select(RELS.to_vec()), 0..3);
+        let next = prop_oneof![
+            Just(None),
+            Just(Some("next")),
+            Just(Some("NEXT")),
+            Just(Some("Next"))
+        ];
+        (
+            "/v2/[a-z0-9/]{1,20}(\\?n=[0-9]{1,3}(&last=[A-Za-z0-9._-]{1,12})?)?",
+            proptest::option::of((rels, next, any::<proptest::sample::Index>())),
+            proptest::collection::vec(other, 0..3),
+            any::<usize>(),
+            any::<bool>(),
+            proptest::sample::select(vec!["rel", "REL", "Rel"]),
+        )
+            .prop_map(|(target, rel, others, rel_at, quoted, rel_key)| {
+                let (rel, next) = match rel {
+                    None => (None, false),
+                    Some((mut rels, next, at)) => {
+                        let rels: Vec<String> = match next {
+                            Some(n) => {
+                                let i = at.index(rels.len() + 1);
+                                rels.insert(i, n);
+                                rels.into_iter().map(String::from).collect()
+                            }
+                            None if rels.is_empty() => vec!["prev".into()],
+                            None => rels.into_iter().map(String::from).collect(),
+                        };
+                        (Some(rels), next.is_some())
+                    }
+                };
+                Link {
+                    target,
+                    rel,
+                    next,
+                    others,
+                    rel_at,
+                    quoted,
+                    rel_key: rel_key.into(),
+                }
+            })
+    }
+
+    fn join(links: &[Link], sep: &str) -> String {
+        links.iter().map(Link::render).collect::<Vec<_>>().join(sep)
+    }
+
+    proptest! {
+        #[test]
+        fn link_next_found(links in proptest::collection::vec(link(), 0..5), sep in prop_oneof![Just(", "), Just(","), Just(" ,  ")]) {
+            let expected = links.iter().any(|l| l.next);
+            let header = join(&links, sep);
+            prop_assert_eq!(link_has_next(&header), expected, "{}", header);
+        }
+
+        #[test]
+        fn link_without_next(links in proptest::collection::vec(link(), 1..5)) {
+            let links: Vec<Link> = links.into_iter().filter(|l| !l.next).collect();
+            prop_assert!(!link_has_next(&join(&links, ", ")));
+        }
+
+        #[test]
+        fn link_next_anywhere(mut links in proptest::collection::vec(link(), 0..4), at in any::<proptest::sample::Index>()) {
+            // One rel="next" link among any others is enough.
+            let next = format!("</v2/r/tags/list?n=2&last=b>; rel=\"next\"");
+            let mut parts: Vec<String> = links.drain(..).map(|l| l.render()).collect();
+            let i = at.index(parts.len() + 1);
+            parts.insert(i, next);
+            prop_assert!(link_has_next(&parts.join(", ")));
+        }
+
+        // `,` and `;` inside the URI or a quoted value are data.
+        #[test]
+        fn link_next_not_fooled_by_uri_or_quotes(
+            links in proptest::collection::vec(link(), 0..3),
+            path in "[a-z0-9/]{0,10}",
+            trap in 0usize..4,
+        ) {
+            let links: Vec<Link> = links.into_iter().filter(|l| !l.next).collect();
+            let trap = match trap {
+                0 => format!("</v2/{path};rel=next;v=1>; rel=\"prev\""),
+                1 => format!("</v2/{path};rel=next,v=1>; rel=\"prev\""),
+                2 => format!("</v2/{path}>; rel=\"prev\"; title=\"x; rel=next\""),
+                _ => format!("</v2/{path}>; rel=\"prev\"; title=\"x, </y>; rel=next\""),
+            };
+            let mut parts: Vec<String> = links.iter().map(Link::render).collect();
+            parts.push(trap);
+            let header = parts.join(", ");
+            prop_assert!(!link_has_next(&header), "{}", header);
+        }
+
+        #[test]
+        fn link_never_panics(s in ".{0,120}|[<>;,= \"a-zA-Z/]{0,60}") {
+            let _ = link_has_next(&s);
+        }
     }
 
     #[test]
