@@ -55,7 +55,8 @@ impl UpstreamMetrics {
 /// `method` and `status` of a served request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub method: String,
+    /// Borrowed for the standard methods: no allocation per request.
+    pub method: std::borrow::Cow<'static, str>,
     pub status: u16,
 }
 

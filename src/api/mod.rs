@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, BodyStream, Empty, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -45,6 +45,37 @@ fn stream_body(s: ByteStream) -> Body {
 }
 
 const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
+const API_VERSION_HEADER: HeaderName = HeaderName::from_static("docker-distribution-api-version");
+const CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
+const OCI_SUBJECT: HeaderName = HeaderName::from_static("oci-subject");
+
+/// The metrics label of a method, borrowed for the standard ones.
+fn method_label(m: &Method) -> std::borrow::Cow<'static, str> {
+    const STANDARD: [Method; 7] = [
+        Method::GET,
+        Method::HEAD,
+        Method::PUT,
+        Method::POST,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+    ];
+    const NAMES: [&str; 7] = ["GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"];
+    match STANDARD.iter().position(|s| s == m) {
+        Some(i) => NAMES[i].into(),
+        None => m.as_str().to_owned().into(),
+    }
+}
+
+/// `"<digest>"`, the ETag of content addressed by `digest`.
+fn etag(digest: &Digest) -> HeaderValue {
+    let mut s = String::with_capacity(digest.as_str().len() + 2);
+    s.push('"');
+    s.push_str(digest.as_str());
+    s.push('"');
+    hv(&s)
+}
 
 /// Everything a request handler needs.
 #[derive(Clone)]
@@ -84,21 +115,20 @@ impl App {
     {
         let started = Instant::now();
         let method = req.method().clone();
-        let path = req.uri().path().to_string();
+        let uri = req.uri().clone();
         let mut resp = self.dispatch(req).await;
-        resp.headers_mut()
-            .insert("docker-distribution-api-version", API_VERSION);
+        resp.headers_mut().insert(API_VERSION_HEADER, API_VERSION);
         self.counters
             .requests
             .get_or_create(&RequestLabels {
-                method: method.as_str().to_string(),
+                method: method_label(&method),
                 status: resp.status().as_u16(),
             })
             .inc();
         tracing::info!(
             target: "wharf::access",
             %method,
-            path,
+            path = uri.path(),
             status = resp.status().as_u16(),
             ms = started.elapsed().as_secs_f64() * 1e3,
         );
@@ -214,8 +244,8 @@ impl App {
         let h = r.headers_mut();
         h.insert(header::CONTENT_TYPE, hv(&hit.media_type));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(hit.size));
-        h.insert("docker-content-digest", hv(hit.digest.as_str()));
-        h.insert(header::ETAG, hv(&format!("\"{}\"", hit.digest)));
+        h.insert(CONTENT_DIGEST, hv(hit.digest.as_str()));
+        h.insert(header::ETAG, etag(&hit.digest));
         Ok(r)
     }
 
@@ -258,9 +288,9 @@ impl App {
             header::LOCATION,
             hv(&format!("/v2/{name}/manifests/{}", pushed.digest)),
         );
-        h.insert("docker-content-digest", hv(pushed.digest.as_str()));
+        h.insert(CONTENT_DIGEST, hv(pushed.digest.as_str()));
         if let Some(subject) = pushed.subject {
-            h.insert("oci-subject", hv(subject.as_str()));
+            h.insert(OCI_SUBJECT, hv(subject.as_str()));
         }
         Ok(r)
     }
@@ -517,16 +547,15 @@ fn blob_headers(h: &mut HeaderMap, digest: &Digest, len: u64) {
         HeaderValue::from_static("application/octet-stream"),
     );
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert("docker-content-digest", hv(digest.as_str()));
-    h.insert(header::ETAG, hv(&format!("\"{digest}\"")));
+    h.insert(CONTENT_DIGEST, hv(digest.as_str()));
+    h.insert(header::ETAG, etag(digest));
 }
 
 fn blob_created(name: &RepoName, digest: &Digest) -> Resp {
     let mut r = status_only(StatusCode::CREATED);
     r.headers_mut()
         .insert(header::LOCATION, hv(&format!("/v2/{name}/blobs/{digest}")));
-    r.headers_mut()
-        .insert("docker-content-digest", hv(digest.as_str()));
+    r.headers_mut().insert(CONTENT_DIGEST, hv(digest.as_str()));
     r
 }
 
@@ -538,7 +567,7 @@ fn upload_accepted(status: StatusCode, name: &RepoName, id: &UploadId, size: u64
         hv(&format!("/v2/{name}/blobs/uploads/{id}")),
     );
     h.insert(header::RANGE, range_header(size));
-    h.insert("docker-upload-uuid", hv(id.as_str()));
+    h.insert(UPLOAD_UUID, hv(id.as_str()));
     r
 }
 

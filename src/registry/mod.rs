@@ -283,17 +283,6 @@ impl Registry {
 
     // ---- manifests ----
 
-    async fn resolve(&self, repo: &RepoName, reference: &Reference) -> Result<Digest> {
-        match reference {
-            Reference::Digest(d) => Ok(d.clone()),
-            Reference::Tag(t) => self
-                .meta
-                .resolve_tag(repo, t)
-                .await?
-                .ok_or(RegistryError::ManifestUnknown),
-        }
-    }
-
     /// Finds a manifest. `accept` is the request's combined `Accept` header:
     /// a tag whose manifest type the client lists no way of accepting is
     /// answered MANIFEST_UNKNOWN, as Distribution does; a digest pins content
@@ -318,15 +307,11 @@ impl Registry {
                 };
                 (m.digest, record)
             }
-            None => {
-                let digest = self.resolve(repo, reference).await?;
-                let record = self
-                    .meta
-                    .manifest(repo, &digest)
-                    .await?
-                    .ok_or(RegistryError::ManifestUnknown)?;
-                (digest, record)
-            }
+            None => self
+                .meta
+                .find_manifest(repo, reference)
+                .await?
+                .ok_or(RegistryError::ManifestUnknown)?,
         };
         if let (Reference::Tag(_), Some(accept)) = (reference, accept) {
             let mt = MediaType::new(&record.media_type);

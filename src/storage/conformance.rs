@@ -13,7 +13,7 @@ use super::{
     StorageError, UploadRecord, UploadStore,
 };
 use crate::oci::manifest::Descriptor;
-use crate::oci::{Algorithm, Digest, RepoName, Tag, UploadId};
+use crate::oci::{Algorithm, Digest, Reference, RepoName, Tag, UploadId};
 
 fn stream_of(chunks: Vec<&[u8]>) -> ByteStream {
     let owned: Vec<io::Result<Bytes>> = chunks
@@ -278,6 +278,25 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
     assert_eq!(meta.resolve_tag(&repo, &a).await.unwrap(), Some(d1.clone()));
     assert_eq!(meta.resolve_tag(&other, &a).await.unwrap(), None);
     assert_eq!(meta.manifest(&repo, &d1).await.unwrap(), Some(rec(None)));
+    let by_tag = Reference::Tag(a.clone());
+    assert_eq!(
+        meta.find_manifest(&repo, &by_tag).await.unwrap(),
+        Some((d1.clone(), rec(None))),
+        "a tag resolves to its manifest and record"
+    );
+    assert_eq!(
+        meta.find_manifest(&repo, &Reference::Digest(d1.clone()))
+            .await
+            .unwrap(),
+        Some((d1.clone(), rec(None)))
+    );
+    assert_eq!(meta.find_manifest(&other, &by_tag).await.unwrap(), None);
+    assert_eq!(
+        meta.find_manifest(&repo, &Reference::Tag("nope".parse().unwrap()))
+            .await
+            .unwrap(),
+        None
+    );
 
     // Retag moves the tag.
     meta.put_manifest(&repo, &d2, &rec(None), Some(&a), None)

@@ -13,7 +13,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{CacheEntry, ManifestRecord, MetaStore, RepoKind, Result, StorageError, UploadRecord};
 use crate::oci::manifest::Descriptor;
-use crate::oci::{Digest, RepoName, Tag, UploadId};
+use crate::oci::{Digest, Reference, RepoName, Tag, UploadId};
 
 const REPOS: TableDefinition<&str, u8> = TableDefinition::new("repositories");
 /// `repo\0tag` → digest
@@ -243,6 +243,39 @@ impl MetaStore for RedbMeta {
                 Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(meta_err)?)),
                 None => Ok(None),
             }
+        })
+        .await
+    }
+
+    async fn find_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<Option<(Digest, ManifestRecord)>> {
+        self.read(|db| {
+            let txn = db.begin_read().map_err(meta_err)?;
+            let digest = match reference {
+                Reference::Digest(d) => d.clone(),
+                Reference::Tag(tag) => {
+                    let t = txn.open_table(TAGS).map_err(meta_err)?;
+                    match t
+                        .get(key(repo.as_str(), tag.as_str()).as_str())
+                        .map_err(meta_err)?
+                    {
+                        Some(v) => v.value().parse().map_err(meta_err)?,
+                        None => return Ok(None),
+                    }
+                }
+            };
+            let t = txn.open_table(MANIFESTS).map_err(meta_err)?;
+            let record = match t
+                .get(key(repo.as_str(), digest.as_str()).as_str())
+                .map_err(meta_err)?
+            {
+                Some(v) => serde_json::from_slice(v.value()).map_err(meta_err)?,
+                None => return Ok(None),
+            };
+            Ok(Some((digest, record)))
         })
         .await
     }

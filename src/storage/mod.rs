@@ -20,7 +20,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 
 use crate::oci::manifest::Descriptor;
-use crate::oci::{Digest, RepoName, Tag, UploadId};
+use crate::oci::{Digest, Reference, RepoName, Tag, UploadId};
 
 /// A stream of bytes, as read from a blob or received from a client.
 pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
@@ -199,6 +199,23 @@ pub trait MetaStore: Send + Sync + 'static {
         referrer: Option<&Descriptor>,
     ) -> Result<()>;
     async fn manifest(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestRecord>>;
+    /// The manifest `reference` names in `repo` and its digest: a tag is
+    /// resolved and its record read. Backends that can should answer from
+    /// one consistent snapshot (this is the hot path of every pull).
+    async fn find_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<Option<(Digest, ManifestRecord)>> {
+        let digest = match reference {
+            Reference::Digest(d) => d.clone(),
+            Reference::Tag(t) => match self.resolve_tag(repo, t).await? {
+                Some(d) => d,
+                None => return Ok(None),
+            },
+        };
+        Ok(self.manifest(repo, &digest).await?.map(|r| (digest, r)))
+    }
     /// Removes a manifest, every tag pointing at it and its referrer entry.
     async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
     async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>>;
