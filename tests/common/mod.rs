@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cache;
+pub mod containerd;
 pub mod distribution;
 pub mod fake_upstream;
 pub mod http;
