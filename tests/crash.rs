@@ -15,7 +15,7 @@
 
 mod common;
 
-use std::io::{BufRead as _, BufReader, Read as _};
+use std::io::Read as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -91,18 +91,7 @@ fn write_config(dir: &Path) -> PathBuf {
 
 /// A `wharf` command without `WHARF_*` configuration inherited from the
 /// caller, with quiet logs.
-fn wharf_cmd() -> Command {
-    let mut cmd = Command::new(common::wharf_bin());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("WHARF_") && k != "WHARF_LOG" {
-            cmd.env_remove(k);
-        }
-    }
-    if std::env::var_os("WHARF_LOG").is_none() {
-        cmd.env("WHARF_LOG", "warn");
-    }
-    cmd
-}
+use common::wharf_cmd;
 
 /// A `wharf serve` process over the test's directory. Killed on drop.
 struct Server {
@@ -112,37 +101,7 @@ struct Server {
 
 impl Server {
     fn start(config: &Path) -> Server {
-        let mut child = wharf_cmd()
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn wharf");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(rest) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(rest.trim().to_string());
-                }
-            }
-        });
-        let url = match rx.recv_timeout(PATIENCE) {
-            Ok(url) => url,
-            Err(_) => {
-                let _ = child.kill();
-                let status = child.wait();
-                panic!("wharf did not start over the crashed data (exit: {status:?})");
-            }
-        };
-        let addr = url
-            .trim_start_matches("http://")
-            .parse()
-            .unwrap_or_else(|e| panic!("address in {url:?}: {e}"));
+        let (child, addr) = common::start(config, &[]);
         Server { child, addr }
     }
 
@@ -158,17 +117,7 @@ impl Server {
             .expect("run kill")
             .success();
         assert!(ok, "kill -TERM failed");
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(s) = self.child.try_wait().expect("try_wait") {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "wharf did not exit after SIGTERM"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        common::exited_within(&mut self.child, PATIENCE).await
     }
 }
 

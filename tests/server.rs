@@ -15,7 +15,7 @@
 
 mod common;
 
-use std::io::{BufRead as _, BufReader, Read as _};
+use std::io::Read as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -70,18 +70,7 @@ fn write_config(dir: &Path, server_extra: &str, storage_extra: &str) -> PathBuf 
 
 /// A `wharf` command whose environment carries no `WHARF_*` configuration
 /// from the caller (only what the test sets), and quiet logs.
-fn wharf_cmd() -> Command {
-    let mut cmd = Command::new(common::wharf_bin());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("WHARF_") && k != "WHARF_LOG" {
-            cmd.env_remove(k);
-        }
-    }
-    if std::env::var_os("WHARF_LOG").is_none() {
-        cmd.env("WHARF_LOG", "warn");
-    }
-    cmd
-}
+use common::wharf_cmd;
 
 /// Runs a command to completion, killing it and failing the test if it takes
 /// longer than `limit` (a `serve` that should have refused to start must not
@@ -144,35 +133,7 @@ impl Server {
     }
 
     fn start_env(config: &Path, env: &[(&str, &str)]) -> Server {
-        let mut cmd = wharf_cmd();
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn wharf");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(rest) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(rest.trim().to_string());
-                }
-            }
-        });
-        let url = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(url) => url,
-            Err(_) => {
-                let _ = child.kill();
-                let status = child.wait();
-                panic!("wharf did not report its listening address (exit: {status:?})");
-            }
-        };
+        let (child, url) = common::start_url(config, env);
         let addr = url
             .split_once("://")
             .map(|(_, a)| a)
@@ -202,17 +163,7 @@ impl Server {
 
     /// Waits (without blocking the runtime) for the process to exit.
     async fn exited_within(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(s) = self.child.try_wait().expect("try_wait") {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "wharf did not exit within {limit:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        common::exited_within(&mut self.child, limit).await
     }
 }
 

@@ -95,13 +95,41 @@ pub fn spawn_wharf_in(dir: tempfile::TempDir, server_extra: &str, extra_toml: &s
     }
 }
 
+/// `wharf` with no `WHARF_*` override from the test's own environment
+/// (`WHARF_LOG` excepted, default `warn`).
+pub fn wharf_cmd() -> Command {
+    let mut cmd = Command::new(wharf_bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("WHARF_") && k != "WHARF_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    if std::env::var_os("WHARF_LOG").is_none() {
+        cmd.env("WHARF_LOG", "warn");
+    }
+    cmd
+}
+
 /// Starts `wharf serve --config CONFIG` and waits for its `listening on ADDR`
 /// line on stdout.
 pub fn start(config: &Path, env: &[(&str, &str)]) -> (Child, SocketAddr) {
-    let mut cmd = Command::new(wharf_bin());
+    let (child, url) = start_url(config, env);
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .parse()
+        .unwrap_or_else(|e| panic!("address in {url:?}: {e}"));
+    (child, addr)
+}
+
+/// Like [`start`], returning the URL as printed (`http://ADDR` or
+/// `https://ADDR`).
+pub fn start_url(config: &Path, env: &[(&str, &str)]) -> (Child, String) {
+    let mut cmd = wharf_cmd();
     cmd.arg("serve")
         .arg("--config")
         .arg(config)
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     for (k, v) in env {
@@ -118,8 +146,8 @@ pub fn start(config: &Path, env: &[(&str, &str)]) -> (Child, SocketAddr) {
             }
         }
     });
-    let addr = match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(addr) => addr,
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(url) => (child, url),
         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
             let status = child.wait().expect("wait for wharf");
             panic!("wharf exited before listening ({status}); its stderr is above");
@@ -128,13 +156,23 @@ pub fn start(config: &Path, env: &[(&str, &str)]) -> (Child, SocketAddr) {
             let _ = child.kill();
             panic!("wharf did not report its listening address within 60 s");
         }
-    };
-    let addr = addr
-        .trim_start_matches("http://")
-        .trim_start_matches("https://")
-        .parse()
-        .expect("address");
-    (child, addr)
+    }
+}
+
+/// Waits, without blocking the runtime, for `child` to exit; fails the test
+/// after `limit`.
+pub async fn exited_within(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "wharf did not exit within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Returns the path of a required external tool, panicking with a clear
