@@ -5,6 +5,7 @@
 mod admin;
 pub use admin::split_ref;
 pub mod error;
+mod sendfile;
 pub mod server;
 
 use std::convert::Infallible;

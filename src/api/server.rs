@@ -11,6 +11,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::service::service_fn;
+
+use super::sendfile::SendfileStream;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -95,7 +97,7 @@ pub async fn run(
         });
         match &tls {
             None => {
-                let io = PrefaceTimeout::new(stream, opts.header_read_timeout);
+                let io = PrefaceTimeout::new(SendfileStream::new(stream), opts.header_read_timeout);
                 let conn = builder.serve_connection(TokioIo::new(io), service);
                 let conn = graceful.watch(conn.into_owned());
                 tokio::spawn(async move {

@@ -564,11 +564,12 @@ mod tests {
 }
 
 /// Serves `range` of a published blob as mapped windows of [`MAP_WINDOW`]
-/// bytes: the bytes go from the page cache to the socket with one copy (in
-/// the kernel's socket write), instead of a read into a buffer first. Each
-/// window is unmapped when hyper drops its chunk, so at most the windows in
-/// flight are resident. The next window is announced to the kernel
-/// (`WillNeed`) so readahead runs ahead of the socket.
+/// bytes (see [`super::window`]): over plain TCP the bytes go from the page
+/// cache to the socket by `sendfile`; otherwise with one copy (in the
+/// kernel's socket write) instead of a read into a buffer first. Each window
+/// is unmapped when hyper drops its chunk, so at most the windows in flight
+/// are mapped. The next window is announced to the kernel (`WillNeed`) so
+/// readahead runs ahead of the socket.
 fn mapped_stream(file: Arc<std::fs::File>, range: Range<u64>) -> ByteStream {
     futures::stream::unfold(
         (file, range.start, range.end),
@@ -577,33 +578,14 @@ fn mapped_stream(file: Arc<std::fs::File>, range: Range<u64>) -> ByteStream {
                 return None;
             }
             let len = (end - pos).min(MAP_WINDOW) as usize;
-            let window = map_window(&file, pos, len);
-            if window.is_ok() && pos + len as u64 + 1 < end {
-                let next = (end - pos - len as u64).min(MAP_WINDOW) as usize;
-                if let Ok(next) = map_window(&file, pos + len as u64, next) {
-                    let _ = next.advise(memmap2::Advice::WillNeed);
-                }
+            let window = super::window::map(&file, pos, len);
+            let next_pos = pos + len as u64;
+            if window.is_ok() && next_pos < end {
+                let next = (end - next_pos).min(MAP_WINDOW) as usize;
+                super::window::will_need(&file, next_pos, next);
             }
-            let item = window.map(Bytes::from_owner);
-            Some((item, (file, pos + len as u64, end)))
+            Some((window, (file, next_pos, end)))
         },
     )
     .boxed()
-}
-
-/// Maps `len` bytes of `file` at `offset` (any offset: the mapping is
-/// page-aligned internally).
-#[allow(unsafe_code)]
-fn map_window(file: &std::fs::File, offset: u64, len: usize) -> io::Result<memmap2::Mmap> {
-    // SAFETY: a mapping is undefined behaviour only if the file changes
-    // under it. `file` is a published blob: content-addressed, written
-    // once through a staging file and renamed into place, never opened for
-    // writing, truncated or rewritten afterwards. Deletion (eviction,
-    // quarantine by rename) unlinks the name; the mapping keeps the inode.
-    unsafe {
-        memmap2::MmapOptions::new()
-            .offset(offset)
-            .len(len)
-            .map(file)
-    }
 }

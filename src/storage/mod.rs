@@ -9,6 +9,7 @@
 pub mod conformance;
 pub mod fs;
 pub mod meta;
+pub mod window;
 
 use std::io;
 use std::ops::Range;
