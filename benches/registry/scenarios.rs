@@ -308,6 +308,10 @@ pub fn alternate(
 /// Runs `f(i)` for `i` in `0..n`, each on its own thread, all released
 /// together. Returns the release instant, the time from it until the last
 /// thread ended, and every thread's result.
+///
+/// The release instant is the earliest clock reading taken right after the
+/// barrier, by any thread: with more threads than cores, the thread that
+/// started the clock could otherwise be scheduled well after the others.
 pub fn together<T: Send>(
     n: usize,
     f: impl Fn(usize) -> T + Sync,
@@ -319,18 +323,20 @@ pub fn together<T: Send>(
                 let (barrier, f) = (&barrier, &f);
                 sc.spawn(move || {
                     barrier.wait();
-                    f(i)
+                    let released = Instant::now();
+                    (released, f(i))
                 })
             })
             .collect();
         barrier.wait();
-        let t0 = Instant::now();
+        let mut t0 = Instant::now();
         let mut out = Vec::with_capacity(n);
         for h in handles {
-            out.push(
-                h.join()
-                    .map_err(|_| anyhow::anyhow!("client thread panicked"))?,
-            );
+            let (released, r) = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+            t0 = t0.min(released);
+            out.push(r);
         }
         Ok((t0, t0.elapsed(), out))
     })
