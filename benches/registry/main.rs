@@ -7,6 +7,7 @@
 //! Under `cargo test` (no `--bench` argument) it only runs its self-checks.
 //! See benches/README.md for what every figure means.
 
+mod fanout;
 mod http;
 mod load;
 mod report;
@@ -19,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use report::{Better, Check, Figure, NotMeasured, Report, Target};
+use report::{Better, Check, Figure, Report, Target};
 use scenarios::{LoadOpts, log, size_text};
 use servers::{Kind, Server, find_program};
 
@@ -32,8 +33,11 @@ usage: cargo bench --bench registry -- [OPTIONS]
   --connections N       connections for the manifest runs (default 64)
   --client-threads N    load generator threads (default 1, like wrk -t1)
   --chunk MIB           PATCH size of the chunked push (default 16)
+  --fanout-size MIB     blob size of the pull-through fan-out (default 1024;
+                        quick 64)
+  --fanout-clients LIST client counts N of the fan-out (default 1,8,32)
   --only LIST           comma-separated subset of:
-                        startup,blob,streams,manifest,wrk,push,hash
+                        startup,blob,streams,manifest,wrk,push,fanout,hash
   --dir DIR             where to create the work folder (default: the temp dir)
   --out FILE            report file (default: target/bench-report.md)
   --wharf-bin PATH      benchmark this wharf binary instead of the one cargo
@@ -43,8 +47,8 @@ usage: cargo bench --bench registry -- [OPTIONS]
                         for Enter (for profiling by hand)
 ";
 
-const SCENARIOS: [&str; 7] = [
-    "startup", "blob", "streams", "manifest", "wrk", "push", "hash",
+const SCENARIOS: [&str; 8] = [
+    "startup", "blob", "streams", "manifest", "wrk", "push", "fanout", "hash",
 ];
 
 struct Opts {
@@ -55,6 +59,8 @@ struct Opts {
     streams: usize,
     chunk: usize,
     hash_size: usize,
+    fanout_size: u64,
+    fanout_clients: Vec<usize>,
     load: LoadOpts,
     settle: Duration,
     only: Option<Vec<String>>,
@@ -76,6 +82,8 @@ impl Opts {
             streams: 16,
             chunk: 16 << 20,
             hash_size: if quick { 64 << 20 } else { 256 << 20 },
+            fanout_size: if quick { 64 << 20 } else { 1 << 30 },
+            fanout_clients: vec![1, 8, 32],
             load: LoadOpts {
                 connections: 64,
                 duration: Duration::from_secs(if quick { 2 } else { 5 }),
@@ -111,6 +119,16 @@ impl Opts {
                     o.load.client_threads = value(a)?.parse().context("--client-threads")?
                 }
                 "--chunk" => o.chunk = value(a)?.parse::<usize>().context("--chunk")? << 20,
+                "--fanout-size" => {
+                    o.fanout_size = value(a)?.parse::<u64>().context("--fanout-size")? << 20
+                }
+                "--fanout-clients" => {
+                    o.fanout_clients = value(a)?
+                        .split(',')
+                        .map(|n| n.trim().parse::<usize>())
+                        .collect::<Result<_, _>>()
+                        .context("--fanout-clients")?
+                }
                 "--only" => {
                     let list: Vec<String> = value(a)?.split(',').map(str::to_string).collect();
                     for s in &list {
@@ -134,6 +152,11 @@ impl Opts {
         }
         anyhow::ensure!(o.reps >= 1, "--reps must be at least 1");
         anyhow::ensure!(o.chunk > 0, "--chunk must be at least 1");
+        anyhow::ensure!(o.fanout_size > 0, "--fanout-size must be at least 1");
+        anyhow::ensure!(
+            !o.fanout_clients.is_empty() && !o.fanout_clients.contains(&0),
+            "--fanout-clients needs client counts of at least 1"
+        );
         Ok(o)
     }
 
@@ -150,6 +173,7 @@ fn main() -> ExitCode {
         // `cargo test` builds and runs bench targets without `--bench`.
         http::self_check();
         report::self_check();
+        servers::self_check();
         scenarios::self_check();
         println!(
             "registry bench: self-checks passed (run `cargo bench --bench registry` to benchmark)"
@@ -192,6 +216,42 @@ fn targets() -> Vec<Target> {
             figure_ids: vec![("push_mono", "monolithic"), ("push_chunked", "chunked")],
             check: Check::RatioAtLeast(Kind::Distribution, 1.0),
             threshold_text: "≥ 1.0× Distribution",
+        },
+        Target {
+            what: "Pull-through cold fan-out, upstream GETs of the blob",
+            figure_ids: vec![
+                ("fanout1_gets", "N = 1"),
+                ("fanout8_gets", "N = 8"),
+                ("fanout32_gets", "N = 32"),
+            ],
+            check: Check::EveryRepWithin(1.0, 1.0),
+            threshold_text: "= 1 in every repetition",
+        },
+        Target {
+            what: "Pull-through cold fan-out, cold wall / warm wall",
+            figure_ids: vec![
+                ("fanout1_ratio", "N = 1"),
+                ("fanout8_ratio", "N = 8"),
+                ("fanout32_ratio", "N = 32"),
+            ],
+            check: Check::AtMost(1.25),
+            threshold_text: "≤ 1.25",
+        },
+        Target {
+            what: "Pull-through cold fan-out, peak RSS",
+            figure_ids: vec![("fanout32_rss", "N = 32")],
+            check: Check::EveryRepWithin(0.0, 64.0),
+            threshold_text: "≤ 64 MiB in every repetition",
+        },
+        Target {
+            what: "Pull-through cold fan-out, clients with a wrong or incomplete body",
+            figure_ids: vec![
+                ("fanout1_failed", "N = 1"),
+                ("fanout8_failed", "N = 8"),
+                ("fanout32_failed", "N = 32"),
+            ],
+            check: Check::EveryRepWithin(0.0, 0.0),
+            threshold_text: "0 in every repetition",
         },
         Target {
             what: "Idle RSS",
@@ -274,7 +334,8 @@ fn run(o: Opts) -> anyhow::Result<()> {
         "Mode".to_string(),
         format!(
             "{}: {} repetitions per figure; blobs 1 × {} and {} × {}; manifest runs of {:.0} s \
-             after a {:.1} s warm-up, {} load-generator thread(s)",
+             after a {:.1} s warm-up, {} load-generator thread(s); pull-through fan-out of 1 × {} \
+             to N = {} clients",
             if o.quick {
                 "quick (indicative only)"
             } else {
@@ -287,6 +348,12 @@ fn run(o: Opts) -> anyhow::Result<()> {
             o.load.duration.as_secs_f64(),
             o.load.warmup.as_secs_f64(),
             o.load.client_threads,
+            size_text(o.fanout_size),
+            o.fanout_clients
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
         ),
     ));
 
@@ -391,16 +458,25 @@ fn run(o: Opts) -> anyhow::Result<()> {
             u,
         );
     }
-    match scenarios::pull_through_cold_fanout() {
-        Some(f) => rep.figures.extend(f),
-        None => rep.not_measured.push(NotMeasured {
-            scenario: "Pull-through cache, cold fan-out",
-            reason: "wharf has no pull-through cache yet. The harness keeps a place for it \
-                     (`pull_through_cold_fanout` in benches/registry/scenarios.rs): N clients \
-                     pulling one cold blob at once through wharf's cache and through \
-                     Distribution in proxy mode, both in front of the same upstream, measuring \
-                     each client's time to last byte and the number of upstream GETs.",
-        }),
+    if o.wants("fanout") {
+        log(format!(
+            "pull-through cold fan-out, N = {:?} × {}",
+            o.fanout_clients,
+            size_text(o.fanout_size)
+        ));
+        let mut notes = Vec::new();
+        let x = fanout::run(
+            work.path(),
+            &wharf_bin,
+            &fanout::FanoutOpts {
+                size: o.fanout_size,
+                clients: o.fanout_clients.clone(),
+                reps: o.reps,
+            },
+            &mut notes,
+        )?;
+        rep.fanout = Some(x);
+        rep.notes.extend(notes);
     }
     if o.wants("hash") {
         log("sha256: wharf's hasher against sha256sum");

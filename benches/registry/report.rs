@@ -130,6 +130,15 @@ pub fn fmt(x: f64, decimals: usize) -> String {
     format!("{x:.decimals$}")
 }
 
+/// `12.5 MiB`, `1.20×`, `3` (no unit).
+fn with_unit(value: String, unit: &str) -> String {
+    match unit {
+        "" => value,
+        "×" => format!("{value}×"),
+        _ => format!("{value} {unit}"),
+    }
+}
+
 fn ratio_cell(r: Option<f64>) -> String {
     match r {
         Some(r) => format!("{r:.2}×"),
@@ -144,6 +153,10 @@ pub enum Check {
     RatioAtLeast(Kind, f64),
     /// wharf's median < threshold
     Below(f64),
+    /// wharf's median ≤ threshold
+    AtMost(f64),
+    /// every repetition of wharf's figure within `[low, high]`
+    EveryRepWithin(f64, f64),
 }
 
 pub struct Target {
@@ -154,10 +167,53 @@ pub struct Target {
     pub threshold_text: &'static str,
 }
 
-/// A scenario the harness has a place for but does not measure yet.
-pub struct NotMeasured {
-    pub scenario: &'static str,
-    pub reason: &'static str,
+/// The figures of the pull-through cold fan-out for one client count N,
+/// per contender: each a table row of the fan-out section.
+pub struct FanoutRow {
+    pub clients: usize,
+    /// Upstream GETs (and HEADs) of the blob during the cold round.
+    pub gets: Figure,
+    pub heads: Figure,
+    /// Until the last client has its last byte.
+    pub cold: Figure,
+    pub warm: Figure,
+    /// median(cold) / median(warm): one value per contender.
+    pub ratio: Figure,
+    /// Time to first byte over the N clients of a cold round: p50, max.
+    pub ttfb_p50: Figure,
+    pub ttfb_max: Figure,
+    /// Peak RSS and CPU time of the contender during the cold round.
+    pub rss: Figure,
+    pub cpu: Figure,
+    /// Clients whose body was not the blob (status, length or digest),
+    /// cold and warm rounds together.
+    pub failed: Figure,
+}
+
+impl FanoutRow {
+    pub fn figures(&self) -> [&Figure; 10] {
+        [
+            &self.gets,
+            &self.heads,
+            &self.cold,
+            &self.warm,
+            &self.ratio,
+            &self.ttfb_p50,
+            &self.ttfb_max,
+            &self.rss,
+            &self.cpu,
+            &self.failed,
+        ]
+    }
+}
+
+/// The pull-through cold fan-out section.
+pub struct Fanout {
+    /// What was measured and how, printed above the table.
+    pub intro: String,
+    /// The contenders, in table order.
+    pub servers: Vec<Kind>,
+    pub rows: Vec<FanoutRow>,
 }
 
 #[derive(Default)]
@@ -167,16 +223,21 @@ pub struct Report {
     /// Resource figures (start-to-ready, RSS, CPU), in table order.
     pub resources: Vec<Figure>,
     pub hashing: Option<Pair>,
-    pub not_measured: Vec<NotMeasured>,
+    pub fanout: Option<Fanout>,
     pub notes: Vec<String>,
     pub quick: bool,
 }
 
 impl Report {
     pub fn figure(&self, id: &str) -> Option<&Figure> {
+        let fanout = self
+            .fanout
+            .iter()
+            .flat_map(|x| x.rows.iter().flat_map(FanoutRow::figures));
         self.figures
             .iter()
             .chain(self.resources.iter())
+            .chain(fanout)
             .find(|f| f.id == id)
     }
 
@@ -193,12 +254,14 @@ impl Report {
              Ratios are ratios of medians; ↑ marks figures where higher is better, ↓ where lower is better.\n"
         );
 
-        let _ = writeln!(out, "## Throughput and latency\n");
-        let _ = writeln!(
-            out,
-            "| scenario | unit | wharf | Distribution | nginx | wharf/nginx | wharf/Distribution |"
-        );
-        let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|");
+        if !self.figures.is_empty() {
+            let _ = writeln!(out, "## Throughput and latency\n");
+            let _ = writeln!(
+                out,
+                "| scenario | unit | wharf | Distribution | nginx | wharf/nginx | wharf/Distribution |"
+            );
+            let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|");
+        }
         for f in &self.figures {
             let _ = writeln!(
                 out,
@@ -212,14 +275,44 @@ impl Report {
                 ratio_cell(f.ratio(Kind::Wharf, Kind::Distribution)),
             );
         }
-        for n in &self.not_measured {
-            let _ = writeln!(
-                out,
-                "| {} | — | not measured | not measured | not measured | — | — |",
-                n.scenario
-            );
-        }
 
+        if let Some(x) = &self.fanout {
+            if !out.ends_with("\n\n") {
+                out.push('\n');
+            }
+            let _ = writeln!(out, "## Pull-through cache, cold fan-out\n");
+            let _ = writeln!(out, "{}\n", x.intro);
+            let columns: Vec<String> = x
+                .rows
+                .first()
+                .map(|r| {
+                    r.figures()
+                        .iter()
+                        .map(|f| {
+                            if f.unit.is_empty() {
+                                format!("{} {}", f.label, f.unit_cell().trim())
+                            } else {
+                                format!("{} ({})", f.label, f.unit_cell())
+                            }
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let _ = writeln!(out, "| N | server | {} |", columns.join(" | "));
+            let _ = writeln!(out, "|---:|---|{}", "---:|".repeat(columns.len()));
+            for r in &x.rows {
+                for &k in &x.servers {
+                    let cells: Vec<String> = r.figures().iter().map(|f| f.cell(k)).collect();
+                    let _ = writeln!(
+                        out,
+                        "| {} | {} | {} |",
+                        r.clients,
+                        k.name(),
+                        cells.join(" | ")
+                    );
+                }
+            }
+        }
         let _ = writeln!(out, "\n## Resources\n");
         let _ = writeln!(out, "| figure | unit | wharf | Distribution | nginx |");
         let _ = writeln!(out, "|---|---|---:|---:|---:|");
@@ -282,7 +375,25 @@ impl Report {
                         None => ("—".to_string(), None),
                     },
                     Check::Below(max) => match f.median(Kind::Wharf) {
-                        Some(v) => (format!("{} {}", fmt(v, f.decimals), f.unit), Some(v < max)),
+                        Some(v) => (with_unit(fmt(v, f.decimals), f.unit), Some(v < max)),
+                        None => ("—".to_string(), None),
+                    },
+                    Check::AtMost(max) => match f.median(Kind::Wharf) {
+                        Some(v) => (with_unit(fmt(v, f.decimals), f.unit), Some(v <= max)),
+                        None => ("—".to_string(), None),
+                    },
+                    Check::EveryRepWithin(low, high) => match f.stats(Kind::Wharf) {
+                        Some(s) => {
+                            let range = if s.min == s.max {
+                                fmt(s.min, f.decimals)
+                            } else {
+                                format!("{}–{}", fmt(s.min, f.decimals), fmt(s.max, f.decimals))
+                            };
+                            (
+                                with_unit(range, f.unit),
+                                Some(s.min >= low && s.max <= high),
+                            )
+                        }
                         None => ("—".to_string(), None),
                     },
                 };
@@ -312,12 +423,6 @@ impl Report {
             );
         }
 
-        if !self.not_measured.is_empty() {
-            let _ = writeln!(out, "\n## Not measured yet\n");
-            for n in &self.not_measured {
-                let _ = writeln!(out, "- **{}:** {}", n.scenario, n.reason);
-            }
-        }
         if !self.notes.is_empty() {
             let _ = writeln!(out, "\n## Notes\n");
             for n in &self.notes {
@@ -500,4 +605,54 @@ pub fn self_check() {
     f.push(Kind::Nginx, 5.0);
     assert_eq!(f.ratio(Kind::Wharf, Kind::Nginx), Some(2.0));
     assert_eq!(f.ratio(Kind::Wharf, Kind::Distribution), None);
+    assert_eq!(with_unit("1.20".into(), "×"), "1.20×");
+    assert_eq!(with_unit("3".into(), ""), "3");
+    assert_eq!(with_unit("12.5".into(), "MiB"), "12.5 MiB");
+
+    // The fan-out section and its targets.
+    let fig = |id: &str, values: &[(Kind, f64)]| {
+        let mut f = Figure::new(id, id, "", Better::Lower, 0);
+        for &(k, v) in values {
+            f.push(k, v);
+        }
+        f
+    };
+    let w = |v: f64| [(Kind::Wharf, v), (Kind::Distribution, 9.0)];
+    let row = FanoutRow {
+        clients: 8,
+        gets: fig("fanout8_gets", &[(Kind::Wharf, 1.0), (Kind::Wharf, 2.0)]),
+        heads: fig("fanout8_heads", &w(0.0)),
+        cold: fig("fanout8_cold", &w(2.0)),
+        warm: fig("fanout8_warm", &w(2.0)),
+        ratio: fig("fanout8_ratio", &w(1.0)),
+        ttfb_p50: fig("fanout8_ttfb_p50", &w(1.0)),
+        ttfb_max: fig("fanout8_ttfb_max", &w(1.0)),
+        rss: fig("fanout8_rss", &w(30.0)),
+        cpu: fig("fanout8_cpu", &w(1.0)),
+        failed: fig("fanout8_failed", &w(0.0)),
+    };
+    let rep = Report {
+        fanout: Some(Fanout {
+            intro: "intro".to_string(),
+            servers: vec![Kind::Wharf, Kind::Distribution],
+            rows: vec![row],
+        }),
+        ..Report::default()
+    };
+    let target = |id, check| Target {
+        what: "t",
+        figure_ids: vec![(id, "")],
+        check,
+        threshold_text: "x",
+    };
+    let text = rep.render(&[
+        target("fanout8_gets", Check::EveryRepWithin(1.0, 1.0)),
+        target("fanout8_ratio", Check::AtMost(1.25)),
+        target("fanout32_gets", Check::EveryRepWithin(1.0, 1.0)),
+    ]);
+    assert!(text.contains("| 8 | wharf | 2 (1–2) | 0 |"), "{text}");
+    assert!(text.contains("| 8 | Distribution | — | 9 |"), "{text}");
+    assert!(text.contains("| t | x | 1–2 | **MISSED** |"), "{text}");
+    assert!(text.contains("| t | x | 1 | met |"), "{text}");
+    assert!(text.contains("| t | x | — | not measured |"), "{text}");
 }

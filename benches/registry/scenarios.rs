@@ -171,7 +171,7 @@ pub fn push_chunked(s: &Server, data: &[u8], digest: &Digest, chunk: usize) -> a
 }
 
 /// Puts one blob into every server.
-fn seed_blob(servers: &[Server], data: &[u8]) -> anyhow::Result<Blob> {
+pub fn seed_blob(servers: &[Server], data: &[u8]) -> anyhow::Result<Blob> {
     let blob = Blob {
         digest: Digest::sha256_of(data),
         size: data.len() as u64,
@@ -285,6 +285,13 @@ pub fn sync() {
     let _ = std::process::Command::new("sync").status();
 }
 
+/// The order in which `n` servers take turns over `reps` rounds: round `r`
+/// starts with server `r mod n` (A B C, B C A, ...). Yields (round, server
+/// index).
+pub fn turns(n: usize, reps: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..reps).flat_map(move |r| (0..n).map(move |i| (r, (i + r) % n)))
+}
+
 /// Runs `f` `reps` times per server, the servers taking turns (A B C,
 /// B C A, ...). `f` returns the figure values of one run.
 pub fn alternate(
@@ -292,13 +299,47 @@ pub fn alternate(
     reps: usize,
     mut f: impl FnMut(&Server, usize) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let n = servers.len();
-    for r in 0..reps {
-        for i in 0..n {
-            f(servers[(i + r) % n], r)?;
-        }
+    for (r, i) in turns(servers.len(), reps) {
+        f(servers[i], r)?;
     }
     Ok(())
+}
+
+/// Runs `f(i)` for `i` in `0..n`, each on its own thread, all released
+/// together. Returns the release instant, the time from it until the last
+/// thread ended, and every thread's result.
+///
+/// The release instant is the earliest clock reading taken right after the
+/// barrier, by any thread: with more threads than cores, the thread that
+/// started the clock could otherwise be scheduled well after the others.
+pub fn together<T: Send>(
+    n: usize,
+    f: impl Fn(usize) -> T + Sync,
+) -> anyhow::Result<(Instant, Duration, Vec<T>)> {
+    let barrier = Barrier::new(n + 1);
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let (barrier, f) = (&barrier, &f);
+                sc.spawn(move || {
+                    barrier.wait();
+                    let released = Instant::now();
+                    (released, f(i))
+                })
+            })
+            .collect();
+        barrier.wait();
+        let mut t0 = Instant::now();
+        let mut out = Vec::with_capacity(n);
+        for h in handles {
+            let (released, r) = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+            t0 = t0.min(released);
+            out.push(r);
+        }
+        Ok((t0, t0.elapsed(), out))
+    })
 }
 
 /// Peak RSS and CPU time of each server while `f` runs.
@@ -366,34 +407,42 @@ pub fn startup(
         Better::Lower,
         1,
     );
-    let n = servers.len();
-    for r in 0..reps {
-        for i in 0..n {
-            let s = &mut servers[(i + r) % n];
-            s.stop();
-            let t = s.start()?;
-            ready.push(s.kind, t.as_secs_f64() * 1e3);
-            std::thread::sleep(settle);
-            idle.push(s.kind, s.rss_kib() as f64 / 1024.0);
-        }
+    for (_, i) in turns(servers.len(), reps) {
+        let s = &mut servers[i];
+        s.stop();
+        let t = s.start()?;
+        ready.push(s.kind, t.as_secs_f64() * 1e3);
+        std::thread::sleep(settle);
+        idle.push(s.kind, s.rss_kib() as f64 / 1024.0);
     }
     Ok((ready, idle))
 }
 
 // ---- blobs ----
 
-/// GETs a blob on a fresh connection. With `verify`, hashes the body and
-/// checks it. Returns the time from connect to the last byte.
-fn get_blob(s: &Server, blob: &Blob, verify: bool) -> anyhow::Result<Duration> {
-    let t0 = Instant::now();
+/// When a blob GET received its first body byte and its last.
+#[derive(Debug, Clone, Copy)]
+pub struct Fetched {
+    pub first_byte: Instant,
+    pub done: Instant,
+}
+
+/// GETs a blob at `path` on a fresh connection, streaming the body (never
+/// held in memory). With `verify`, hashes the body as it arrives and checks
+/// it against the digest.
+pub fn fetch_blob(s: &Server, path: &str, blob: &Blob, verify: bool) -> anyhow::Result<Fetched> {
     let mut conn = Conn::connect(s.addr)?;
     let mut hasher = verify.then(|| Algorithm::Sha256.hasher());
-    let (head, n) = conn.stream("GET", &blob.path(), &[], &mut |b| {
+    let mut first_byte = None;
+    let (head, n) = conn.stream("GET", path, &[], &mut |b| {
+        if first_byte.is_none() && !b.is_empty() {
+            first_byte = Some(Instant::now());
+        }
         if let Some(h) = hasher.as_mut() {
             h.update(b);
         }
     })?;
-    let elapsed = t0.elapsed();
+    let done = Instant::now();
     ensure!(
         head.status == 200,
         "{}: GET blob: status {}",
@@ -414,7 +463,18 @@ fn get_blob(s: &Server, blob: &Blob, verify: bool) -> anyhow::Result<Duration> {
             s.name()
         );
     }
-    Ok(elapsed)
+    Ok(Fetched {
+        first_byte: first_byte.unwrap_or(done),
+        done,
+    })
+}
+
+/// GETs a blob on a fresh connection. With `verify`, hashes the body and
+/// checks it. Returns the time from connect to the last byte.
+fn get_blob(s: &Server, blob: &Blob, verify: bool) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    let got = fetch_blob(s, &blob.path(), blob, verify)?;
+    Ok(got.done - t0)
 }
 
 /// One stream of the big blob.
@@ -457,27 +517,10 @@ pub fn blob_streams(servers: &[&Server], c: &Content, reps: usize) -> anyhow::Re
         }
     }
     alternate(servers, reps, |s, _| {
-        let barrier = Barrier::new(n + 1);
-        let wall = std::thread::scope(|sc| -> anyhow::Result<Duration> {
-            let handles: Vec<_> = c
-                .small
-                .iter()
-                .map(|b| {
-                    let barrier = &barrier;
-                    sc.spawn(move || {
-                        barrier.wait();
-                        get_blob(s, b, false)
-                    })
-                })
-                .collect();
-            barrier.wait();
-            let t0 = Instant::now();
-            for h in handles {
-                h.join()
-                    .map_err(|_| anyhow::anyhow!("stream thread panicked"))??;
-            }
-            Ok(t0.elapsed())
-        })?;
+        let (_, wall, results) = together(n, |i| get_blob(s, &c.small[i], false))?;
+        for r in results {
+            r?;
+        }
         f.push(s.kind, (n as u64 * size) as f64 / MIB / wall.as_secs_f64());
         Ok(())
     })?;
@@ -783,18 +826,6 @@ pub fn push(
     Ok(figures)
 }
 
-// ---- pull-through cache ----
-
-/// Place for the pull-through cold fan-out scenario: N clients pull the same
-/// cold blob at once through the cache (wharf's cache vs Distribution in
-/// proxy mode, both in front of an upstream on loopback), measuring each
-/// client's time to last byte and the number of upstream GETs. It needs
-/// wharf's pull-through cache, which does not exist yet; until then the
-/// report lists it as not measured.
-pub fn pull_through_cold_fanout() -> Option<Vec<Figure>> {
-    None
-}
-
 // ---- hashing ----
 
 /// sha256 throughput: wharf's hasher in process against `sha256sum` on the
@@ -870,4 +901,8 @@ pub fn self_check() {
     assert_ne!(a, b);
     assert_eq!(size_text(1 << 30), "1 GiB");
     assert_eq!(size_text(64 << 20), "64 MiB");
+    let order: Vec<(usize, usize)> = turns(2, 2).collect();
+    assert_eq!(order, [(0, 0), (0, 1), (1, 1), (1, 0)]);
+    let (_, _, out) = together(3, |i| i * 2).unwrap();
+    assert_eq!(out, [0, 2, 4]);
 }

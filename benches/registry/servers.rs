@@ -76,25 +76,65 @@ pub struct Server {
     child: Option<Child>,
 }
 
+/// The repository prefix of wharf's pull-through rule when it runs as a
+/// cache (`/v2/<prefix>/<repo>/...` is served from `<upstream>/v2/<repo>/...`).
+pub const PULL_THROUGH_PREFIX: &str = "up";
+
+/// How a server is set up beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Setup {
+    /// Serve as a pull-through cache of this registry (`http://host:port`):
+    /// wharf gets one `[[pull_through]]` rule with prefix
+    /// [`PULL_THROUGH_PREFIX`], Distribution runs in proxy mode. Registries
+    /// only.
+    pub upstream: Option<String>,
+    /// Distribution writes its access log (into `stdout.log`), so that the
+    /// requests it served can be counted afterwards.
+    pub access_log: bool,
+}
+
 impl Server {
     /// Writes the configuration for `kind` under `work/<kind>` (nothing is
     /// started yet).
     pub fn configure(kind: Kind, work: &Path, wharf_bin: &Path) -> anyhow::Result<Server> {
-        let dir = work.join(kind.dir_name());
+        Server::configure_with(
+            kind,
+            work.join(kind.dir_name()),
+            wharf_bin,
+            &Setup::default(),
+        )
+    }
+
+    /// Writes the configuration for `kind`, set up as `setup` says, in
+    /// `dir` (nothing is started yet).
+    pub fn configure_with(
+        kind: Kind,
+        dir: PathBuf,
+        wharf_bin: &Path,
+        setup: &Setup,
+    ) -> anyhow::Result<Server> {
+        anyhow::ensure!(
+            kind.is_registry() || setup.upstream.is_none(),
+            "{} cannot be a pull-through cache",
+            kind.name()
+        );
         fs::create_dir_all(&dir)?;
         let port = free_port()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let (program, args) = match kind {
             Kind::Wharf => {
                 let config = dir.join("wharf.toml");
-                fs::write(
-                    &config,
-                    format!(
-                        "[server]\nlisten = \"{addr}\"\nshutdown_timeout = \"2s\"\n\n\
-                         [storage]\npath = \"{}\"\n",
-                        dir.join("data").display()
-                    ),
-                )?;
+                let mut text = format!(
+                    "[server]\nlisten = \"{addr}\"\nshutdown_timeout = \"2s\"\n\n\
+                     [storage]\npath = \"{}\"\n",
+                    dir.join("data").display()
+                );
+                if let Some(up) = &setup.upstream {
+                    text.push_str(&format!(
+                        "\n[[pull_through]]\nprefix = \"{PULL_THROUGH_PREFIX}\"\nupstream = \"{up}\"\n"
+                    ));
+                }
+                fs::write(&config, text)?;
                 (
                     wharf_bin.to_path_buf(),
                     vec![
@@ -109,19 +149,21 @@ impl Server {
                 // Access log off and level error, as wharf runs at WHARF_LOG=warn;
                 // the in-memory blob descriptor cache is Distribution's
                 // recommended (and Debian's default) setting.
-                fs::write(
-                    &config,
-                    format!(
-                        "version: 0.1\n\
-                         log:\n  level: error\n  accesslog:\n    disabled: true\n\
-                         storage:\n  filesystem:\n    rootdirectory: {}\n  \
-                         delete:\n    enabled: true\n  \
-                         cache:\n    blobdescriptor: inmemory\n  \
-                         maintenance:\n    uploadpurging:\n      enabled: false\n\
-                         http:\n  addr: {addr}\n",
-                        dir.join("data").display()
-                    ),
-                )?;
+                let mut text = format!(
+                    "version: 0.1\n\
+                     log:\n  level: error\n  accesslog:\n    disabled: {}\n\
+                     storage:\n  filesystem:\n    rootdirectory: {}\n  \
+                     delete:\n    enabled: true\n  \
+                     cache:\n    blobdescriptor: inmemory\n  \
+                     maintenance:\n    uploadpurging:\n      enabled: false\n\
+                     http:\n  addr: {addr}\n",
+                    !setup.access_log,
+                    dir.join("data").display()
+                );
+                if let Some(up) = &setup.upstream {
+                    text.push_str(&format!("proxy:\n  remoteurl: {up}\n"));
+                }
+                fs::write(&config, text)?;
                 let program = find_program("docker-registry")
                     .ok_or_else(|| anyhow::anyhow!("docker-registry is not installed"))?;
                 (program, vec!["serve".into(), config.display().to_string()])
@@ -214,6 +256,31 @@ impl Server {
             ),
             Kind::Nginx => None,
         }
+    }
+
+    /// Deletes the server's data folder (it must be stopped), so that the
+    /// next start begins with empty storage.
+    pub fn wipe_data(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.child.is_none(),
+            "{} must be stopped before its data is wiped",
+            self.name()
+        );
+        let data = self.dir.join("data");
+        match fs::remove_dir_all(&data) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(anyhow::anyhow!("removing {}: {e}", data.display())),
+        }
+    }
+
+    /// How many `method` requests for exactly `path` (query ignored) the
+    /// server has answered, from its access log (Distribution started with
+    /// [`Setup::access_log`]; 0 otherwise).
+    pub fn served(&self, method: &str, path: &str) -> u64 {
+        fs::read_to_string(self.dir.join("stdout.log"))
+            .map(|log| count_requests(&log, method, path))
+            .unwrap_or(0)
     }
 
     /// Spawns the server and waits until `GET /v2/` answers 200. Returns the
@@ -365,6 +432,21 @@ impl Drop for Server {
     }
 }
 
+/// Counts the lines of a combined-format access log (Distribution's) for
+/// `method` on `path`: `... "GET /v2/a/blobs/sha256:... HTTP/1.1" 200 ...`.
+pub fn count_requests(log: &str, method: &str, path: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| l.split('"').nth(1))
+        .filter(|req| {
+            let mut parts = req.split(' ');
+            parts.next() == Some(method)
+                && parts
+                    .next()
+                    .is_some_and(|target| target.split('?').next() == Some(path))
+        })
+        .count() as u64
+}
+
 /// A numeric field (first number) of `/proc/PID/status`.
 fn status_field(pid: u32, field: &str) -> Option<u64> {
     let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -403,4 +485,18 @@ fn cpu_seconds(pid: u32) -> f64 {
         .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
         .sum();
     ticks / clock_ticks()
+}
+
+/// Checks run by `cargo test`.
+pub fn self_check() {
+    let log = "127.0.0.1 - - [01/Dec/2026:05:45:38 +0000] \"HEAD /v2/a/blobs/sha256:ab HTTP/1.1\" 200 0 \"\" \"Go\"\n\
+               127.0.0.1 - - [01/Dec/2026:05:45:38 +0000] \"GET /v2/ HTTP/1.1\" 200 2 \"\" \"Go\"\n\
+               127.0.0.1 - - [01/Dec/2026:05:45:38 +0000] \"GET /v2/a/blobs/sha256:ab HTTP/1.1\" 200 5 \"\" \"Go\"\n\
+               127.0.0.1 - - [01/Dec/2026:05:45:38 +0000] \"GET /v2/a/blobs/sha256:ab?x=1 HTTP/1.1\" 206 5 \"\" \"Go\"\n\
+               127.0.0.1 - - [01/Dec/2026:05:45:38 +0000] \"GET /v2/a/blobs/sha256:abc HTTP/1.1\" 200 5 \"\" \"Go\"\n\
+               garbage\n";
+    assert_eq!(count_requests(log, "GET", "/v2/a/blobs/sha256:ab"), 2);
+    assert_eq!(count_requests(log, "HEAD", "/v2/a/blobs/sha256:ab"), 1);
+    assert_eq!(count_requests(log, "GET", "/v2/"), 1);
+    assert_eq!(count_requests("", "GET", "/v2/"), 0);
 }
