@@ -52,6 +52,7 @@ pub struct App {
     pub registry: Registry,
     metrics: Arc<Metrics>,
     counters: ServerMetrics,
+    replication: Option<Arc<crate::replication::Replication>>,
 }
 
 impl App {
@@ -63,16 +64,28 @@ impl App {
     /// An app whose `/metrics` also reports `upstream` (the counters the
     /// upstream clients were built with).
     pub fn with_metrics(registry: Registry, upstream: &UpstreamMetrics) -> App {
+        App::with_replication(registry, upstream, None)
+    }
+
+    /// Like [`App::with_metrics`], also serving replication's status and
+    /// operations and reporting its metrics.
+    pub fn with_replication(
+        registry: Registry,
+        upstream: &UpstreamMetrics,
+        replication: Option<Arc<crate::replication::Replication>>,
+    ) -> App {
         let counters = ServerMetrics::default();
         let metrics = Arc::new(Metrics::new(
             &counters,
             upstream,
             registry.cache().map(|c| &**c),
+            replication.as_ref().map(|r| &r.metrics),
         ));
         App {
             registry,
             metrics,
             counters,
+            replication,
         }
     }
 

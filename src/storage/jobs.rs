@@ -94,8 +94,13 @@ pub enum Outcome {
     Complete {
         digest: Option<Digest>,
     },
-    /// Try again later.
+    /// Try again later; counts an attempt.
     Retry {
+        error: String,
+    },
+    /// Try again later without counting an attempt (the destination was
+    /// down; the job is not at fault).
+    Wait {
         error: String,
     },
     /// Give up.
@@ -394,6 +399,10 @@ impl JobStore for RedbJobs {
                         job.attempts += 1;
                         job.error = Some(error);
                     }
+                    Outcome::Wait { error } => {
+                        job.state = JobState::Pending;
+                        job.error = Some(error);
+                    }
                     Outcome::Failed { error } => {
                         job.state = JobState::Failed;
                         job.attempts += 1;
@@ -479,7 +488,7 @@ mod tests {
             q.start(&a, None, 11).await.unwrap().is_none(),
             "one run at a time"
         );
-        q.enqueue(&[a.clone()], 12).await.unwrap();
+        q.enqueue(std::slice::from_ref(&a), 12).await.unwrap();
         let j = q
             .finish(&a, run.seq, Outcome::Complete { digest: None }, 13)
             .await
