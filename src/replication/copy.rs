@@ -42,7 +42,12 @@ impl CopyError {
     pub fn target(what: &str, e: UpstreamError) -> CopyError {
         let msg = format!("{what}: {e}");
         match e {
-            UpstreamError::Unauthorized(_) | UpstreamError::Denied(_) => CopyError::Permanent(msg),
+            UpstreamError::Unauthorized(m) => CopyError::Permanent(format!(
+                "{what}: the destination rejected the credentials: {m}"
+            )),
+            UpstreamError::Denied(m) => {
+                CopyError::Permanent(format!("{what}: the destination denied access: {m}"))
+            }
             e if e.is_unavailable() => CopyError::Unavailable(msg),
             _ => CopyError::Retry(msg),
         }
