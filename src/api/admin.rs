@@ -239,6 +239,14 @@ impl App {
             .map(|j| {
                 let dest = rep.destinations.get(&j.key.destination);
                 let in_progress = matches!(j.state, JobState::Pending | JobState::Running);
+                // A job waiting for a destination that is down shows why.
+                let reason = match (&j.error, in_progress) {
+                    (Some(e), _) => Some(e.clone()),
+                    (None, true) => rep
+                        .pause_of(&j.key.destination)
+                        .map(|(_, why)| format!("waiting for the destination: {why}")),
+                    (None, false) => None,
+                };
                 serde_json::json!({
                     "destination": j.key.destination,
                     "region": dest.and_then(|d| d.region.clone()),
@@ -249,7 +257,7 @@ impl App {
                     "status": status_name(j.state),
                     "running": j.state == JobState::Running,
                     "attempts": j.attempts,
-                    "failure_reason": j.error,
+                    "failure_reason": reason,
                     "enqueued_at": ms_to_rfc3339(j.enqueued_ms),
                     "updated_at": ms_to_rfc3339(j.updated_ms),
                     "lag_seconds": in_progress.then(|| now.saturating_sub(j.enqueued_ms) / 1000),
