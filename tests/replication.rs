@@ -510,3 +510,100 @@ async fn periodic_reconciliation_repairs_a_tag_lost_at_the_destination() {
     }
     assert_eq!(manifest(&cb, "prod/app", "1").await.unwrap().0, img.digest);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_sync_picks_up_a_new_upstream_tag_within_one_interval() {
+    let mut up = Distribution::start();
+    let cu = HttpClient::new(up.url());
+    let v10 = push_image(
+        &cu,
+        "lib/app",
+        Some("1.0"),
+        &[random_bytes(50_000, 1)],
+        "amd64",
+    )
+    .await;
+    push_image(
+        &cu,
+        "lib/app",
+        Some("2.0"),
+        &[random_bytes(500, 2)],
+        "amd64",
+    )
+    .await;
+    let amd = push_image(&cu, "lib/app", None, &[random_bytes(700, 3)], "amd64").await;
+    let arm = push_image(&cu, "lib/app", None, &[random_bytes(700, 4)], "arm64").await;
+    let index = push_index(
+        &cu,
+        "lib/app",
+        "1.1-multi",
+        &[(&amd, "amd64"), (&arm, "arm64")],
+    )
+    .await;
+
+    let interval = Duration::from_secs(2);
+    let a = spawn_region(&format!(
+        "[[sync]]\nupstream = \"{}\"\nrepositories = [\"lib/app\"]\nlocal_prefix = \"mirror\"\ntags = [\"1.*\"]\nplatforms = [\"linux/amd64\"]\ninterval = \"2s\"\n",
+        up.url()
+    ));
+    let ca = HttpClient::new(a.url());
+    let local = "mirror/lib/app";
+    let deadline = Instant::now() + PATIENCE;
+    while manifest(&ca, local, "1.0").await.is_none()
+        || manifest(&ca, local, "1.1-multi").await.is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the first pass never copied 1.0 and 1.1-multi"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        manifest(&ca, local, "1.0").await.unwrap(),
+        (v10.digest.clone(), v10.manifest.clone())
+    );
+    assert_eq!(
+        tags(&ca, local).await,
+        ["1.0", "1.1-multi"],
+        "2.0 does not match 1.*"
+    );
+    // The platform filter: an index of the amd64 entry only.
+    let (d, body) = manifest(&ca, local, "1.1-multi").await.unwrap();
+    assert_ne!(d, index.digest, "a filtered index has its own digest");
+    let entries: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let entries = entries["manifests"].as_array().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["digest"], amd.digest.as_str());
+    assert!(manifest(&ca, local, &amd.digest).await.is_some());
+    assert!(manifest(&ca, local, &arm.digest).await.is_none());
+
+    // A new upstream tag appears locally within one interval (plus the
+    // time of a pass).
+    let v12 = push_image(
+        &cu,
+        "lib/app",
+        Some("1.2"),
+        &[random_bytes(900, 5)],
+        "amd64",
+    )
+    .await;
+    let pushed = Instant::now();
+    while manifest(&ca, local, "1.2").await.is_none() {
+        assert!(
+            pushed.elapsed() < interval + Duration::from_secs(5),
+            "1.2 did not arrive within one interval"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(manifest(&ca, local, "1.2").await.unwrap().0, v12.digest);
+
+    // Local copies are ordinary repositories, served with the upstream down.
+    up.stop();
+    assert_eq!(manifest(&ca, local, "1.2").await.unwrap().0, v12.digest);
+    for blob in &v12.blobs {
+        assert_eq!(
+            blob_digest(&ca, local, blob).await.as_deref(),
+            Some(blob.as_str())
+        );
+    }
+}

@@ -196,6 +196,55 @@ fn open_replication(
     ))))
 }
 
+/// Builds the `[[sync]]` entries.
+fn open_sync(
+    config: &Config,
+    upstream_metrics: &UpstreamMetrics,
+) -> anyhow::Result<Vec<Arc<crate::replication::sync::SyncEntry>>> {
+    let mut out = Vec::new();
+    for (i, e) in config.sync.iter().enumerate() {
+        let ctx = || format!("sync[{i}] ({})", e.upstream);
+        let mut settings = UpstreamSettings::new(e.upstream.parse().with_context(ctx)?);
+        if let Some(c) = &e.credentials {
+            settings.credentials = Some(Credentials {
+                username: c.username.clone(),
+                password: Secret::new(c.password().map_err(anyhow::Error::msg).with_context(ctx)?),
+            });
+        }
+        settings.ca_file = e.ca_file.clone();
+        settings.metrics = upstream_metrics.clone();
+        let mut repositories = Vec::new();
+        for r in &e.repositories {
+            let local = match &e.local_prefix {
+                Some(p) => format!("{p}/{r}"),
+                None => r.clone(),
+            };
+            repositories.push((
+                r.parse().with_context(ctx)?,
+                local.parse().with_context(ctx)?,
+            ));
+        }
+        out.push(Arc::new(crate::replication::sync::SyncEntry {
+            upstream: UpstreamClient::new(settings).with_context(ctx)?,
+            repositories,
+            tags: e
+                .tags
+                .iter()
+                .map(|t| t.parse().map_err(anyhow::Error::msg))
+                .collect::<anyhow::Result<_>>()
+                .with_context(ctx)?,
+            platforms: e
+                .platforms
+                .iter()
+                .map(|p| p.parse().map_err(anyhow::Error::msg))
+                .collect::<anyhow::Result<_>>()
+                .with_context(ctx)?,
+            interval: e.interval,
+        }));
+    }
+    Ok(out)
+}
+
 /// Opens the configured stores, replication (when rules are configured)
 /// and, when pull-through rules are configured, the cache in front of them.
 async fn open_registry(
@@ -294,6 +343,7 @@ fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Resul
     rt.block_on(async move {
         let upstream_metrics = UpstreamMetrics::default();
         let (registry, replication) = open_registry(&config, &upstream_metrics, &stop).await?;
+        let sync_entries = open_sync(&config, &upstream_metrics)?;
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("binding {}", config.server.listen))?;
@@ -313,6 +363,13 @@ fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Resul
             stop.clone(),
         ));
         let mut background = vec![purge];
+        for entry in sync_entries {
+            background.push(tokio::spawn(crate::replication::sync::run(
+                entry,
+                registry.clone(),
+                stop.clone(),
+            )));
+        }
         if let Some(rep) = &replication {
             background.push(tokio::spawn(crate::replication::worker::run(
                 rep.clone(),

@@ -28,6 +28,42 @@ pub struct Config {
     /// Push replication to other registries.
     #[serde(default)]
     pub replication: ReplicationConfig,
+    /// Scheduled pull sync of upstream repositories into hosted ones.
+    #[serde(default)]
+    pub sync: Vec<SyncConfig>,
+}
+
+/// Keeps local hosted copies of upstream repositories fresh.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// Base URL of the upstream registry (`https://host[:port]`).
+    pub upstream: String,
+    #[serde(default)]
+    pub credentials: Option<CredentialsConfig>,
+    /// Extra PEM CA certificate trusted for this upstream.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Repository names upstream.
+    pub repositories: Vec<String>,
+    /// Prepended to each name locally (`<local_prefix>/<repository>`).
+    #[serde(default)]
+    pub local_prefix: Option<String>,
+    /// Tag patterns: globs (`1.*`), or regular expressions after `regex:`.
+    /// None: every tag.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Platforms (`os/arch[/variant]`) kept from multi-platform indexes.
+    /// None: every platform, with the upstream's digests.
+    #[serde(default)]
+    pub platforms: Vec<String>,
+    /// Time between passes (the first runs at start).
+    #[serde(default = "default_sync_interval", with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+fn default_sync_interval() -> Duration {
+    Duration::from_secs(3600)
 }
 
 /// Replication: rules pick repositories by prefix and send them to
@@ -539,7 +575,69 @@ impl Config {
                 c.password().map_err(|m| fail("credentials", m))?;
             }
         }
-        self.replication.validate()
+        self.replication.validate()?;
+        for (i, e) in self.sync.iter().enumerate() {
+            let fail = |k: &str, m: String| ConfigError::Invalid {
+                key: format!("sync[{i}].{k}"),
+                message: m,
+            };
+            let uri: http::Uri = e
+                .upstream
+                .parse()
+                .map_err(|err| fail("upstream", format!("not a URL: {err}")))?;
+            let scheme_ok = matches!(uri.scheme_str(), Some("http") | Some("https"));
+            let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
+            if !scheme_ok || uri.authority().is_none() || !path_ok {
+                return Err(fail(
+                    "upstream",
+                    "must be http(s)://host[:port] with no path".to_string(),
+                ));
+            }
+            if let Some(c) = &e.credentials {
+                c.password().map_err(|m| fail("credentials", m))?;
+            }
+            if e.repositories.is_empty() {
+                return Err(fail("repositories", "name at least one repository".into()));
+            }
+            if let Some(p) = &e.local_prefix {
+                p.parse::<crate::oci::RepoName>()
+                    .map_err(|err| fail("local_prefix", err.to_string()))?;
+            }
+            for (j, r) in e.repositories.iter().enumerate() {
+                let local = match &e.local_prefix {
+                    Some(p) => format!("{p}/{r}"),
+                    None => r.clone(),
+                };
+                r.parse::<crate::oci::RepoName>()
+                    .and_then(|_| local.parse::<crate::oci::RepoName>())
+                    .map_err(|err| fail(&format!("repositories[{j}]"), err.to_string()))?;
+                if let Some(rule) = self
+                    .pull_through
+                    .iter()
+                    .find(|p| p.prefix != "ROOT" && local.starts_with(&format!("{}/", p.prefix)))
+                {
+                    return Err(fail(
+                        &format!("repositories[{j}]"),
+                        format!(
+                            "{local} is inside the pull-through namespace {:?}; use local_prefix",
+                            rule.prefix
+                        ),
+                    ));
+                }
+            }
+            for (j, t) in e.tags.iter().enumerate() {
+                t.parse::<crate::replication::sync::TagPattern>()
+                    .map_err(|m| fail(&format!("tags[{j}]"), m))?;
+            }
+            for (j, p) in e.platforms.iter().enumerate() {
+                p.parse::<crate::replication::copy::Platform>()
+                    .map_err(|m| fail(&format!("platforms[{j}]"), m))?;
+            }
+            if e.interval.is_zero() {
+                return Err(fail("interval", "must be greater than zero".into()));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -889,6 +987,60 @@ mod tests {
             let e = load_str(&text, &[]).unwrap_err().to_string();
             assert!(e.starts_with(key), "{key}: {e}\n{text}");
         }
+    }
+
+    #[test]
+    fn sync_entries() {
+        let ok = "pull_through = []\n[[sync]]\nupstream = \"https://r.example\"\nrepositories = [\"library/alpine\"]\nlocal_prefix = \"mirror\"\ntags = [\"3.*\", \"regex:^v[0-9]+$\"]\nplatforms = [\"linux/amd64\", \"linux/arm/v7\"]\ninterval = \"5m\"\n";
+        let c = load_str(ok, &[]).unwrap();
+        assert_eq!(c.sync[0].interval, Duration::from_secs(300));
+        for (body, key) in [
+            (
+                "upstream = \"ftp://x\"\nrepositories = [\"a\"]",
+                "sync[0].upstream",
+            ),
+            (
+                "upstream = \"https://x\"\nrepositories = []",
+                "sync[0].repositories",
+            ),
+            (
+                "upstream = \"https://x\"\nrepositories = [\"Bad\"]",
+                "sync[0].repositories[0]",
+            ),
+            (
+                "upstream = \"https://x\"\nrepositories = [\"a\"]\nlocal_prefix = \"-x\"",
+                "sync[0].local_prefix",
+            ),
+            (
+                "upstream = \"https://x\"\nrepositories = [\"a\"]\ntags = [\"regex:(\"]",
+                "sync[0].tags[0]",
+            ),
+            (
+                "upstream = \"https://x\"\nrepositories = [\"a\"]\nplatforms = [\"linux\"]",
+                "sync[0].platforms[0]",
+            ),
+            (
+                "upstream = \"https://x\"\nrepositories = [\"a\"]\ninterval = \"0s\"",
+                "sync[0].interval",
+            ),
+            (
+                "upstream = \"https://x\"\nrepositories = [\"a\"]\nbogus = 1",
+                "sync[0]",
+            ),
+        ] {
+            let e = load_str(&format!("pull_through = []\n[[sync]]\n{body}\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(key), "{key}: {e}");
+        }
+        // A local name inside a pull-through namespace is refused.
+        let e = load_str(
+            "[[sync]]\nupstream = \"https://x\"\nrepositories = [\"ghcr/app\"]\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("sync[0].repositories[0]"), "{e}");
     }
 
     #[test]

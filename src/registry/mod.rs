@@ -232,6 +232,17 @@ impl Registry {
         Ok(self.meta.resolve_tag(repo, tag).await?)
     }
 
+    /// Whether `repo` holds manifest `digest` here (no upstream asked).
+    pub async fn has_local_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        Ok(self.meta.manifest(repo, digest).await?.is_some())
+    }
+
+    /// Whether blob `digest` is readable through `repo` here (no upstream
+    /// asked).
+    pub async fn has_local_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        Ok(self.meta.blob_linked(repo, digest).await? && self.blobs.stat(digest).await?.is_some())
+    }
+
     /// Whether `repo` holds content pulled through the cache.
     pub async fn is_cached(&self, repo: &RepoName) -> Result<bool> {
         Ok(self.meta.repository(repo).await? == Some(crate::storage::RepoKind::Cached))

@@ -128,8 +128,42 @@ pub struct Copy<'a> {
     pub source_repo: &'a RepoName,
     pub target: &'a dyn Target,
     pub target_repo: &'a RepoName,
+    /// Only these platforms of an index (empty: every entry).
+    platforms: &'a [Platform],
     seen: HashSet<Digest>,
     out: Copied,
+}
+
+/// A platform filter, `os/arch[/variant]` (a filter without a variant
+/// matches every variant).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl std::str::FromStr for Platform {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Platform, String> {
+        let parts: Vec<&str> = s.split('/').collect();
+        if !(2..=3).contains(&parts.len()) || parts.iter().any(|p| p.is_empty()) {
+            return Err(format!("platform {s:?} is not os/arch or os/arch/variant"));
+        }
+        Ok(Platform {
+            os: parts[0].to_string(),
+            architecture: parts[1].to_string(),
+            variant: parts.get(2).map(|v| v.to_string()),
+        })
+    }
+}
+
+impl Platform {
+    fn matches(&self, p: &serde_json::Value) -> bool {
+        p["os"].as_str() == Some(&self.os)
+            && p["architecture"].as_str() == Some(&self.architecture)
+            && (self.variant.is_none() || p["variant"].as_str() == self.variant.as_deref())
+    }
 }
 
 impl<'a> Copy<'a> {
@@ -144,21 +178,88 @@ impl<'a> Copy<'a> {
             source_repo,
             target,
             target_repo,
+            platforms: &[],
             seen: HashSet::new(),
             out: Copied::default(),
         }
     }
 
+    /// Copies only these platforms of an index: when the filter leaves
+    /// entries out, the target gets an index of the chosen entries (whose
+    /// digest differs from the source's), and the tag points at it.
+    pub fn platforms(mut self, platforms: &'a [Platform]) -> Copy<'a> {
+        self.platforms = platforms;
+        self
+    }
+
+    /// Copies the root manifest; returns the digest, media type and bytes
+    /// to tag.
+    async fn root(&mut self, digest: &Digest) -> Result<(Digest, String, Bytes)> {
+        let (media_type, body) = self.source.manifest(self.source_repo, digest).await?;
+        let is_index = Manifest::parse(&body, Some(&media_type))
+            .map(|m| m.kind == crate::oci::manifest::ManifestKind::Index)
+            .unwrap_or(false);
+        if self.platforms.is_empty() || !is_index {
+            self.manifest(digest).await?;
+            return Ok((digest.clone(), media_type, body));
+        }
+        let mut index: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| CopyError::Permanent(format!("index {digest}: {e}")))?;
+        let entries = index["manifests"].as_array().cloned().unwrap_or_default();
+        let kept: Vec<serde_json::Value> = entries
+            .iter()
+            .filter(|e| self.platforms.iter().any(|p| p.matches(&e["platform"])))
+            .cloned()
+            .collect();
+        if kept.is_empty() {
+            return Err(CopyError::Permanent(format!(
+                "no entry of index {digest} matches the platforms filter"
+            )));
+        }
+        if kept.len() == entries.len() {
+            self.manifest(digest).await?;
+            return Ok((digest.clone(), media_type, body));
+        }
+        index["manifests"] = serde_json::Value::Array(kept.clone());
+        let filtered = Bytes::from(
+            serde_json::to_vec(&index).map_err(|e| CopyError::Permanent(e.to_string()))?,
+        );
+        let filtered_digest = Digest::sha256_of(&filtered);
+        for e in &kept {
+            let child: Digest = e["digest"]
+                .as_str()
+                .unwrap_or_default()
+                .parse()
+                .map_err(|e| CopyError::Permanent(format!("index {digest}: {e}")))?;
+            if !self.seen.contains(&child) {
+                self.manifest(&child).await?;
+            }
+        }
+        let as_ref = Reference::Digest(filtered_digest.clone());
+        if self
+            .target
+            .manifest_digest(self.target_repo, &as_ref)
+            .await?
+            .is_none()
+        {
+            self.target
+                .put_manifest(self.target_repo, &as_ref, &media_type, filtered.clone())
+                .await?;
+            self.out.manifests_sent += 1;
+        }
+        Ok((filtered_digest, media_type, filtered))
+    }
+
     /// Copies what `reference` points at now, then moves the tag (for a
     /// tag), then the referrers.
     pub async fn run(mut self, reference: &Reference) -> Result<Copied> {
-        let Some(digest) = self.source.resolve(self.source_repo, reference).await? else {
+        let Some(source_digest) = self.source.resolve(self.source_repo, reference).await? else {
             return Ok(self.out);
         };
-        let media_type = self.manifest(&digest).await?;
+        let (digest, media_type, body) = self.root(&source_digest).await?;
         if let Reference::Tag(_) = reference {
             let now = self.source.resolve(self.source_repo, reference).await?;
-            if now.as_ref() != Some(&digest) {
+            if now.as_ref() != Some(&source_digest) {
                 self.out.superseded = true;
             } else {
                 let there = self
@@ -166,7 +267,6 @@ impl<'a> Copy<'a> {
                     .manifest_digest(self.target_repo, reference)
                     .await?;
                 if there.as_ref() != Some(&digest) {
-                    let (_, body) = self.source.manifest(self.source_repo, &digest).await?;
                     self.target
                         .put_manifest(self.target_repo, reference, &media_type, body)
                         .await?;
@@ -200,6 +300,10 @@ impl<'a> Copy<'a> {
     /// Copies a manifest by digest with everything it needs first.
     /// Returns its media type.
     async fn manifest(&mut self, digest: &Digest) -> Result<String> {
+        if self.seen.contains(digest) {
+            let (media_type, _) = self.source.manifest(self.source_repo, digest).await?;
+            return Ok(media_type);
+        }
         self.seen.insert(digest.clone());
         let (media_type, body) = self.source.manifest(self.source_repo, digest).await?;
         let as_ref = Reference::Digest(digest.clone());

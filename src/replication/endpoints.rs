@@ -1,6 +1,7 @@
-//! The two ends the copy engine works with here: this registry's own
-//! content as a [`Source`], and another registry (through the upstream
-//! client) as a [`Target`].
+//! The ends the copy engine works with: this registry's own content as a
+//! [`Source`] (replication) or a [`Target`] (scheduled sync), and another
+//! registry, through the upstream client, as a [`Target`] (replication) or
+//! a [`Source`] (scheduled sync).
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -218,6 +219,171 @@ impl Target for RemoteTarget {
             .put_manifest(repo, reference, media_type, body)
             .await
             .map_err(|e| CopyError::target(&format!("pushing manifest {reference}"), e))?;
+        Ok(())
+    }
+}
+
+/// Another registry as a source (scheduled sync).
+pub struct UpstreamSource {
+    pub client: UpstreamClient,
+}
+
+fn upstream_err(what: &str, e: crate::upstream::UpstreamError) -> CopyError {
+    if e.is_unavailable() {
+        CopyError::Unavailable(format!("{what} upstream: {e}"))
+    } else {
+        CopyError::Retry(format!("{what} upstream: {e}"))
+    }
+}
+
+#[async_trait]
+impl Source for UpstreamSource {
+    async fn resolve(&self, repo: &RepoName, reference: &Reference) -> Result<Option<Digest>> {
+        match self
+            .client
+            .head_manifest(repo, reference, crate::upstream::MANIFEST_TYPES)
+            .await
+        {
+            Ok(m) => Ok(Some(m.digest)),
+            Err(crate::upstream::UpstreamError::NotFound) => Ok(None),
+            Err(e) => Err(upstream_err(&format!("resolving {repo}:{reference}"), e)),
+        }
+    }
+
+    async fn manifest(&self, repo: &RepoName, digest: &Digest) -> Result<(String, Bytes)> {
+        let (meta, body) = self
+            .client
+            .get_manifest(
+                repo,
+                &Reference::Digest(digest.clone()),
+                crate::upstream::MANIFEST_TYPES,
+            )
+            .await
+            .map_err(|e| upstream_err(&format!("reading {repo}@{digest}"), e))?;
+        Ok((meta.media_type, body))
+    }
+
+    async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
+        self.client
+            .head_blob(repo, digest)
+            .await
+            .map_err(|e| upstream_err(&format!("checking blob {digest}"), e))
+    }
+
+    async fn blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<ByteStream> {
+        let resp = self
+            .client
+            .get_blob(repo, digest, offset)
+            .await
+            .map_err(|e| upstream_err(&format!("reading blob {digest}"), e))?;
+        // Exactly `len` bytes: the rest of the body is dropped.
+        let stream = resp
+            .stream
+            .scan(len, |left, chunk| {
+                let out = match chunk {
+                    _ if *left == 0 => None,
+                    Ok(mut b) => {
+                        if b.len() as u64 > *left {
+                            b.truncate(*left as usize);
+                        }
+                        *left -= b.len() as u64;
+                        Some(Ok(b))
+                    }
+                    Err(e) => Some(Err(e)),
+                };
+                futures::future::ready(out)
+            })
+            .boxed();
+        Ok(stream)
+    }
+
+    async fn referrers(&self, repo: &RepoName, digest: &Digest) -> Result<Vec<Descriptor>> {
+        // Registries without the referrers API answer 404: nothing to copy.
+        let Ok(body) = self.client.referrers(repo, digest, None).await else {
+            return Ok(Vec::new());
+        };
+        #[derive(serde::Deserialize)]
+        struct Index {
+            #[serde(default)]
+            manifests: Vec<Descriptor>,
+        }
+        Ok(serde_json::from_slice::<Index>(&body)
+            .map(|i| i.manifests)
+            .unwrap_or_default())
+    }
+}
+
+/// This registry as a target (scheduled sync): content goes through the
+/// same verified push path as a client's.
+pub struct LocalTarget {
+    pub registry: Registry,
+}
+
+fn local_err(what: &str, e: RegistryError) -> CopyError {
+    match e {
+        RegistryError::Denied(m) => CopyError::Permanent(format!("{what}: {m}")),
+        e => CopyError::Retry(format!("{what}: {e}")),
+    }
+}
+
+#[async_trait]
+impl Target for LocalTarget {
+    async fn has_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        self.registry
+            .has_local_blob(repo, digest)
+            .await
+            .map_err(|e| local_err("checking a local blob", e))
+    }
+
+    async fn put_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+        source: &dyn Source,
+        source_repo: &RepoName,
+    ) -> Result<u64> {
+        let stream = source.blob(source_repo, digest, 0, size).await?;
+        self.registry
+            .monolithic_upload(repo, digest, Some(size), stream, None)
+            .await
+            .map_err(|e| local_err(&format!("storing blob {digest}"), e))?;
+        Ok(size)
+    }
+
+    async fn manifest_digest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<Option<Digest>> {
+        let r = match reference {
+            Reference::Digest(d) => self
+                .registry
+                .has_local_manifest(repo, d)
+                .await
+                .map(|has| has.then(|| d.clone())),
+            Reference::Tag(t) => self.registry.local_tag(repo, t).await,
+        };
+        r.map_err(|e| local_err("checking a local manifest", e))
+    }
+
+    async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        media_type: &str,
+        body: Bytes,
+    ) -> Result<()> {
+        self.registry
+            .put_manifest(repo, reference, Some(media_type), body, None)
+            .await
+            .map_err(|e| local_err(&format!("storing manifest {reference}"), e))?;
         Ok(())
     }
 }

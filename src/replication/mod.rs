@@ -20,6 +20,7 @@
 pub mod copy;
 pub mod endpoints;
 pub mod reconcile;
+pub mod sync;
 pub mod worker;
 
 use std::collections::HashMap;
