@@ -607,3 +607,79 @@ async fn scheduled_sync_picks_up_a_new_upstream_tag_within_one_interval() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_present_in_another_repository_of_the_destination_are_mounted() {
+    let c = Distribution::start();
+    let a = spawn_region(&format!(
+        "{NO_RECONCILE}{}{}",
+        destination("c", &c.url(), ""),
+        rule(&["prod/"], &["c"]),
+    ));
+    let (ca, cc) = (HttpClient::new(a.url()), HttpClient::new(c.url()));
+    let layers = [random_bytes(200_000, 21), random_bytes(100_000, 22)];
+    let first = push_image(&ca, "prod/a", Some("1"), &layers, "amd64").await;
+    wait_for(&ca, PATIENCE, "prod/a", |j| all(j, 1, "COMPLETE")).await;
+    let second = push_image(&ca, "prod/b", Some("1"), &layers, "amd64").await;
+    assert_eq!(first.digest, second.digest);
+    wait_for(&ca, PATIENCE, "prod/b", |j| all(j, 2, "COMPLETE")).await;
+
+    let log = c.access_log();
+    let mounted: Vec<_> = log
+        .iter()
+        .filter(|l| {
+            l.method == "POST"
+                && l.path.starts_with("/v2/prod/b/blobs/uploads/?mount=")
+                && l.path.contains("from=prod%2Fa")
+                && l.status == 201
+        })
+        .collect();
+    assert_eq!(
+        mounted.len(),
+        first.blobs.len(),
+        "every blob mounted: {log:#?}"
+    );
+    assert!(
+        !log.iter()
+            .any(|l| l.method == "PATCH" && l.path.starts_with("/v2/prod/b/")),
+        "a blob was uploaded again instead of mounted"
+    );
+    for blob in &first.blobs {
+        assert_eq!(
+            blob_digest(&cc, "prod/b", blob).await.as_deref(),
+            Some(blob.as_str())
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_acknowledged_just_before_kill9_is_replicated_after_restart() {
+    let mut b = spawn_region("");
+    b.kill9();
+    let mut a = spawn_region(&format!(
+        "{NO_RECONCILE}{}{}",
+        destination("b", &b.url(), ""),
+        rule(&["prod/"], &["b"]),
+    ));
+    let ca = HttpClient::new(a.url());
+    let img = push_image(
+        &ca,
+        "prod/app",
+        Some("1"),
+        &[random_bytes(1000, 5)],
+        "amd64",
+    )
+    .await;
+    // The 201 came back: the job is durable. Crash at once.
+    a.kill9();
+    restart(&mut a, false);
+    let ca = HttpClient::new(a.url());
+    let s = status(&ca, "?repo=prod/app&ref=1").await;
+    assert_eq!(s["jobs"].as_array().unwrap().len(), 1, "{s}");
+    assert_eq!(s["jobs"][0]["status"], "IN_PROGRESS");
+    restart(&mut b, true);
+    let jobs = wait_for(&ca, PATIENCE, "the job", |j| all(j, 1, "COMPLETE")).await;
+    assert_eq!(jobs[0]["digest"], img.digest.as_str());
+    let cb = HttpClient::new(b.url());
+    assert_eq!(manifest(&cb, "prod/app", "1").await.unwrap().0, img.digest);
+}
