@@ -203,7 +203,7 @@ async fn multi_arch_index_and_referrers_are_replicated() {
             .iter()
             .map(|m| m["digest"].as_str().unwrap().to_string())
             .collect();
-        assert_eq!(listed, [referrer.digest.clone()]);
+        assert_eq!(listed, std::slice::from_ref(&referrer.digest));
     }
 }
 
