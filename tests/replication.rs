@@ -683,3 +683,56 @@ async fn a_push_acknowledged_just_before_kill9_is_replicated_after_restart() {
     let cb = HttpClient::new(b.url());
     assert_eq!(manifest(&cb, "prod/app", "1").await.unwrap().0, img.digest);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulled_through_content_is_replicated_only_when_the_rule_asks() {
+    let up = Distribution::start();
+    let cu = HttpClient::new(up.url());
+    let app = push_image(
+        &cu,
+        "lib/app",
+        Some("1"),
+        &[random_bytes(30_000, 31)],
+        "amd64",
+    )
+    .await;
+    push_image(
+        &cu,
+        "lib/other",
+        Some("1"),
+        &[random_bytes(300, 32)],
+        "amd64",
+    )
+    .await;
+    let b = spawn_region("");
+    let a = spawn_region(&format!(
+        "{NO_RECONCILE}[[pull_through]]\nprefix = \"up\"\nupstream = \"{}\"\n\n{}\
+         [[replication.rules]]\nfilters = [{{ prefix = \"up/lib/app\" }}]\ndestinations = [\"b\"]\ninclude_pulled_through = true\n\n{}",
+        up.url(),
+        destination("b", &b.url(), ""),
+        rule(&["up/"], &["b"]),
+    ));
+    let (ca, cb) = (HttpClient::new(a.url()), HttpClient::new(b.url()));
+    // Pull both through A.
+    assert_eq!(
+        manifest(&ca, "up/lib/app", "1").await.unwrap().0,
+        app.digest
+    );
+    assert!(manifest(&ca, "up/lib/other", "1").await.is_some());
+
+    let jobs = wait_for(&ca, PATIENCE, "the pulled image", |j| all(j, 1, "COMPLETE")).await;
+    assert_eq!(jobs[0]["repository"], "up/lib/app");
+    let (d, body) = manifest(&cb, "up/lib/app", "1").await.unwrap();
+    assert_eq!((d, body), (app.digest.clone(), app.manifest.clone()));
+    for blob in &app.blobs {
+        assert_eq!(
+            blob_digest(&cb, "up/lib/app", blob).await.as_deref(),
+            Some(blob.as_str())
+        );
+    }
+    assert_eq!(
+        catalog(&cb).await,
+        ["up/lib/app"],
+        "lib/other's rule does not include pulled content"
+    );
+}

@@ -310,7 +310,7 @@ async fn open_registry(
     let budget = Budget::open(config.cache.max_size.as_u64(), store.clone(), meta.clone())
         .await
         .context("loading the cache budget")?;
-    let cache = Arc::new(Cache::new(
+    let mut cache = Cache::new(
         Rules(rules),
         store.clone(),
         store,
@@ -320,7 +320,11 @@ async fn open_registry(
         config.cache.fill_max_age,
         budget.clone(),
         stop.clone(),
-    ));
+    );
+    if let Some(r) = &replication {
+        cache = cache.with_observer(r.clone());
+    }
+    let cache = Arc::new(cache);
     let fills = cache.fills.clone();
     tokio::spawn(budget.run(move |d| fills.in_progress(d).is_some(), stop.clone()));
     Ok((registry.with_cache(cache), replication))

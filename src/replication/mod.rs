@@ -172,6 +172,24 @@ impl Replication {
         out
     }
 
+    /// Destinations of the rules that replicate `repo` when it holds
+    /// content pulled through the cache (`include_pulled_through`).
+    pub fn destinations_for_pulled(&self, repo: &RepoName) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for rule in self
+            .rules
+            .iter()
+            .filter(|r| r.include_pulled_through && r.matches(repo))
+        {
+            for d in &rule.destinations {
+                if !out.contains(d) {
+                    out.push(d.clone());
+                }
+            }
+        }
+        out
+    }
+
     /// Enqueues `keys` durably and wakes the workers.
     pub async fn enqueue(&self, keys: &[JobKey]) -> Result<(), StorageError> {
         if keys.is_empty() {
@@ -223,6 +241,34 @@ pub fn status_name(state: JobState) -> &'static str {
         JobState::Pending | JobState::Running => "IN_PROGRESS",
         JobState::Complete => "COMPLETE",
         JobState::Failed => "FAILED",
+    }
+}
+
+#[async_trait]
+impl crate::cache::PullObserver for Replication {
+    async fn manifest_pulled(
+        &self,
+        repo: &RepoName,
+        tag: Option<&crate::oci::Tag>,
+        digest: &Digest,
+    ) {
+        let reference = match tag {
+            Some(t) => Reference::Tag(t.clone()),
+            None => Reference::Digest(digest.clone()),
+        };
+        let keys: Vec<JobKey> = self
+            .destinations_for_pulled(repo)
+            .into_iter()
+            .map(|destination| JobKey {
+                destination,
+                repository: repo.clone(),
+                reference: reference.clone(),
+            })
+            .collect();
+        if let Err(e) = self.enqueue(&keys).await {
+            // Reconciliation picks it up later.
+            tracing::warn!(repository = %repo, error = %e, "could not enqueue pulled-through content for replication");
+        }
     }
 }
 

@@ -18,13 +18,19 @@ pub fn spawn_region(extra_toml: &str) -> Wharf {
 }
 
 /// Like [`spawn_region`], over an existing directory and on `listen`.
+/// With `[[pull_through]]` tables in `extra_toml`, those are the rules.
 pub fn spawn_region_in(dir: tempfile::TempDir, listen: &str, extra_toml: &str) -> Wharf {
     let config = dir.path().join("wharf.toml");
     let data = dir.path().join("data");
+    let no_rules = if extra_toml.contains("[[pull_through]]") {
+        ""
+    } else {
+        "pull_through = []\n"
+    };
     std::fs::write(
         &config,
         format!(
-            "pull_through = []\n\n[server]\nlisten = \"{listen}\"\n\n[storage]\ntype = \"filesystem\"\npath = {:?}\n\n{extra_toml}\n",
+            "{no_rules}\n[server]\nlisten = \"{listen}\"\n\n[storage]\ntype = \"filesystem\"\npath = {:?}\n\n{extra_toml}\n",
             data.display().to_string()
         ),
     )
