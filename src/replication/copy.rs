@@ -342,3 +342,283 @@ impl<'a> Copy<'a> {
         Ok(media_type)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use futures::StreamExt;
+    use serde_json::json;
+
+    use super::*;
+
+    const IMAGE: &str = "application/vnd.oci.image.manifest.v1+json";
+    const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+    #[derive(Default)]
+    struct MemSource {
+        manifests: HashMap<Digest, (String, Bytes)>,
+        blobs: HashMap<Digest, Bytes>,
+        referrers: HashMap<Digest, Vec<Descriptor>>,
+        tags: Mutex<HashMap<String, Digest>>,
+        /// Moves a tag on the first blob read: (tag, new digest).
+        move_on_read: Mutex<Option<(String, Digest)>>,
+    }
+
+    impl MemSource {
+        fn blob(&mut self, data: &[u8]) -> (Digest, usize) {
+            let d = Digest::sha256_of(data);
+            self.blobs.insert(d.clone(), Bytes::copy_from_slice(data));
+            (d, data.len())
+        }
+        fn manifest(&mut self, media_type: &str, v: serde_json::Value) -> (Digest, usize) {
+            let body = Bytes::from(serde_json::to_vec(&v).unwrap());
+            let d = Digest::sha256_of(&body);
+            let n = body.len();
+            self.manifests
+                .insert(d.clone(), (media_type.to_string(), body));
+            (d, n)
+        }
+        fn image(
+            &mut self,
+            arch: &str,
+            layer: &[u8],
+            subject: Option<(&Digest, usize)>,
+        ) -> (Digest, usize) {
+            let (c, cn) = self.blob(format!("{{\"architecture\":\"{arch}\"}}").as_bytes());
+            let (l, ln) = self.blob(layer);
+            let mut m = json!({
+                "schemaVersion": 2, "mediaType": IMAGE,
+                "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": c.as_str(), "size": cn },
+                "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": l.as_str(), "size": ln }],
+            });
+            if let Some((s, n)) = subject {
+                m["subject"] = json!({ "mediaType": IMAGE, "digest": s.as_str(), "size": n });
+            }
+            let (d, n) = self.manifest(IMAGE, m);
+            if let Some((s, _)) = subject {
+                self.referrers
+                    .entry(s.clone())
+                    .or_default()
+                    .push(Descriptor {
+                        media_type: IMAGE.into(),
+                        digest: d.clone(),
+                        size: n as u64,
+                        artifact_type: None,
+                        annotations: Default::default(),
+                    });
+            }
+            (d, n)
+        }
+    }
+
+    #[async_trait]
+    impl Source for MemSource {
+        async fn resolve(&self, _: &RepoName, reference: &Reference) -> Result<Option<Digest>> {
+            Ok(match reference {
+                Reference::Digest(d) => self.manifests.contains_key(d).then(|| d.clone()),
+                Reference::Tag(t) => self.tags.lock().unwrap().get(t.as_str()).cloned(),
+            })
+        }
+        async fn manifest(&self, _: &RepoName, digest: &Digest) -> Result<(String, Bytes)> {
+            self.manifests
+                .get(digest)
+                .cloned()
+                .ok_or_else(|| CopyError::Retry(format!("no manifest {digest}")))
+        }
+        async fn blob_size(&self, _: &RepoName, digest: &Digest) -> Result<u64> {
+            Ok(self.blobs[digest].len() as u64)
+        }
+        async fn blob(
+            &self,
+            _: &RepoName,
+            digest: &Digest,
+            offset: u64,
+            len: u64,
+        ) -> Result<ByteStream> {
+            if let Some((tag, d)) = self.move_on_read.lock().unwrap().take() {
+                self.tags.lock().unwrap().insert(tag, d);
+            }
+            let b = self.blobs[digest].slice(offset as usize..(offset + len) as usize);
+            Ok(futures::stream::once(async move { Ok(b) }).boxed())
+        }
+        async fn referrers(&self, _: &RepoName, digest: &Digest) -> Result<Vec<Descriptor>> {
+            Ok(self.referrers.get(digest).cloned().unwrap_or_default())
+        }
+    }
+
+    /// Refuses (panics on) a manifest whose blobs or children it lacks.
+    #[derive(Default)]
+    struct MemTarget {
+        blobs: Mutex<HashSet<Digest>>,
+        manifests: Mutex<HashMap<Digest, Bytes>>,
+        tags: Mutex<HashMap<String, Digest>>,
+    }
+
+    #[async_trait]
+    impl Target for MemTarget {
+        async fn has_blob(&self, _: &RepoName, digest: &Digest) -> Result<bool> {
+            Ok(self.blobs.lock().unwrap().contains(digest))
+        }
+        async fn put_blob(
+            &self,
+            repo: &RepoName,
+            digest: &Digest,
+            size: u64,
+            source: &dyn Source,
+            source_repo: &RepoName,
+        ) -> Result<u64> {
+            let mut s = source.blob(source_repo, digest, 0, size).await?;
+            let mut h = digest.algorithm().hasher();
+            while let Some(c) = s.next().await {
+                h.update(&c.unwrap());
+            }
+            assert_eq!(&h.finish(), digest, "{repo}: blob content");
+            self.blobs.lock().unwrap().insert(digest.clone());
+            Ok(size)
+        }
+        async fn manifest_digest(
+            &self,
+            _: &RepoName,
+            reference: &Reference,
+        ) -> Result<Option<Digest>> {
+            Ok(match reference {
+                Reference::Digest(d) => self
+                    .manifests
+                    .lock()
+                    .unwrap()
+                    .contains_key(d)
+                    .then(|| d.clone()),
+                Reference::Tag(t) => self.tags.lock().unwrap().get(t.as_str()).cloned(),
+            })
+        }
+        async fn put_manifest(
+            &self,
+            _: &RepoName,
+            reference: &Reference,
+            media_type: &str,
+            body: Bytes,
+        ) -> Result<()> {
+            let m = Manifest::parse(&body, Some(media_type)).unwrap();
+            for b in &m.blobs {
+                assert!(
+                    self.blobs.lock().unwrap().contains(b),
+                    "manifest before its blob {b}"
+                );
+            }
+            for c in &m.children {
+                assert!(
+                    self.manifests.lock().unwrap().contains_key(c),
+                    "index before its child {c}"
+                );
+            }
+            let d = Digest::sha256_of(&body);
+            self.manifests.lock().unwrap().insert(d.clone(), body);
+            if let Reference::Tag(t) = reference {
+                self.tags.lock().unwrap().insert(t.to_string(), d);
+            }
+            Ok(())
+        }
+    }
+
+    fn repo() -> RepoName {
+        "prod/app".parse().unwrap()
+    }
+
+    fn multi_arch(src: &mut MemSource) -> (Digest, Digest, Digest, Digest) {
+        let (amd, an) = src.image("amd64", b"amd layer", None);
+        let (arm, rn) = src.image("arm64", b"arm layer", None);
+        let (index, n) = src.manifest(INDEX, json!({
+            "schemaVersion": 2, "mediaType": INDEX,
+            "manifests": [
+                { "mediaType": IMAGE, "digest": amd.as_str(), "size": an, "platform": { "os": "linux", "architecture": "amd64" } },
+                { "mediaType": IMAGE, "digest": arm.as_str(), "size": rn, "platform": { "os": "linux", "architecture": "arm64" } },
+            ],
+        }));
+        let (sig, _) = src.image("sig", b"signature", Some((&index, n)));
+        src.tags.lock().unwrap().insert("v1".into(), index.clone());
+        (index, amd, arm, sig)
+    }
+
+    #[tokio::test]
+    async fn an_index_its_children_and_referrers_arrive_in_order() {
+        let mut src = MemSource::default();
+        let (index, amd, arm, sig) = multi_arch(&mut src);
+        let dst = MemTarget::default();
+        let r = repo();
+        let out = Copy::new(&src, &r, &dst, &r)
+            .run(&"v1".parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(out.digest.as_ref(), Some(&index));
+        assert!(!out.superseded);
+        assert_eq!(dst.tags.lock().unwrap()["v1"], index);
+        for d in [&index, &amd, &arm, &sig] {
+            assert!(dst.manifests.lock().unwrap().contains_key(d));
+        }
+        // Idempotent: a second run sends nothing.
+        let again = Copy::new(&src, &r, &dst, &r)
+            .run(&"v1".parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!((again.manifests_sent, again.blobs_sent), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_tag_moved_during_the_copy_is_left_for_the_newer_run() {
+        let mut src = MemSource::default();
+        let (old, _) = src.image("amd64", b"old", None);
+        let (new, _) = src.image("amd64", b"new", None);
+        src.tags
+            .lock()
+            .unwrap()
+            .insert("latest".into(), old.clone());
+        *src.move_on_read.lock().unwrap() = Some(("latest".into(), new.clone()));
+        let dst = MemTarget::default();
+        let r = repo();
+        let out = Copy::new(&src, &r, &dst, &r)
+            .run(&"latest".parse().unwrap())
+            .await
+            .unwrap();
+        assert!(out.superseded);
+        assert!(
+            dst.tags.lock().unwrap().get("latest").is_none(),
+            "the older digest was tagged"
+        );
+        let out = Copy::new(&src, &r, &dst, &r)
+            .run(&"latest".parse().unwrap())
+            .await
+            .unwrap();
+        assert!(!out.superseded);
+        assert_eq!(dst.tags.lock().unwrap()["latest"], new);
+    }
+
+    #[tokio::test]
+    async fn a_platform_filter_tags_an_index_of_the_kept_entries() {
+        let mut src = MemSource::default();
+        let (index, amd, arm, _) = multi_arch(&mut src);
+        let dst = MemTarget::default();
+        let r = repo();
+        let platforms = ["linux/amd64".parse::<Platform>().unwrap()];
+        let out = Copy::new(&src, &r, &dst, &r)
+            .platforms(&platforms)
+            .run(&"v1".parse().unwrap())
+            .await
+            .unwrap();
+        let tagged = dst.tags.lock().unwrap()["v1"].clone();
+        assert_ne!(tagged, index);
+        assert_eq!(out.digest, Some(tagged.clone()));
+        let m = dst.manifests.lock().unwrap();
+        assert!(m.contains_key(&amd) && !m.contains_key(&arm));
+        let body: serde_json::Value = serde_json::from_slice(&m[&tagged]).unwrap();
+        assert_eq!(body["manifests"].as_array().unwrap().len(), 1);
+        let none = ["windows/amd64".parse::<Platform>().unwrap()];
+        let e = Copy::new(&src, &r, &MemTarget::default(), &r)
+            .platforms(&none)
+            .run(&"v1".parse().unwrap())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CopyError::Permanent(_)), "{e}");
+    }
+}
