@@ -736,3 +736,43 @@ async fn pulled_through_content_is_replicated_only_when_the_rule_asks() {
         "lib/other's rule does not include pulled content"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_killed_in_the_middle_of_a_blob_gets_identical_content_when_back() {
+    let mut b = spawn_region("");
+    let a = spawn_region(&format!(
+        "{NO_RECONCILE}{}{}",
+        destination("b", &b.url(), "chunk_size = \"64KiB\""),
+        rule(&["prod/"], &["b"]),
+    ));
+    let ca = HttpClient::new(a.url());
+    let img = push_image(
+        &ca,
+        "prod/big",
+        Some("1"),
+        &[random_bytes(24 << 20, 77)],
+        "amd64",
+    )
+    .await;
+    let deadline = Instant::now() + PATIENCE;
+    // Past the config blob, inside the layer.
+    while metric(&ca, "wharf_replication_bytes_sent_total", "b").await < 1 << 20 {
+        assert!(Instant::now() < deadline, "replication never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    b.kill9();
+    restart(&mut b, true);
+    let jobs = wait_for(&ca, PATIENCE, "the interrupted job", |j| {
+        all(j, 1, "COMPLETE")
+    })
+    .await;
+    assert_eq!(jobs[0]["digest"], img.digest.as_str());
+    let cb = HttpClient::new(b.url());
+    assert_eq!(manifest(&cb, "prod/big", "1").await.unwrap().0, img.digest);
+    for blob in &img.blobs {
+        assert_eq!(
+            blob_digest(&cb, "prod/big", blob).await.as_deref(),
+            Some(blob.as_str())
+        );
+    }
+}
