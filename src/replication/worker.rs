@@ -196,7 +196,9 @@ async fn run_job(shared: &Shared, dest: &Destination, job: Job, stop: &Cancellat
         Ok(copied) => {
             lock(&rep.paused).remove(&dest.name);
             lock(&shared.not_before).remove(&key);
-            rep.metrics.completed.get_or_create(&labels).inc();
+            if !copied.superseded {
+                rep.metrics.completed.get_or_create(&labels).inc();
+            }
             tracing::info!(
                 destination = %dest.name,
                 repository = %key.repository,
@@ -208,8 +210,17 @@ async fn run_job(shared: &Shared, dest: &Destination, job: Job, stop: &Cancellat
                 superseded = copied.superseded,
                 "replicated"
             );
-            Outcome::Complete {
-                digest: copied.digest,
+            if copied.superseded {
+                // The source's tag moved during the copy: run again for
+                // its new target (a push that moved it also re-armed the
+                // job; this covers any other way).
+                Outcome::Wait {
+                    error: "the tag moved during the copy; copying its new target".into(),
+                }
+            } else {
+                Outcome::Complete {
+                    digest: copied.digest,
+                }
             }
         }
         Err(e) => {
