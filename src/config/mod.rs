@@ -822,6 +822,17 @@ mod tests {
     }
 
     #[test]
+    fn the_replication_example_is_valid() {
+        let text = include_str!("../../config/examples/replication.toml")
+            .replace("password_env = \"WHARF_EU_PASSWORD\"", "password_env = \"PATH\"")
+            .replace("password_file = \"/etc/wharf/dr-password\"", "password_env = \"PATH\"");
+        let c = load_str(&text, &[]).unwrap();
+        assert_eq!(c.replication.destinations.len(), 2);
+        assert_eq!(c.replication.rules.len(), 2);
+        assert_eq!(c.sync.len(), 1);
+    }
+
+    #[test]
     fn pull_through_rules() {
         let c = Config::load(None, Vec::new()).unwrap();
         let prefixes: Vec<&str> = c.pull_through.iter().map(|r| r.prefix.as_str()).collect();
