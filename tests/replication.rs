@@ -267,7 +267,7 @@ async fn destination_down_during_20_pushes_catches_up_when_back() {
     b.kill9();
     let a = spawn_region(&format!(
         "{NO_RECONCILE}{}{}",
-        destination("b", &b_url, "max_attempts = 2"),
+        destination("b", &b_url, "max_attempts = 2\nmax_concurrency = 2"),
         rule(&["prod/"], &["b"]),
     ));
     let ca = HttpClient::new(a.url());
@@ -318,7 +318,15 @@ async fn destination_down_during_20_pushes_catches_up_when_back() {
 
     restart(&mut b, true);
     let cb = HttpClient::new(b.url());
-    wait_for(&ca, PATIENCE, "the backlog", |j| all(j, 20, "COMPLETE")).await;
+    // Catching up, never more than max_concurrency jobs run at once.
+    let most = std::sync::atomic::AtomicUsize::new(0);
+    wait_for(&ca, PATIENCE, "the backlog", |j| {
+        let running = j.iter().filter(|j| j["running"] == true).count();
+        most.fetch_max(running, std::sync::atomic::Ordering::Relaxed);
+        all(j, 20, "COMPLETE")
+    })
+    .await;
+    assert!(most.into_inner() <= 2, "more than max_concurrency jobs ran at once");
     let mut want: Vec<String> = pushed.iter().map(|(t, _)| t.clone()).collect();
     want.sort();
     assert_eq!(tags(&cb, "prod/app").await, want);
