@@ -326,7 +326,10 @@ async fn destination_down_during_20_pushes_catches_up_when_back() {
         all(j, 20, "COMPLETE")
     })
     .await;
-    assert!(most.into_inner() <= 2, "more than max_concurrency jobs ran at once");
+    assert!(
+        most.into_inner() <= 2,
+        "more than max_concurrency jobs ran at once"
+    );
     let mut want: Vec<String> = pushed.iter().map(|(t, _)| t.clone()).collect();
     want.sort();
     assert_eq!(tags(&cb, "prod/app").await, want);
@@ -613,6 +616,23 @@ async fn scheduled_sync_picks_up_a_new_upstream_tag_within_one_interval() {
             blob_digest(&ca, local, blob).await.as_deref(),
             Some(blob.as_str())
         );
+    }
+    // The status shows the passes, and the failing one's reason.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let st = ca.get("/_wharf/sync/status").await.json();
+        let e = &st["sync"][0];
+        assert_eq!(e["repositories"][0]["local"], local);
+        if e["last_pass"]["failures"].as_u64().unwrap_or(0) > 0 {
+            assert!(e["passes"].as_u64().unwrap() >= 2, "{st}");
+            assert!(
+                e["last_error"].as_str().unwrap().contains("lib/app"),
+                "{st}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no failing pass reported: {st}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -17,6 +17,8 @@
 //! - `POST /_wharf/replication/sync[?rule=N][&dry_run=true]`: compare the
 //!   source with the destinations now and enqueue the differences.
 //!
+//! - `GET /_wharf/sync/status`: each `[[sync]]` entry and its last pass.
+//!
 //! Errors use the distribution spec's JSON error format.
 
 use http::{HeaderValue, Method, Response, StatusCode, header};
@@ -63,6 +65,7 @@ impl App {
             (&Method::POST, "/_wharf/replication/sync") => {
                 self.replication_sync(&Query::parse(query)).await
             }
+            (&Method::GET, "/_wharf/sync/status") => self.sync_status(),
             (
                 _,
                 "/healthz"
@@ -72,7 +75,8 @@ impl App {
                 | "/_wharf/cache/refresh"
                 | "/_wharf/replication/status"
                 | "/_wharf/replication/retry"
-                | "/_wharf/replication/sync",
+                | "/_wharf/replication/sync"
+                | "/_wharf/sync/status",
             ) => error_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 ErrorCode::Unsupported,
@@ -283,6 +287,33 @@ impl App {
             .collect();
         let body = serde_json::json!({ "jobs": jobs, "destinations": destinations });
         json(StatusCode::OK, body.to_string())
+    }
+
+    fn sync_status(&self) -> Resp {
+        let entries: Vec<_> = self
+            .sync
+            .iter()
+            .map(|e| {
+                let st = e.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                serde_json::json!({
+                    "upstream": e.url,
+                    "repositories": e.repositories.iter().map(|(up, local)| serde_json::json!({
+                        "upstream": up.as_str(), "local": local.as_str(),
+                    })).collect::<Vec<_>>(),
+                    "interval_seconds": e.interval.as_secs_f64(),
+                    "passes": st.passes,
+                    "running": st.running,
+                    "last_started_at": st.last_started_ms.map(ms_to_rfc3339),
+                    "last_finished_at": st.last_finished_ms.map(ms_to_rfc3339),
+                    "last_pass": st.last,
+                    "last_error": st.last_error,
+                })
+            })
+            .collect();
+        json(
+            StatusCode::OK,
+            serde_json::json!({ "sync": entries }).to_string(),
+        )
     }
 
     async fn replication_retry(&self, query: &Query) -> Resp {

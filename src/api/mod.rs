@@ -53,6 +53,7 @@ pub struct App {
     metrics: Arc<Metrics>,
     counters: ServerMetrics,
     replication: Option<Arc<crate::replication::Replication>>,
+    sync: Vec<Arc<crate::replication::sync::SyncEntry>>,
 }
 
 impl App {
@@ -86,7 +87,14 @@ impl App {
             metrics,
             counters,
             replication,
+            sync: Vec::new(),
         }
+    }
+
+    /// Also reports the scheduled sync entries at `/_wharf/sync/status`.
+    pub fn with_sync(mut self, sync: Vec<Arc<crate::replication::sync::SyncEntry>>) -> App {
+        self.sync = sync;
+        self
     }
 
     /// Handles one request. Never fails: errors become responses.

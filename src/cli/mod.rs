@@ -225,6 +225,7 @@ fn open_sync(
             ));
         }
         out.push(Arc::new(crate::replication::sync::SyncEntry {
+            url: e.upstream.clone(),
             upstream: UpstreamClient::new(settings).with_context(ctx)?,
             repositories,
             tags: e
@@ -240,6 +241,7 @@ fn open_sync(
                 .collect::<anyhow::Result<_>>()
                 .with_context(ctx)?,
             interval: e.interval,
+            status: Default::default(),
         }));
     }
     Ok(out)
@@ -367,7 +369,7 @@ fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Resul
             stop.clone(),
         ));
         let mut background = vec![purge];
-        for entry in sync_entries {
+        for entry in sync_entries.clone() {
             background.push(tokio::spawn(crate::replication::sync::run(
                 entry,
                 registry.clone(),
@@ -395,7 +397,8 @@ fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Resul
             shutdown_timeout: config.server.shutdown_timeout,
             tls_handshake_timeout: config.server.header_read_timeout,
         };
-        let app = App::with_replication(registry, &upstream_metrics, replication);
+        let app =
+            App::with_replication(registry, &upstream_metrics, replication).with_sync(sync_entries);
         server::run(listener, app, tls, opts, shutdown_signal()).await;
         stop.cancel();
         for task in background {

@@ -824,8 +824,14 @@ mod tests {
     #[test]
     fn the_replication_example_is_valid() {
         let text = include_str!("../../config/examples/replication.toml")
-            .replace("password_env = \"WHARF_EU_PASSWORD\"", "password_env = \"PATH\"")
-            .replace("password_file = \"/etc/wharf/dr-password\"", "password_env = \"PATH\"");
+            .replace(
+                "password_env = \"WHARF_EU_PASSWORD\"",
+                "password_env = \"PATH\"",
+            )
+            .replace(
+                "password_file = \"/etc/wharf/dr-password\"",
+                "password_env = \"PATH\"",
+            );
         let c = load_str(&text, &[]).unwrap();
         assert_eq!(c.replication.destinations.len(), 2);
         assert_eq!(c.replication.rules.len(), 2);

@@ -56,6 +56,8 @@ impl TagPattern {
 
 /// One `[[sync]]` entry, ready to run.
 pub struct SyncEntry {
+    /// The upstream URL, for status.
+    pub url: String,
     pub upstream: UpstreamClient,
     /// (upstream repository, local repository)
     pub repositories: Vec<(RepoName, RepoName)>,
@@ -63,10 +65,24 @@ pub struct SyncEntry {
     pub tags: Vec<TagPattern>,
     pub platforms: Vec<Platform>,
     pub interval: Duration,
+    pub status: std::sync::Mutex<SyncStatus>,
+}
+
+/// What the passes of an entry did, for `/_wharf/sync/status`.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct SyncStatus {
+    pub passes: u64,
+    pub running: bool,
+    /// Unix ms.
+    pub last_started_ms: Option<u64>,
+    pub last_finished_ms: Option<u64>,
+    pub last: Option<PassOutcome>,
+    /// The last failure's message.
+    pub last_error: Option<String>,
 }
 
 /// What one pass did.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct PassOutcome {
     pub tags_checked: usize,
     pub tags_copied: usize,
@@ -82,10 +98,22 @@ pub async fn run(entry: Arc<SyncEntry>, registry: Registry, stop: CancellationTo
             _ = tick.tick() => {}
             () = stop.cancelled() => return,
         }
+        {
+            let mut st = entry.status.lock().unwrap_or_else(|e| e.into_inner());
+            st.running = true;
+            st.last_started_ms = Some(super::unix_ms());
+        }
         let out = tokio::select! {
             o = pass(&entry, &registry) => o,
             () = stop.cancelled() => return,
         };
+        {
+            let mut st = entry.status.lock().unwrap_or_else(|e| e.into_inner());
+            st.running = false;
+            st.passes += 1;
+            st.last_finished_ms = Some(super::unix_ms());
+            st.last = Some(out);
+        }
         tracing::info!(
             upstream = entry.upstream.host(),
             checked = out.tags_checked,
@@ -111,6 +139,11 @@ pub async fn pass(entry: &SyncEntry, registry: &Registry) -> PassOutcome {
             Err(e) => {
                 out.failures += 1;
                 tracing::warn!(repository = %upstream_repo, error = %e, "sync could not list upstream tags");
+                entry
+                    .status
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .last_error = Some(format!("{upstream_repo}: listing tags: {e}"));
                 continue;
             }
         };
@@ -152,6 +185,11 @@ pub async fn pass(entry: &SyncEntry, registry: &Registry) -> PassOutcome {
                 Err(e) => {
                     out.failures += 1;
                     tracing::warn!(repository = %local_repo, tag = %tag, error = %e, "sync of a tag failed");
+                    entry
+                        .status
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .last_error = Some(format!("{upstream_repo}:{tag}: {e}"));
                 }
             }
         }
