@@ -804,3 +804,29 @@ async fn destination_killed_in_the_middle_of_a_blob_gets_identical_content_when_
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_keeps_failing_is_failed_after_max_attempts() {
+    // A registry that answers but refuses every write (405).
+    let fake = common::fake_upstream::FakeUpstream::start();
+    fake.no_auth();
+    let a = spawn_region(&format!(
+        "{NO_RECONCILE}{}{}",
+        destination("readonly", &fake.url(), "max_attempts = 3"),
+        rule(&["prod/"], &["readonly"]),
+    ));
+    let ca = HttpClient::new(a.url());
+    push_image(&ca, "prod/app", Some("1"), &[random_bytes(100, 1)], "amd64").await;
+    let jobs = wait_for(&ca, PATIENCE, "the job to fail", |j| all(j, 1, "FAILED")).await;
+    assert_eq!(jobs[0]["attempts"], 3);
+    let reason = jobs[0]["failure_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("405") && reason.contains("after 3 attempts"),
+        "{reason}"
+    );
+    assert_eq!(
+        fake.count("POST", "/v2/prod/app/blobs/uploads/"),
+        3,
+        "one upload attempt per job attempt"
+    );
+}
