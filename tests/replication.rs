@@ -315,6 +315,8 @@ async fn destination_down_during_20_pushes_catches_up_when_back() {
         "{s}"
     );
     assert_eq!(metric(&ca, "wharf_replication_queue_depth", "b").await, 20);
+    assert!(metric(&ca, "wharf_replication_lag_seconds", "b").await >= 2);
+    assert!(metric(&ca, "wharf_replication_failures_total", "b").await >= 1);
 
     restart(&mut b, true);
     let cb = HttpClient::new(b.url());

@@ -436,6 +436,7 @@ pub const ENV_OVERRIDES: &[&str] = &[
     "cache.prefetch",
     "cache.fill_wait_timeout",
     "cache.fill_max_age",
+    "replication.reconcile_interval",
 ];
 
 /// Overridable keys whose value is a boolean.
@@ -1071,9 +1072,11 @@ mod tests {
                 ("WHARF_SERVER_TLS_KEY", "k.pem"),
                 ("WHARF_LOG", "debug"),
                 ("PATH", "/bin"),
+                ("WHARF_REPLICATION_RECONCILE_INTERVAL", "5m"),
             ],
         )
         .unwrap();
+        assert_eq!(c.replication.reconcile_interval, Duration::from_secs(300));
         assert_eq!(c.server.listen, "127.0.0.1:7000".parse().unwrap());
         assert_eq!(c.storage.upload_max_age, Duration::from_secs(7200));
         assert_eq!(c.server.tls.unwrap().cert, PathBuf::from("c.pem"));
