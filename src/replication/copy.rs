@@ -613,6 +613,7 @@ mod tests {
         assert!(m.contains_key(&amd) && !m.contains_key(&arm));
         let body: serde_json::Value = serde_json::from_slice(&m[&tagged]).unwrap();
         assert_eq!(body["manifests"].as_array().unwrap().len(), 1);
+        drop(m);
         let none = ["windows/amd64".parse::<Platform>().unwrap()];
         let e = Copy::new(&src, &r, &MemTarget::default(), &r)
             .platforms(&none)

@@ -12,7 +12,9 @@ use crate::oci::manifest::Descriptor;
 use crate::oci::{Digest, Reference, RepoName};
 use crate::registry::{Registry, RegistryError};
 use crate::storage::ByteStream;
+use crate::storage::jobs::UploadCheckpoint;
 use crate::upstream::{UploadStart, UpstreamClient};
+use futures::future::BoxFuture;
 
 /// Restarts of one blob's upload (after a failed chunk or commit) before
 /// the attempt gives up.
@@ -94,6 +96,7 @@ pub struct RemoteTarget {
 }
 
 impl RemoteTarget {
+    #[allow(clippy::too_many_arguments)]
     async fn upload(
         &self,
         repo: &RepoName,
@@ -102,10 +105,23 @@ impl RemoteTarget {
         source: &dyn Source,
         source_repo: &RepoName,
         mut location: String,
+        mut offset: u64,
+        cp: Option<&Checkpoints>,
     ) -> Result<u64> {
         let c = &self.client;
         let what = format!("uploading blob {digest}");
-        let mut offset = 0u64;
+        let save = |location: &str| {
+            let at = UploadCheckpoint {
+                digest: digest.clone(),
+                location: location.to_string(),
+            };
+            async move {
+                if let Some(cp) = cp {
+                    (cp.save)(Some(at)).await;
+                }
+            }
+        };
+        save(&location).await;
         let mut sent = 0u64;
         let mut restarts = 0u32;
         loop {
@@ -119,6 +135,7 @@ impl RemoteTarget {
                         offset += len;
                         sent += len;
                         (self.on_sent)(len);
+                        save(&location).await;
                     }
                     Err(e) => {
                         failed = Some(e);
@@ -128,7 +145,12 @@ impl RemoteTarget {
             }
             let err = match failed {
                 None => match c.finish_upload(repo, &location, digest).await {
-                    Ok(()) => return Ok(sent),
+                    Ok(()) => {
+                        if let Some(cp) = cp {
+                            (cp.save)(None).await;
+                        }
+                        return Ok(sent);
+                    }
                     Err(e) => e,
                 },
                 Some(e) => e,
@@ -146,7 +168,10 @@ impl RemoteTarget {
                 Ok(_) | Err(_) => {
                     c.cancel_upload(repo, &location).await;
                     match c.start_upload(repo, None).await {
-                        Ok(UploadStart::Session(l)) => location = l,
+                        Ok(UploadStart::Session(l)) => {
+                            location = l;
+                            save(&location).await;
+                        }
                         Ok(UploadStart::Mounted) => return Ok(sent),
                         Err(e) => return Err(CopyError::target(&what, e)),
                     }
@@ -180,21 +205,8 @@ impl Target for RemoteTarget {
         source: &dyn Source,
         source_repo: &RepoName,
     ) -> Result<u64> {
-        let from = self.known.get(digest).filter(|r| r != repo);
-        let start = self
-            .client
-            .start_upload(repo, from.as_ref().map(|f| (digest, f)))
+        self.put_blob_with(repo, digest, size, source, source_repo, None)
             .await
-            .map_err(|e| CopyError::target(&format!("opening an upload for {digest}"), e))?;
-        let sent = match start {
-            UploadStart::Mounted => 0,
-            UploadStart::Session(location) => {
-                self.upload(repo, digest, size, source, source_repo, location)
-                    .await?
-            }
-        };
-        self.known.insert(digest.clone(), repo.clone());
-        Ok(sent)
     }
 
     async fn manifest_digest(
@@ -220,6 +232,120 @@ impl Target for RemoteTarget {
             .await
             .map_err(|e| CopyError::target(&format!("pushing manifest {reference}"), e))?;
         Ok(())
+    }
+}
+
+/// Where a job's blob upload stands: the checkpoint the job had when it
+/// started (resumed if it is for the blob being sent), and how to record
+/// a new one.
+pub struct Checkpoints {
+    pub resume: std::sync::Mutex<Option<UploadCheckpoint>>,
+    pub save: Box<dyn Fn(Option<UploadCheckpoint>) -> BoxFuture<'static, ()> + Send + Sync>,
+}
+
+/// The destination as seen by one job run: uploads are checkpointed in the
+/// job, and one interrupted by a crash resumes at the offset the
+/// destination reports.
+pub struct JobTarget<'a> {
+    pub remote: &'a RemoteTarget,
+    pub checkpoints: Checkpoints,
+}
+
+#[async_trait]
+impl Target for JobTarget<'_> {
+    async fn has_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        self.remote.has_blob(repo, digest).await
+    }
+
+    async fn put_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+        source: &dyn Source,
+        source_repo: &RepoName,
+    ) -> Result<u64> {
+        self.remote
+            .put_blob_with(
+                repo,
+                digest,
+                size,
+                source,
+                source_repo,
+                Some(&self.checkpoints),
+            )
+            .await
+    }
+
+    async fn manifest_digest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<Option<Digest>> {
+        self.remote.manifest_digest(repo, reference).await
+    }
+
+    async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        media_type: &str,
+        body: Bytes,
+    ) -> Result<()> {
+        self.remote
+            .put_manifest(repo, reference, media_type, body)
+            .await
+    }
+}
+
+impl RemoteTarget {
+    async fn put_blob_with(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+        source: &dyn Source,
+        source_repo: &RepoName,
+        cp: Option<&Checkpoints>,
+    ) -> Result<u64> {
+        let resume = cp
+            .and_then(|cp| cp.resume.lock().unwrap_or_else(|e| e.into_inner()).take())
+            .filter(|r| &r.digest == digest);
+        if let Some(r) = resume
+            && let Ok(Some(offset)) = self.client.upload_offset(repo, &r.location).await
+            && offset <= size
+        {
+            tracing::info!(%digest, offset, "resuming a blob upload interrupted by a restart");
+            let sent = self
+                .upload(
+                    repo,
+                    digest,
+                    size,
+                    source,
+                    source_repo,
+                    r.location,
+                    offset,
+                    cp,
+                )
+                .await?;
+            self.known.insert(digest.clone(), repo.clone());
+            return Ok(sent);
+        }
+        let from = self.known.get(digest).filter(|r| r != repo);
+        let start = self
+            .client
+            .start_upload(repo, from.as_ref().map(|f| (digest, f)))
+            .await
+            .map_err(|e| CopyError::target(&format!("opening an upload for {digest}"), e))?;
+        let sent = match start {
+            UploadStart::Mounted => 0,
+            UploadStart::Session(location) => {
+                self.upload(repo, digest, size, source, source_repo, location, 0, cp)
+                    .await?
+            }
+        };
+        self.known.insert(digest.clone(), repo.clone());
+        Ok(sent)
     }
 }
 

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::copy::{Copy, CopyError};
-use super::endpoints::{LocalSource, RemoteTarget};
+use super::endpoints::{Checkpoints, JobTarget, LocalSource, RemoteTarget};
 use super::{Destination, Replication, ReplicationMetrics, unix_ms};
 use crate::registry::Registry;
 use crate::storage::jobs::{Job, JobKey, JobState, Outcome};
@@ -184,8 +184,23 @@ async fn run_job(shared: &Shared, dest: &Destination, job: Job, stop: &Cancellat
     let result = match dest.repository(&key.repository) {
         Err(e) => Err(CopyError::Permanent(e)),
         Ok(target_repo) => {
-            let target = &shared.targets[&dest.name];
-            let copy = Copy::new(&shared.source, &key.repository, &**target, &target_repo);
+            let jobs = rep.jobs.clone();
+            let checkpoint_key = key.clone();
+            let target = JobTarget {
+                remote: &shared.targets[&dest.name],
+                checkpoints: Checkpoints {
+                    resume: Mutex::new(started.upload.clone()),
+                    save: Box::new(move |at| {
+                        let (jobs, key) = (jobs.clone(), checkpoint_key.clone());
+                        Box::pin(async move {
+                            if let Err(e) = jobs.checkpoint(&key, at).await {
+                                tracing::warn!(error = %e, "recording an upload checkpoint failed");
+                            }
+                        })
+                    }),
+                },
+            };
+            let copy = Copy::new(&shared.source, &key.repository, &target, &target_repo);
             tokio::select! {
                 r = copy.run(&key.reference) => r,
                 () = stop.cancelled() => return,

@@ -65,6 +65,17 @@ pub struct Job {
     pub digest: Option<Digest>,
     /// Why the last attempt failed.
     pub error: Option<String>,
+    /// The blob upload in progress at the destination, to resume after a
+    /// crash.
+    pub upload: Option<UploadCheckpoint>,
+}
+
+/// Where a blob upload stands at the destination: the blob and the upload
+/// session's latest location (its offset is asked of the destination).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UploadCheckpoint {
+    pub digest: Digest,
+    pub location: String,
 }
 
 /// Picks jobs: every field that is set must match.
@@ -136,6 +147,8 @@ pub trait JobStore: Send + Sync + 'static {
     /// Ends the run that started at `seq` with `outcome` (see the trait's
     /// contract for a job re-enqueued meanwhile). Returns the job.
     async fn finish(&self, key: &JobKey, seq: u64, outcome: Outcome, now_ms: u64) -> Result<Job>;
+    /// Records (or clears) the blob upload a running job has in progress.
+    async fn checkpoint(&self, key: &JobKey, upload: Option<UploadCheckpoint>) -> Result<()>;
     /// RUNNING → PENDING for every job (at start: runs cut short by a crash
     /// run again). Returns how many.
     async fn recover(&self) -> Result<usize>;
@@ -155,6 +168,8 @@ struct Stored {
     digest: Option<Digest>,
     #[serde(default)]
     error: Option<String>,
+    #[serde(default)]
+    upload: Option<UploadCheckpoint>,
 }
 
 fn meta_err(e: impl std::fmt::Display) -> StorageError {
@@ -180,6 +195,7 @@ fn decode(k: &str, v: &[u8]) -> Result<Job> {
         updated_ms: s.updated_ms,
         digest: s.digest,
         error: s.error,
+        upload: s.upload,
     })
 }
 
@@ -192,6 +208,7 @@ fn encode(job: &Job) -> Result<Vec<u8>> {
         updated_ms: job.updated_ms,
         digest: job.digest.clone(),
         error: job.error.clone(),
+        upload: job.upload.clone(),
     })
     .map_err(meta_err)
 }
@@ -323,6 +340,7 @@ impl JobStore for RedbJobs {
                         updated_ms: now_ms,
                         digest: None,
                         error: None,
+                        upload: None,
                     },
                 };
                 put_job(txn, &job)?;
@@ -389,6 +407,7 @@ impl JobStore for RedbJobs {
             } else {
                 match outcome {
                     Outcome::Complete { digest } => {
+                        job.upload = None;
                         job.state = JobState::Complete;
                         job.digest = digest;
                         job.error = None;
@@ -404,6 +423,7 @@ impl JobStore for RedbJobs {
                         job.error = Some(error);
                     }
                     Outcome::Failed { error } => {
+                        job.upload = None;
                         job.state = JobState::Failed;
                         job.attempts += 1;
                         job.error = Some(error);
@@ -412,6 +432,21 @@ impl JobStore for RedbJobs {
             }
             put_job(txn, &job)?;
             Ok(job)
+        })
+        .await
+    }
+
+    async fn checkpoint(&self, key: &JobKey, upload: Option<UploadCheckpoint>) -> Result<()> {
+        let k = key.encode();
+        self.run(move |txn| {
+            let Some(mut job) = get_job(txn, &k)? else {
+                return Ok(());
+            };
+            if job.state == JobState::Running && job.upload != upload {
+                job.upload = upload;
+                put_job(txn, &job)?;
+            }
+            Ok(())
         })
         .await
     }
@@ -510,12 +545,18 @@ mod tests {
             .unwrap();
         assert_eq!((j.state, j.attempts), (JobState::Pending, 1));
         let run = q.start(&a, None, 16).await.unwrap().unwrap();
+        let at = UploadCheckpoint {
+            digest: Digest::sha256_of(b"layer"),
+            location: "/v2/prod/app/blobs/uploads/x?_state=1".into(),
+        };
+        q.checkpoint(&a, Some(at.clone())).await.unwrap();
         drop(q);
 
         // Crash while running: the job runs again after the restart.
         let q = open(&path);
         assert_eq!(q.recover().await.unwrap(), 1);
-        assert!(q.start(&a, None, 17).await.unwrap().is_some());
+        let resumed = q.start(&a, None, 17).await.unwrap().unwrap();
+        assert_eq!(resumed.upload, Some(at), "the upload checkpoint survives");
         let j = q
             .finish(
                 &a,
@@ -529,6 +570,7 @@ mod tests {
             .unwrap();
         assert_eq!(j.state, JobState::Failed);
         assert_eq!(j.error.as_deref(), Some("denied"));
+        assert_eq!(j.upload, None, "an ended job keeps no checkpoint");
         assert!(q.active().await.unwrap().is_empty());
         assert_eq!(q.retry_failed(&JobFilter::default(), 19).await.unwrap(), 1);
         let run = q.start(&a, None, 20).await.unwrap().unwrap();
