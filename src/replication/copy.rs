@@ -609,11 +609,12 @@ mod tests {
         let tagged = dst.tags.lock().unwrap()["v1"].clone();
         assert_ne!(tagged, index);
         assert_eq!(out.digest, Some(tagged.clone()));
-        let m = dst.manifests.lock().unwrap();
-        assert!(m.contains_key(&amd) && !m.contains_key(&arm));
-        let body: serde_json::Value = serde_json::from_slice(&m[&tagged]).unwrap();
-        assert_eq!(body["manifests"].as_array().unwrap().len(), 1);
-        drop(m);
+        {
+            let m = dst.manifests.lock().unwrap();
+            assert!(m.contains_key(&amd) && !m.contains_key(&arm));
+            let body: serde_json::Value = serde_json::from_slice(&m[&tagged]).unwrap();
+            assert_eq!(body["manifests"].as_array().unwrap().len(), 1);
+        }
         let none = ["windows/amd64".parse::<Platform>().unwrap()];
         let e = Copy::new(&src, &r, &MemTarget::default(), &r)
             .platforms(&none)
