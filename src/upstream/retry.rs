@@ -57,6 +57,16 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    proptest! {
+        #[test]
+        fn backoff_between_doubles_with_jitter_and_caps(attempt in 0u32..64, base_ms in 1u64..5_000, extra_ms in 0u64..600_000) {
+            let (base, max) = (Duration::from_millis(base_ms), Duration::from_millis(base_ms + extra_ms));
+            let d = backoff_between(attempt, base, max);
+            let full = base.saturating_mul(1u32.checked_shl(attempt.min(24)).unwrap_or(u32::MAX)).min(max);
+            prop_assert!(d >= full / 2 && d <= full, "{d:?} outside [{:?}, {full:?}]", full / 2);
+        }
+    }
+
     #[test]
     fn forms() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480);
