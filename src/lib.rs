@@ -10,5 +10,6 @@ pub mod config;
 pub mod metrics;
 pub mod oci;
 pub mod registry;
+pub mod replication;
 pub mod storage;
 pub mod upstream;

@@ -78,6 +78,7 @@ impl Metrics {
         server: &ServerMetrics,
         upstream: &UpstreamMetrics,
         cache: Option<&Cache>,
+        replication: Option<&crate::replication::ReplicationMetrics>,
     ) -> Metrics {
         let mut r = Registry::with_prefix("wharf");
         r.register(
@@ -168,6 +169,33 @@ impl Metrics {
                 "cache_evicted_bytes",
                 "Bytes evicted to keep cache.max_size",
                 b.evicted_bytes.clone(),
+            );
+        }
+        if let Some(m) = replication {
+            r.register(
+                "replication_queue_depth",
+                "Replication jobs waiting or running, by destination",
+                m.queue_depth.clone(),
+            );
+            r.register(
+                "replication_lag_seconds",
+                "Seconds since the oldest push not yet replicated, by destination",
+                m.lag_seconds.clone(),
+            );
+            r.register(
+                "replication_bytes_sent",
+                "Blob bytes sent to replication destinations",
+                m.bytes_sent.clone(),
+            );
+            r.register(
+                "replication_failures",
+                "Failed replication attempts, by destination",
+                m.failures.clone(),
+            );
+            r.register(
+                "replication_completed",
+                "Replication jobs completed, by destination",
+                m.completed.clone(),
             );
         }
         Metrics { registry: r }

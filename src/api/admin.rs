@@ -9,6 +9,16 @@
 //! - `POST /_wharf/cache/refresh?ref=NAME:TAG` (or `NAME@DIGEST`): fetch a
 //!   cached manifest from upstream now, whatever its age.
 //!
+//! - `GET /_wharf/replication/status[?repo=NAME[&ref=TAG|DIGEST]]`: every
+//!   replication job (of a repository, of an image) with its state
+//!   (IN_PROGRESS, COMPLETE, FAILED and the reason), and the destinations.
+//! - `POST /_wharf/replication/retry[?destination=&repo=&ref=]`: FAILED
+//!   jobs back into the queue.
+//! - `POST /_wharf/replication/sync[?rule=N][&dry_run=true]`: compare the
+//!   source with the destinations now and enqueue the differences.
+//!
+//! - `GET /_wharf/sync/status`: each `[[sync]]` entry and its last pass.
+//!
 //! Errors use the distribution spec's JSON error format.
 
 use http::{HeaderValue, Method, Response, StatusCode, header};
@@ -17,6 +27,9 @@ use super::error::{error_response, registry_error};
 use super::{App, Query, Resp, full, json};
 use crate::metrics::{BLOB, MANIFEST};
 use crate::oci::{ErrorCode, Reference, RepoName};
+use crate::replication::reconcile::reconcile;
+use crate::replication::{Replication, status_name, unix_ms};
+use crate::storage::jobs::{JobFilter, JobState};
 
 impl App {
     /// Answers an operations path, or `None` for any other path.
@@ -43,13 +56,27 @@ impl App {
             }
             (&Method::GET, "/_wharf/cache/stats") => self.cache_stats(),
             (&Method::POST, "/_wharf/cache/refresh") => self.refresh(&Query::parse(query)).await,
+            (&Method::GET, "/_wharf/replication/status") => {
+                self.replication_status(&Query::parse(query)).await
+            }
+            (&Method::POST, "/_wharf/replication/retry") => {
+                self.replication_retry(&Query::parse(query)).await
+            }
+            (&Method::POST, "/_wharf/replication/sync") => {
+                self.replication_sync(&Query::parse(query)).await
+            }
+            (&Method::GET, "/_wharf/sync/status") => self.sync_status(),
             (
                 _,
                 "/healthz"
                 | "/readyz"
                 | "/metrics"
                 | "/_wharf/cache/stats"
-                | "/_wharf/cache/refresh",
+                | "/_wharf/cache/refresh"
+                | "/_wharf/replication/status"
+                | "/_wharf/replication/retry"
+                | "/_wharf/replication/sync"
+                | "/_wharf/sync/status",
             ) => error_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 ErrorCode::Unsupported,
@@ -132,6 +159,208 @@ impl App {
                 json(StatusCode::OK, body.to_string())
             }
             Err(e) => registry_error(&e),
+        }
+    }
+}
+
+fn bad_request(msg: &str) -> Resp {
+    error_response(StatusCode::BAD_REQUEST, ErrorCode::NameInvalid, msg)
+}
+
+fn internal(e: impl std::fmt::Display) -> Resp {
+    tracing::error!(error = %e, "replication operation failed");
+    super::error::internal_error()
+}
+
+/// The `repo`, `ref` and `destination` parameters as a job filter.
+fn job_filter(query: &Query) -> Result<JobFilter, Box<Resp>> {
+    let repository =
+        match query.get("repo") {
+            None | Some("") => None,
+            Some(r) => Some(r.parse::<RepoName>().map_err(|e| {
+                Box::new(bad_request(&format!("invalid repository name {r:?}: {e}")))
+            })?),
+        };
+    let reference = match query.get("ref") {
+        None | Some("") => None,
+        Some(_) if repository.is_none() => return Err(Box::new(bad_request("ref needs repo"))),
+        Some(r) => Some(
+            r.parse::<Reference>()
+                .map_err(|e| Box::new(bad_request(&format!("invalid tag or digest {r:?}: {e}"))))?,
+        ),
+    };
+    Ok(JobFilter {
+        destination: query
+            .get("destination")
+            .filter(|d| !d.is_empty())
+            .map(str::to_string),
+        repository,
+        reference,
+    })
+}
+
+fn ms_to_rfc3339(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+impl App {
+    fn replication(&self) -> Result<&Replication, Box<Resp>> {
+        self.replication.as_deref().ok_or_else(|| {
+            Box::new(error_response(
+                StatusCode::NOT_FOUND,
+                ErrorCode::NameUnknown,
+                "replication is not configured (no [[replication.rules]])",
+            ))
+        })
+    }
+
+    async fn replication_status(&self, query: &Query) -> Resp {
+        let rep = match self.replication() {
+            Ok(r) => r,
+            Err(resp) => return *resp,
+        };
+        let filter = match job_filter(query) {
+            Ok(f) => f,
+            Err(resp) => return *resp,
+        };
+        let jobs = match rep
+            .status(filter.repository.as_ref(), filter.reference.as_ref())
+            .await
+        {
+            Ok(j) => j,
+            Err(e) => return internal(e),
+        };
+        let now = unix_ms();
+        let jobs: Vec<_> = jobs
+            .iter()
+            .filter(|j| {
+                filter
+                    .destination
+                    .as_ref()
+                    .is_none_or(|d| *d == j.key.destination)
+            })
+            .map(|j| {
+                let dest = rep.destinations.get(&j.key.destination);
+                let in_progress = matches!(j.state, JobState::Pending | JobState::Running);
+                // A job waiting for a destination that is down shows why.
+                let reason = match (&j.error, in_progress) {
+                    (Some(e), _) => Some(e.clone()),
+                    (None, true) => rep
+                        .pause_of(&j.key.destination)
+                        .map(|(_, why)| format!("waiting for the destination: {why}")),
+                    (None, false) => None,
+                };
+                serde_json::json!({
+                    "destination": j.key.destination,
+                    "region": dest.and_then(|d| d.region.clone()),
+                    "registry_id": dest.and_then(|d| d.registry_id.clone()),
+                    "repository": j.key.repository.as_str(),
+                    "reference": j.key.reference.to_string(),
+                    "digest": j.digest.as_ref().map(|d| d.as_str()),
+                    "status": status_name(j.state),
+                    "running": j.state == JobState::Running,
+                    "attempts": j.attempts,
+                    "failure_reason": reason,
+                    "enqueued_at": ms_to_rfc3339(j.enqueued_ms),
+                    "updated_at": ms_to_rfc3339(j.updated_ms),
+                    "lag_seconds": in_progress.then(|| now.saturating_sub(j.enqueued_ms) / 1000),
+                })
+            })
+            .collect();
+        let mut names: Vec<&String> = rep.destinations.keys().collect();
+        names.sort();
+        let destinations: Vec<_> = names
+            .into_iter()
+            .map(|n| {
+                let d = &rep.destinations[n];
+                let pause = rep.pause_of(n);
+                serde_json::json!({
+                    "name": d.name,
+                    "url": d.url,
+                    "region": d.region,
+                    "registry_id": d.registry_id,
+                    "unavailable_for_seconds": pause.as_ref().map(|p| p.0.as_secs_f64()),
+                    "unavailable_reason": pause.map(|p| p.1),
+                })
+            })
+            .collect();
+        let body = serde_json::json!({ "jobs": jobs, "destinations": destinations });
+        json(StatusCode::OK, body.to_string())
+    }
+
+    fn sync_status(&self) -> Resp {
+        let entries: Vec<_> = self
+            .sync
+            .iter()
+            .map(|e| {
+                let st = e.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                serde_json::json!({
+                    "upstream": e.url,
+                    "repositories": e.repositories.iter().map(|(up, local)| serde_json::json!({
+                        "upstream": up.as_str(), "local": local.as_str(),
+                    })).collect::<Vec<_>>(),
+                    "interval_seconds": e.interval.as_secs_f64(),
+                    "passes": st.passes,
+                    "running": st.running,
+                    "last_started_at": st.last_started_ms.map(ms_to_rfc3339),
+                    "last_finished_at": st.last_finished_ms.map(ms_to_rfc3339),
+                    "last_pass": st.last,
+                    "last_error": st.last_error,
+                })
+            })
+            .collect();
+        json(
+            StatusCode::OK,
+            serde_json::json!({ "sync": entries }).to_string(),
+        )
+    }
+
+    async fn replication_retry(&self, query: &Query) -> Resp {
+        let rep = match self.replication() {
+            Ok(r) => r,
+            Err(resp) => return *resp,
+        };
+        let filter = match job_filter(query) {
+            Ok(f) => f,
+            Err(resp) => return *resp,
+        };
+        match rep.retry(&filter).await {
+            Ok(n) => json(
+                StatusCode::OK,
+                serde_json::json!({ "retried": n }).to_string(),
+            ),
+            Err(e) => internal(e),
+        }
+    }
+
+    async fn replication_sync(&self, query: &Query) -> Resp {
+        let rep = match self.replication() {
+            Ok(r) => r,
+            Err(resp) => return *resp,
+        };
+        let rule = match query.get("rule") {
+            None | Some("") => None,
+            Some(r) => match r.parse::<usize>() {
+                Ok(n) => Some(n),
+                Err(_) => return bad_request(&format!("rule must be a rule's index, not {r:?}")),
+            },
+        };
+        if let Some(n) = rule
+            && n >= rep.rules.len()
+        {
+            return bad_request(&format!(
+                "there is no replication rule {n} ({} rules)",
+                rep.rules.len()
+            ));
+        }
+        let dry_run = matches!(query.get("dry_run"), Some("true" | "1" | ""));
+        match reconcile(rep, &self.registry, rule, dry_run).await {
+            Ok(plan) => json(
+                StatusCode::OK,
+                serde_json::json!({ "dry_run": dry_run, "plan": plan }).to_string(),
+            ),
+            Err(e) => internal(format!("{e:#}")),
         }
     }
 }

@@ -84,6 +84,8 @@ pub struct App {
     pub registry: Registry,
     metrics: Arc<Metrics>,
     counters: ServerMetrics,
+    replication: Option<Arc<crate::replication::Replication>>,
+    sync: Vec<Arc<crate::replication::sync::SyncEntry>>,
 }
 
 impl App {
@@ -95,17 +97,36 @@ impl App {
     /// An app whose `/metrics` also reports `upstream` (the counters the
     /// upstream clients were built with).
     pub fn with_metrics(registry: Registry, upstream: &UpstreamMetrics) -> App {
+        App::with_replication(registry, upstream, None)
+    }
+
+    /// Like [`App::with_metrics`], also serving replication's status and
+    /// operations and reporting its metrics.
+    pub fn with_replication(
+        registry: Registry,
+        upstream: &UpstreamMetrics,
+        replication: Option<Arc<crate::replication::Replication>>,
+    ) -> App {
         let counters = ServerMetrics::default();
         let metrics = Arc::new(Metrics::new(
             &counters,
             upstream,
             registry.cache().map(|c| &**c),
+            replication.as_ref().map(|r| &r.metrics),
         ));
         App {
             registry,
             metrics,
             counters,
+            replication,
+            sync: Vec::new(),
         }
+    }
+
+    /// Also reports the scheduled sync entries at `/_wharf/sync/status`.
+    pub fn with_sync(mut self, sync: Vec<Arc<crate::replication::sync::SyncEntry>>) -> App {
+        self.sync = sync;
+        self
     }
 
     /// Handles one request. Never fails: errors become responses.

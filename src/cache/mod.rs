@@ -108,6 +108,15 @@ pub struct Cache {
     prefetch: bool,
     pub counters: CacheCounters,
     pub budget: Arc<Budget>,
+    observer: Option<Arc<dyn PullObserver>>,
+}
+
+/// Told about every manifest the cache stores from upstream (replication
+/// rules with `include_pulled_through` enqueue here). Failures are the
+/// observer's to handle: a pull never fails because of it.
+#[async_trait::async_trait]
+pub trait PullObserver: Send + Sync + 'static {
+    async fn manifest_pulled(&self, repo: &RepoName, tag: Option<&Tag>, digest: &Digest);
 }
 
 impl Cache {
@@ -141,7 +150,14 @@ impl Cache {
             prefetch,
             counters: CacheCounters::default(),
             budget,
+            observer: None,
         }
+    }
+
+    /// Tells `observer` about every manifest stored from upstream.
+    pub fn with_observer(mut self, observer: Arc<dyn PullObserver>) -> Cache {
+        self.observer = Some(observer);
+        self
     }
 
     pub fn rules(&self) -> &Rules {
@@ -265,6 +281,9 @@ impl Cache {
             .await?;
         if let Some(tag) = tag {
             self.mark_checked(t, tag).await;
+        }
+        if let Some(o) = &self.observer {
+            o.manifest_pulled(&t.local, tag, digest).await;
         }
         Ok(CachedManifest {
             digest: digest.clone(),

@@ -64,7 +64,7 @@ pub async fn run(cmd: CacheCommand) -> anyhow::Result<()> {
     }
 }
 
-fn client(server: &str) -> anyhow::Result<UpstreamClient> {
+pub(super) fn client(server: &str) -> anyhow::Result<UpstreamClient> {
     let url = server
         .parse()
         .with_context(|| format!("--server {server:?} is not a URL"))?;
@@ -94,7 +94,7 @@ fn error_text(body: &[u8]) -> String {
     }
 }
 
-async fn call_json(
+pub(super) async fn call_json(
     client: &UpstreamClient,
     method: Method,
     path: &str,

@@ -1,6 +1,8 @@
-//! The `wharf` command line: `serve`, `check-config`, `fsck` and `cache`.
+//! The `wharf` command line: `serve`, `check-config`, `fsck`, `cache` and
+//! `replication`.
 
 mod cache;
+mod replication;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -18,8 +20,10 @@ use crate::cache::{Cache, Rule, Rules};
 use crate::config::{Config, LogFormat};
 use crate::metrics::UpstreamMetrics;
 use crate::registry::Registry;
+use crate::replication::{Destination, Replication, Rule as ReplicationRule};
 use crate::storage::BlobStore;
 use crate::storage::fs::FsStore;
+use crate::storage::jobs::RedbJobs;
 use crate::storage::meta::RedbMeta;
 use crate::upstream::{Credentials, Secret, UpstreamClient, UpstreamSettings};
 
@@ -56,6 +60,11 @@ enum Command {
         #[command(subcommand)]
         command: cache::CacheCommand,
     },
+    /// Operate a running wharf's replication: status, retry, sync.
+    Replication {
+        #[command(subcommand)]
+        command: replication::ReplicationCommand,
+    },
     /// Re-hash every stored blob; quarantine and report any that do not
     /// match their digest. Exits non-zero if any did not.
     Fsck {
@@ -78,6 +87,9 @@ pub fn main() -> ExitCode {
         Command::Fsck { config } => fsck(config.as_deref()),
         Command::Cache { command } => runtime()
             .and_then(|rt| rt.block_on(cache::run(command)))
+            .map(|()| ExitCode::SUCCESS),
+        Command::Replication { command } => runtime()
+            .and_then(|rt| rt.block_on(replication::run(command)))
             .map(|()| ExitCode::SUCCESS),
     };
     match result {
@@ -121,13 +133,127 @@ fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Opens the configured stores and, when pull-through rules are configured,
-/// the cache in front of them.
+/// Builds replication from the configuration, with its queue in the
+/// metadata database. `None` without rules.
+fn open_replication(
+    config: &Config,
+    meta: &RedbMeta,
+    upstream_metrics: &UpstreamMetrics,
+) -> anyhow::Result<Option<Arc<Replication>>> {
+    let rc = &config.replication;
+    if rc.rules.is_empty() {
+        return Ok(None);
+    }
+    let mut destinations = Vec::new();
+    for (i, d) in rc.destinations.iter().enumerate() {
+        let ctx = || format!("replication.destinations[{i}] ({})", d.name);
+        let credentials = match &d.credentials {
+            Some(c) => Some(Credentials {
+                username: c.username.clone(),
+                password: Secret::new(c.password().map_err(anyhow::Error::msg).with_context(ctx)?),
+            }),
+            None => None,
+        };
+        let mut settings = UpstreamSettings::new(d.url.parse().with_context(ctx)?);
+        settings.credentials = credentials;
+        settings.ca_file = d.ca_file.clone();
+        settings.metrics = upstream_metrics.clone();
+        let client = UpstreamClient::new(settings).with_context(ctx)?;
+        destinations.push(Destination {
+            name: d.name.clone(),
+            url: d.url.clone(),
+            region: d.region.clone(),
+            registry_id: d.registry_id.clone(),
+            client,
+            repository_prefix: d
+                .repository_prefix
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .with_context(ctx)?,
+            max_concurrency: d.max_concurrency,
+            chunk_size: d.chunk_size.as_u64(),
+            max_attempts: d.max_attempts,
+            retry_initial: d.retry_initial,
+            retry_max: d.retry_max,
+        });
+    }
+    let rules = rc
+        .rules
+        .iter()
+        .map(|r| ReplicationRule {
+            prefixes: r.filters.iter().map(|f| f.prefix.clone()).collect(),
+            destinations: r.destinations.clone(),
+            include_pulled_through: r.include_pulled_through,
+        })
+        .collect();
+    let jobs = RedbJobs::open(meta.database()).context("opening the replication queue")?;
+    Ok(Some(Arc::new(Replication::new(
+        destinations,
+        rules,
+        Arc::new(jobs),
+        rc.reconcile_interval,
+    ))))
+}
+
+/// Builds the `[[sync]]` entries.
+fn open_sync(
+    config: &Config,
+    upstream_metrics: &UpstreamMetrics,
+) -> anyhow::Result<Vec<Arc<crate::replication::sync::SyncEntry>>> {
+    let mut out = Vec::new();
+    for (i, e) in config.sync.iter().enumerate() {
+        let ctx = || format!("sync[{i}] ({})", e.upstream);
+        let mut settings = UpstreamSettings::new(e.upstream.parse().with_context(ctx)?);
+        if let Some(c) = &e.credentials {
+            settings.credentials = Some(Credentials {
+                username: c.username.clone(),
+                password: Secret::new(c.password().map_err(anyhow::Error::msg).with_context(ctx)?),
+            });
+        }
+        settings.ca_file = e.ca_file.clone();
+        settings.metrics = upstream_metrics.clone();
+        let mut repositories = Vec::new();
+        for r in &e.repositories {
+            let local = match &e.local_prefix {
+                Some(p) => format!("{p}/{r}"),
+                None => r.clone(),
+            };
+            repositories.push((
+                r.parse().with_context(ctx)?,
+                local.parse().with_context(ctx)?,
+            ));
+        }
+        out.push(Arc::new(crate::replication::sync::SyncEntry {
+            url: e.upstream.clone(),
+            upstream: UpstreamClient::new(settings).with_context(ctx)?,
+            repositories,
+            tags: e
+                .tags
+                .iter()
+                .map(|t| t.parse().map_err(anyhow::Error::msg))
+                .collect::<anyhow::Result<_>>()
+                .with_context(ctx)?,
+            platforms: e
+                .platforms
+                .iter()
+                .map(|p| p.parse().map_err(anyhow::Error::msg))
+                .collect::<anyhow::Result<_>>()
+                .with_context(ctx)?,
+            interval: e.interval,
+            status: Default::default(),
+        }));
+    }
+    Ok(out)
+}
+
+/// Opens the configured stores, replication (when rules are configured)
+/// and, when pull-through rules are configured, the cache in front of them.
 async fn open_registry(
     config: &Config,
     upstream_metrics: &UpstreamMetrics,
     stop: &CancellationToken,
-) -> anyhow::Result<Registry> {
+) -> anyhow::Result<(Registry, Option<Arc<Replication>>)> {
     let root = &config.storage.path;
     let store = Arc::new(
         FsStore::open(root).with_context(|| format!("opening storage at {}", root.display()))?,
@@ -136,9 +262,13 @@ async fn open_registry(
         Arc::new(RedbMeta::open(&root.join("meta.redb")).with_context(|| {
             format!("opening metadata at {}", root.join("meta.redb").display())
         })?);
-    let registry = Registry::new(store.clone(), store.clone(), meta.clone());
+    let replication = open_replication(config, &meta, upstream_metrics)?;
+    let mut registry = Registry::new(store.clone(), store.clone(), meta.clone());
+    if let Some(r) = &replication {
+        registry = registry.with_observer(r.clone());
+    }
     if config.pull_through.is_empty() {
-        return Ok(registry);
+        return Ok((registry, replication));
     }
     let mut rules = Vec::new();
     for (i, r) in config.pull_through.iter().enumerate() {
@@ -182,7 +312,7 @@ async fn open_registry(
     let budget = Budget::open(config.cache.max_size.as_u64(), store.clone(), meta.clone())
         .await
         .context("loading the cache budget")?;
-    let cache = Arc::new(Cache::new(
+    let mut cache = Cache::new(
         Rules(rules),
         store.clone(),
         store,
@@ -192,10 +322,14 @@ async fn open_registry(
         config.cache.fill_max_age,
         budget.clone(),
         stop.clone(),
-    ));
+    );
+    if let Some(r) = &replication {
+        cache = cache.with_observer(r.clone());
+    }
+    let cache = Arc::new(cache);
     let fills = cache.fills.clone();
     tokio::spawn(budget.run(move |d| fills.in_progress(d).is_some(), stop.clone()));
-    Ok(registry.with_cache(cache))
+    Ok((registry.with_cache(cache), replication))
 }
 
 fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Result<ExitCode> {
@@ -214,7 +348,8 @@ fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Resul
     let stop = CancellationToken::new();
     rt.block_on(async move {
         let upstream_metrics = UpstreamMetrics::default();
-        let registry = open_registry(&config, &upstream_metrics, &stop).await?;
+        let (registry, replication) = open_registry(&config, &upstream_metrics, &stop).await?;
+        let sync_entries = open_sync(&config, &upstream_metrics)?;
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("binding {}", config.server.listen))?;
@@ -233,16 +368,42 @@ fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Resul
             config.storage.upload_purge_interval,
             stop.clone(),
         ));
+        let mut background = vec![purge];
+        for entry in sync_entries.clone() {
+            background.push(tokio::spawn(crate::replication::sync::run(
+                entry,
+                registry.clone(),
+                stop.clone(),
+            )));
+        }
+        if let Some(rep) = &replication {
+            background.push(tokio::spawn(crate::replication::worker::run(
+                rep.clone(),
+                registry.clone(),
+                stop.clone(),
+            )));
+            if !rep.reconcile_interval.is_zero() {
+                background.push(tokio::spawn(crate::replication::reconcile::run_periodic(
+                    rep.clone(),
+                    registry.clone(),
+                    rep.reconcile_interval,
+                    stop.clone(),
+                )));
+            }
+        }
         let opts = ServerOptions {
             header_read_timeout: config.server.header_read_timeout,
             max_header_size: config.server.max_header_size.as_u64() as usize,
             shutdown_timeout: config.server.shutdown_timeout,
             tls_handshake_timeout: config.server.header_read_timeout,
         };
-        let app = App::with_metrics(registry, &upstream_metrics);
+        let app =
+            App::with_replication(registry, &upstream_metrics, replication).with_sync(sync_entries);
         server::run(listener, app, tls, opts, shutdown_signal()).await;
         stop.cancel();
-        let _ = purge.await;
+        for task in background {
+            let _ = task.await;
+        }
         tracing::info!("stopped");
         Ok(ExitCode::SUCCESS)
     })

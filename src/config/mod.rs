@@ -25,6 +25,159 @@ pub struct Config {
     /// ([`default_rules`]); `pull_through = []` disables the cache.
     #[serde(default = "default_rules")]
     pub pull_through: Vec<PullThroughRule>,
+    /// Push replication to other registries.
+    #[serde(default)]
+    pub replication: ReplicationConfig,
+    /// Scheduled pull sync of upstream repositories into hosted ones.
+    #[serde(default)]
+    pub sync: Vec<SyncConfig>,
+}
+
+/// Keeps local hosted copies of upstream repositories fresh.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// Base URL of the upstream registry (`https://host[:port]`).
+    pub upstream: String,
+    #[serde(default)]
+    pub credentials: Option<CredentialsConfig>,
+    /// Extra PEM CA certificate trusted for this upstream.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Repository names upstream.
+    pub repositories: Vec<String>,
+    /// Prepended to each name locally (`<local_prefix>/<repository>`).
+    #[serde(default)]
+    pub local_prefix: Option<String>,
+    /// Tag patterns: globs (`1.*`), or regular expressions after `regex:`.
+    /// None: every tag.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Platforms (`os/arch[/variant]`) kept from multi-platform indexes.
+    /// None: every platform, with the upstream's digests.
+    #[serde(default)]
+    pub platforms: Vec<String>,
+    /// Time between passes (the first runs at start).
+    #[serde(default = "default_sync_interval", with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+fn default_sync_interval() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// Replication: rules pick repositories by prefix and send them to
+/// destinations (other regions or accounts).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    #[serde(default)]
+    pub destinations: Vec<DestinationConfig>,
+    #[serde(default)]
+    pub rules: Vec<ReplicationRule>,
+    /// How often every rule's repositories are compared with each
+    /// destination, and what is missing or different is enqueued. `0s`
+    /// turns the periodic comparison off (`wharf replication sync` still
+    /// runs it on demand).
+    #[serde(default = "default_reconcile_interval", with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            destinations: Vec::new(),
+            rules: Vec::new(),
+            reconcile_interval: default_reconcile_interval(),
+        }
+    }
+}
+
+/// A registry that receives replicated content.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationConfig {
+    /// Referenced by rules, shown in status and metrics.
+    pub name: String,
+    /// `https://host[:port]` (`http://` only with `insecure`, on loopback).
+    pub url: String,
+    /// Informational: the destination's region.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Informational: the destination's account (ECR registry id).
+    #[serde(default)]
+    pub registry_id: Option<String>,
+    /// Basic credentials, or the username and secret sent to the token
+    /// realm of the registry token flow; absent: anonymous.
+    #[serde(default)]
+    pub credentials: Option<CredentialsConfig>,
+    /// Prepended to every repository name at the destination
+    /// (`prod/app` → `<prefix>/prod/app`).
+    #[serde(default)]
+    pub repository_prefix: Option<String>,
+    /// Extra PEM CA certificate trusted for this destination.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Allows a plain `http://` URL; only for a loopback address.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Jobs of this destination running at once.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+    /// Blobs are sent in `PATCH` chunks of at most this size.
+    #[serde(default = "default_chunk_size")]
+    pub chunk_size: bytesize::ByteSize,
+    /// Attempts of a job that failed through its own fault (not the
+    /// destination being unreachable) before it is FAILED.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// First delay after a failure; doubled each time (with jitter).
+    #[serde(default = "default_retry_initial", with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// Longest delay between attempts (and between probes of a destination
+    /// that is down).
+    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    pub retry_max: Duration,
+}
+
+/// Which repositories go where.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationRule {
+    /// Repository filters (PREFIX_MATCH); none means every repository.
+    #[serde(default)]
+    pub filters: Vec<RepositoryFilter>,
+    /// Names of `[[replication.destinations]]`.
+    pub destinations: Vec<String>,
+    /// Also replicate repositories filled by the pull-through cache.
+    #[serde(default)]
+    pub include_pulled_through: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryFilter {
+    /// Repositories whose name starts with this string.
+    pub prefix: String,
+}
+
+fn default_reconcile_interval() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_concurrency() -> usize {
+    4
+}
+fn default_chunk_size() -> bytesize::ByteSize {
+    bytesize::ByteSize::mib(16)
+}
+fn default_max_attempts() -> u32 {
+    10
+}
+fn default_retry_initial() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_retry_max() -> Duration {
+    Duration::from_secs(600)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -283,6 +436,7 @@ pub const ENV_OVERRIDES: &[&str] = &[
     "cache.prefetch",
     "cache.fill_wait_timeout",
     "cache.fill_max_age",
+    "replication.reconcile_interval",
 ];
 
 /// Overridable keys whose value is a boolean.
@@ -422,6 +576,182 @@ impl Config {
                 c.password().map_err(|m| fail("credentials", m))?;
             }
         }
+        self.replication.validate()?;
+        for (i, e) in self.sync.iter().enumerate() {
+            let fail = |k: &str, m: String| ConfigError::Invalid {
+                key: format!("sync[{i}].{k}"),
+                message: m,
+            };
+            let uri: http::Uri = e
+                .upstream
+                .parse()
+                .map_err(|err| fail("upstream", format!("not a URL: {err}")))?;
+            let scheme_ok = matches!(uri.scheme_str(), Some("http") | Some("https"));
+            let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
+            if !scheme_ok || uri.authority().is_none() || !path_ok {
+                return Err(fail(
+                    "upstream",
+                    "must be http(s)://host[:port] with no path".to_string(),
+                ));
+            }
+            if let Some(c) = &e.credentials {
+                c.password().map_err(|m| fail("credentials", m))?;
+            }
+            if e.repositories.is_empty() {
+                return Err(fail("repositories", "name at least one repository".into()));
+            }
+            if let Some(p) = &e.local_prefix {
+                p.parse::<crate::oci::RepoName>()
+                    .map_err(|err| fail("local_prefix", err.to_string()))?;
+            }
+            for (j, r) in e.repositories.iter().enumerate() {
+                let local = match &e.local_prefix {
+                    Some(p) => format!("{p}/{r}"),
+                    None => r.clone(),
+                };
+                r.parse::<crate::oci::RepoName>()
+                    .and_then(|_| local.parse::<crate::oci::RepoName>())
+                    .map_err(|err| fail(&format!("repositories[{j}]"), err.to_string()))?;
+                if let Some(rule) = self
+                    .pull_through
+                    .iter()
+                    .find(|p| p.prefix != "ROOT" && local.starts_with(&format!("{}/", p.prefix)))
+                {
+                    return Err(fail(
+                        &format!("repositories[{j}]"),
+                        format!(
+                            "{local} is inside the pull-through namespace {:?}; use local_prefix",
+                            rule.prefix
+                        ),
+                    ));
+                }
+            }
+            for (j, t) in e.tags.iter().enumerate() {
+                t.parse::<crate::replication::sync::TagPattern>()
+                    .map_err(|m| fail(&format!("tags[{j}]"), m))?;
+            }
+            for (j, p) in e.platforms.iter().enumerate() {
+                p.parse::<crate::replication::copy::Platform>()
+                    .map_err(|m| fail(&format!("platforms[{j}]"), m))?;
+            }
+            if e.interval.is_zero() {
+                return Err(fail("interval", "must be greater than zero".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ReplicationConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::HashSet::new();
+        for (i, d) in self.destinations.iter().enumerate() {
+            let fail = |k: &str, m: String| ConfigError::Invalid {
+                key: format!("replication.destinations[{i}].{k}"),
+                message: m,
+            };
+            let name_ok = !d.name.is_empty()
+                && d.name.len() <= 64
+                && d.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !name_ok {
+                return Err(fail(
+                    "name",
+                    format!("{:?}: use 1 to 64 letters, digits, '-', '_' or '.'", d.name),
+                ));
+            }
+            if !names.insert(d.name.as_str()) {
+                return Err(fail("name", format!("{:?} names two destinations", d.name)));
+            }
+            let uri: http::Uri = d
+                .url
+                .parse()
+                .map_err(|e| fail("url", format!("not a URL: {e}")))?;
+            let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
+            let Some(host) = uri.host().filter(|_| path_ok) else {
+                return Err(fail(
+                    "url",
+                    "must be https://host[:port] with no path".into(),
+                ));
+            };
+            let loopback = host == "localhost"
+                || host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            match uri.scheme_str() {
+                Some("https") => {}
+                Some("http") if d.insecure => {}
+                Some("http") => {
+                    return Err(fail(
+                        "url",
+                        "plain http needs `insecure = true` (loopback only)".into(),
+                    ));
+                }
+                _ => return Err(fail("url", "the scheme must be https (or http)".into())),
+            }
+            if d.insecure && !loopback {
+                return Err(fail(
+                    "insecure",
+                    format!("only allowed for a loopback address, not {host}"),
+                ));
+            }
+            if let Some(p) = &d.repository_prefix {
+                p.parse::<crate::oci::RepoName>()
+                    .map_err(|e| fail("repository_prefix", e.to_string()))?;
+            }
+            if let Some(c) = &d.credentials {
+                c.password().map_err(|m| fail("credentials", m))?;
+            }
+            if d.max_concurrency == 0 {
+                return Err(fail("max_concurrency", "must be at least 1".into()));
+            }
+            if d.chunk_size.as_u64() < 64 * 1024 {
+                return Err(fail("chunk_size", "must be at least 64KiB".into()));
+            }
+            if d.max_attempts == 0 {
+                return Err(fail("max_attempts", "must be at least 1".into()));
+            }
+            if d.retry_initial.is_zero() || d.retry_max < d.retry_initial {
+                return Err(fail(
+                    "retry_max",
+                    "retry_initial must be > 0 and retry_max at least retry_initial".into(),
+                ));
+            }
+        }
+        for (i, r) in self.rules.iter().enumerate() {
+            let fail = |k: &str, m: String| ConfigError::Invalid {
+                key: format!("replication.rules[{i}].{k}"),
+                message: m,
+            };
+            if r.destinations.is_empty() {
+                return Err(fail("destinations", "name at least one destination".into()));
+            }
+            for (j, name) in r.destinations.iter().enumerate() {
+                if !names.contains(name.as_str()) {
+                    return Err(fail(
+                        &format!("destinations[{j}]"),
+                        format!("no [[replication.destinations]] is named {name:?}"),
+                    ));
+                }
+                if r.destinations[..j].contains(name) {
+                    return Err(fail(
+                        &format!("destinations[{j}]"),
+                        format!("{name:?} is listed twice"),
+                    ));
+                }
+            }
+            for (j, f) in r.filters.iter().enumerate() {
+                if f.prefix.is_empty() {
+                    return Err(fail(
+                        &format!("filters[{j}].prefix"),
+                        "must not be empty (no filters means every repository)".into(),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -493,6 +823,23 @@ mod tests {
     }
 
     #[test]
+    fn the_replication_example_is_valid() {
+        let text = include_str!("../../config/examples/replication.toml")
+            .replace(
+                "password_env = \"WHARF_EU_PASSWORD\"",
+                "password_env = \"PATH\"",
+            )
+            .replace(
+                "password_file = \"/etc/wharf/dr-password\"",
+                "password_env = \"PATH\"",
+            );
+        let c = load_str(&text, &[]).unwrap();
+        assert_eq!(c.replication.destinations.len(), 2);
+        assert_eq!(c.replication.rules.len(), 2);
+        assert_eq!(c.sync.len(), 1);
+    }
+
+    #[test]
     fn pull_through_rules() {
         let c = Config::load(None, Vec::new()).unwrap();
         let prefixes: Vec<&str> = c.pull_through.iter().map(|r| r.prefix.as_str()).collect();
@@ -555,6 +902,166 @@ mod tests {
     }
 
     #[test]
+    fn replication() {
+        let dest = |name: &str, url: &str, extra: &str| {
+            format!("[[replication.destinations]]\nname = \"{name}\"\nurl = \"{url}\"\n{extra}\n")
+        };
+        let ok = format!(
+            "{}{}[[replication.rules]]\nfilters = [{{ prefix = \"prod/\" }}]\ndestinations = [\"eu\", \"local\"]\n",
+            dest(
+                "eu",
+                "https://r.eu.example",
+                "region = \"eu-west-1\"\nregistry_id = \"2222\"\nrepository_prefix = \"mirror\"\nmax_concurrency = 2"
+            ),
+            dest(
+                "local",
+                "http://127.0.0.1:5001",
+                "insecure = true\nretry_initial = \"100ms\""
+            ),
+        );
+        let c = load_str(&ok, &[]).unwrap();
+        assert_eq!(c.replication.destinations.len(), 2);
+        assert_eq!(c.replication.destinations[0].max_concurrency, 2);
+        assert_eq!(c.replication.destinations[1].max_attempts, 10);
+        assert!(!c.replication.rules[0].include_pulled_through);
+        assert_eq!(c.replication.reconcile_interval, Duration::from_secs(3600));
+
+        let eu = dest("eu", "https://r.eu.example", "");
+        for (text, key) in [
+            (
+                format!("{eu}{}", dest("eu", "https://x", "")),
+                "replication.destinations[1].name",
+            ),
+            (
+                dest("e u", "https://x", ""),
+                "replication.destinations[0].name",
+            ),
+            (dest("eu", "ftp://x", ""), "replication.destinations[0].url"),
+            (
+                dest("eu", "https://x/path", ""),
+                "replication.destinations[0].url",
+            ),
+            (
+                dest("eu", "not a url", ""),
+                "replication.destinations[0].url",
+            ),
+            (
+                dest("eu", "http://r.example", ""),
+                "replication.destinations[0].url",
+            ),
+            (
+                dest("eu", "http://r.example", "insecure = true"),
+                "replication.destinations[0].insecure",
+            ),
+            (
+                dest("eu", "https://x", "repository_prefix = \"Bad\""),
+                "replication.destinations[0].repository_prefix",
+            ),
+            (
+                dest("eu", "https://x", "max_concurrency = 0"),
+                "replication.destinations[0].max_concurrency",
+            ),
+            (
+                dest(
+                    "eu",
+                    "https://x",
+                    "credentials = { username = \"u\", password_env = \"WHARF_TEST_SURELY_UNSET\" }",
+                ),
+                "replication.destinations[0].credentials",
+            ),
+            (
+                dest("eu", "https://x", "bogus = 1"),
+                "replication.destinations[0]",
+            ),
+            (
+                format!("{eu}[[replication.rules]]\ndestinations = [\"us\"]\n"),
+                "replication.rules[0].destinations[0]",
+            ),
+            (
+                format!("{eu}[[replication.rules]]\ndestinations = []\n"),
+                "replication.rules[0].destinations",
+            ),
+            (
+                format!("{eu}[[replication.rules]]\ndestinations = [\"eu\", \"eu\"]\n"),
+                "replication.rules[0].destinations[1]",
+            ),
+            (
+                format!(
+                    "{eu}[[replication.rules]]\nfilters = [{{ prefix = \"\" }}]\ndestinations = [\"eu\"]\n"
+                ),
+                "replication.rules[0].filters[0].prefix",
+            ),
+            (
+                format!(
+                    "{eu}[[replication.rules]]\nfilters = [{{ regex = \"x\" }}]\ndestinations = [\"eu\"]\n"
+                ),
+                "replication.rules[0].filters[0]",
+            ),
+            (
+                "[replication]\nreconcile_interval = \"soon\"\n".to_string(),
+                "replication.reconcile_interval",
+            ),
+        ] {
+            let e = load_str(&text, &[]).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{key}: {e}\n{text}");
+        }
+    }
+
+    #[test]
+    fn sync_entries() {
+        let ok = "pull_through = []\n[[sync]]\nupstream = \"https://r.example\"\nrepositories = [\"library/alpine\"]\nlocal_prefix = \"mirror\"\ntags = [\"3.*\", \"regex:^v[0-9]+$\"]\nplatforms = [\"linux/amd64\", \"linux/arm/v7\"]\ninterval = \"5m\"\n";
+        let c = load_str(ok, &[]).unwrap();
+        assert_eq!(c.sync[0].interval, Duration::from_secs(300));
+        for (body, key) in [
+            (
+                "upstream = \"ftp://x\"\nrepositories = [\"a\"]",
+                "sync[0].upstream",
+            ),
+            (
+                "upstream = \"https://x\"\nrepositories = []",
+                "sync[0].repositories",
+            ),
+            (
+                "upstream = \"https://x\"\nrepositories = [\"Bad\"]",
+                "sync[0].repositories[0]",
+            ),
+            (
+                "upstream = \"https://x\"\nrepositories = [\"a\"]\nlocal_prefix = \"-x\"",
+                "sync[0].local_prefix",
+            ),
+            (
+                "upstream = \"https://x\"\nrepositories = [\"a\"]\ntags = [\"regex:(\"]",
+                "sync[0].tags[0]",
+            ),
+            (
+                "upstream = \"https://x\"\nrepositories = [\"a\"]\nplatforms = [\"linux\"]",
+                "sync[0].platforms[0]",
+            ),
+            (
+                "upstream = \"https://x\"\nrepositories = [\"a\"]\ninterval = \"0s\"",
+                "sync[0].interval",
+            ),
+            (
+                "upstream = \"https://x\"\nrepositories = [\"a\"]\nbogus = 1",
+                "sync[0]",
+            ),
+        ] {
+            let e = load_str(&format!("pull_through = []\n[[sync]]\n{body}\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(key), "{key}: {e}");
+        }
+        // A local name inside a pull-through namespace is refused.
+        let e = load_str(
+            "[[sync]]\nupstream = \"https://x\"\nrepositories = [\"ghcr/app\"]\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("sync[0].repositories[0]"), "{e}");
+    }
+
+    #[test]
     fn env_overrides_file() {
         let c = load_str(
             "[server]\nlisten = \"127.0.0.1:1\"\n",
@@ -565,9 +1072,11 @@ mod tests {
                 ("WHARF_SERVER_TLS_KEY", "k.pem"),
                 ("WHARF_LOG", "debug"),
                 ("PATH", "/bin"),
+                ("WHARF_REPLICATION_RECONCILE_INTERVAL", "5m"),
             ],
         )
         .unwrap();
+        assert_eq!(c.replication.reconcile_interval, Duration::from_secs(300));
         assert_eq!(c.server.listen, "127.0.0.1:7000".parse().unwrap());
         assert_eq!(c.storage.upload_max_age, Duration::from_secs(7200));
         assert_eq!(c.server.tls.unwrap().cert, PathBuf::from("c.pem"));

@@ -12,7 +12,7 @@ use crate::cache::budget::Hold;
 use crate::cache::{Cache, CacheError, CachedBlob, Routed, Target};
 use crate::oci::manifest::{Descriptor, MAX_MANIFEST_SIZE, Manifest, ManifestError};
 use crate::oci::{
-    Algorithm, ByteRange, Digest, MediaType, Reference, RepoName, UploadId, UploadRange,
+    Algorithm, ByteRange, Digest, MediaType, Reference, RepoName, Tag, UploadId, UploadRange,
 };
 use crate::storage::{
     BlobStore, ByteStream, ManifestRecord, MetaStore, StorageError, UploadRecord, UploadStore,
@@ -145,6 +145,21 @@ pub struct Page {
     pub more: bool,
 }
 
+/// Told about every manifest a push stored, before the push is
+/// acknowledged (replication enqueues its jobs here).
+#[async_trait::async_trait]
+pub trait PushObserver: Send + Sync + 'static {
+    /// Returns Ok only once whatever must follow the push is durable; an
+    /// error fails the push (the client retries it; the manifest is
+    /// already stored, so the retry is idempotent).
+    async fn manifest_pushed(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        digest: &Digest,
+    ) -> std::result::Result<(), StorageError>;
+}
+
 /// Bytes of manifest bodies kept in memory (content-addressed, so entries
 /// never go stale).
 const MANIFEST_CACHE_BYTES: u64 = 32 * 1024 * 1024;
@@ -156,6 +171,7 @@ pub struct Registry {
     meta: Arc<dyn MetaStore>,
     manifests: moka::sync::Cache<Digest, Bytes>,
     cache: Option<Arc<Cache>>,
+    observer: Option<Arc<dyn PushObserver>>,
 }
 
 fn unix_now() -> u64 {
@@ -181,7 +197,55 @@ impl Registry {
             meta,
             manifests,
             cache: None,
+            observer: None,
         }
+    }
+
+    /// Tells `observer` about every manifest push before acknowledging it.
+    pub fn with_observer(mut self, observer: Arc<dyn PushObserver>) -> Registry {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Every tag `repo` holds here (hosted or cached), without asking any
+    /// upstream. Empty for an unknown repository.
+    pub async fn local_tags(&self, repo: &RepoName) -> Result<Vec<Tag>> {
+        let mut out = Vec::new();
+        let mut last: Option<String> = None;
+        loop {
+            let page = self
+                .meta
+                .tags(repo, last.as_deref(), MAX_PAGE)
+                .await?
+                .unwrap_or_default();
+            let done = page.len() < MAX_PAGE;
+            last = page.last().cloned();
+            out.extend(page.iter().filter_map(|t| t.parse().ok()));
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// The digest `tag` points at here, without asking any upstream.
+    pub async fn local_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>> {
+        Ok(self.meta.resolve_tag(repo, tag).await?)
+    }
+
+    /// Whether `repo` holds manifest `digest` here (no upstream asked).
+    pub async fn has_local_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        Ok(self.meta.manifest(repo, digest).await?.is_some())
+    }
+
+    /// Whether blob `digest` is readable through `repo` here (no upstream
+    /// asked).
+    pub async fn has_local_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        Ok(self.meta.blob_linked(repo, digest).await? && self.blobs.stat(digest).await?.is_some())
+    }
+
+    /// Whether `repo` holds content pulled through the cache.
+    pub async fn is_cached(&self, repo: &RepoName) -> Result<bool> {
+        Ok(self.meta.repository(repo).await? == Some(crate::storage::RepoKind::Cached))
     }
 
     /// Serves repositories that are not hosted through `cache`.
@@ -423,6 +487,9 @@ impl Registry {
         self.meta
             .put_manifest(repo, &digest, &record, tag, referrer.as_ref())
             .await?;
+        if let Some(o) = &self.observer {
+            o.manifest_pushed(repo, reference, &digest).await?;
+        }
         Ok(ManifestPushed {
             digest,
             subject: manifest.subject,

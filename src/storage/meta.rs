@@ -77,6 +77,12 @@ impl RedbMeta {
         Ok(RedbMeta { db: Arc::new(db) })
     }
 
+    /// The database, for other tables kept in the same file (the
+    /// replication queue, [`super::jobs::RedbJobs`]).
+    pub fn database(&self) -> Arc<Database> {
+        self.db.clone()
+    }
+
     /// Runs a read transaction inline: reads are served from redb's page
     /// cache or the OS's in microseconds, cheaper than a thread hop.
     async fn read<T, F>(&self, f: F) -> Result<T>

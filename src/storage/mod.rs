@@ -4,10 +4,12 @@
 //! blob store.
 //!
 //! Backends: [`fs`] (blobs on a local filesystem) and [`meta`] (an embedded
-//! redb database). [`conformance`] is the suite every backend must pass.
+//! redb database). [`jobs`] is the durable replication queue.
+//! [`conformance`] is the suite every backend must pass.
 
 pub mod conformance;
 pub mod fs;
+pub mod jobs;
 pub mod meta;
 pub mod window;
 

@@ -15,7 +15,8 @@ use http::header::{
     AUTHORIZATION, HeaderName, HeaderValue, LOCATION, RETRY_AFTER, USER_AGENT, WWW_AUTHENTICATE,
 };
 use http::{Method, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -32,7 +33,24 @@ use super::retry::{MAX_RETRY_AFTER, backoff, parse_retry_after};
 use super::{MAX_REDIRECTS, UpstreamError, UpstreamSettings};
 use crate::storage::ByteStream;
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+/// Request bodies: empty, bytes held in memory (replayable), or a stream
+/// (sent once).
+pub type ReqBody = UnsyncBoxBody<Bytes, io::Error>;
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, ReqBody>;
+
+fn empty_body() -> ReqBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+fn bytes_body(b: Bytes) -> ReqBody {
+    Full::new(b).map_err(|never| match never {}).boxed_unsync()
+}
+
+fn stream_body(s: ByteStream) -> ReqBody {
+    use futures::TryStreamExt as _;
+    StreamBody::new(s.map_ok(hyper::body::Frame::data)).boxed_unsync()
+}
 
 const AGENT: &str = concat!("wharf/", env!("CARGO_PKG_VERSION"));
 /// Error bodies and discarded bodies are read up to this size.
@@ -65,6 +83,8 @@ pub struct Op {
     path_and_query: String,
     headers: Vec<(HeaderName, HeaderValue)>,
     scope: Option<String>,
+    /// A body held in memory, sent again on every attempt.
+    body: Option<Bytes>,
 }
 
 impl Op {
@@ -74,7 +94,14 @@ impl Op {
             path_and_query,
             headers: Vec::new(),
             scope,
+            body: None,
         }
+    }
+    /// A body small enough to hold (a manifest): replayable, so the request
+    /// may be retried and may answer an auth challenge.
+    pub fn body(mut self, body: Bytes) -> Op {
+        self.body = Some(body);
+        self
     }
     /// Adds a header; empty or invalid values are left out.
     pub fn header(mut self, name: HeaderName, value: &str) -> Op {
@@ -302,8 +329,12 @@ impl Inner {
                 v.set_sensitive(true);
                 req = req.header(AUTHORIZATION, v);
             }
+            let body = match &op.body {
+                Some(b) => bytes_body(b.clone()),
+                None => empty_body(),
+            };
             let req = req
-                .body(Empty::new())
+                .body(body)
                 .map_err(|e| UpstreamError::Protocol(format!("building the request: {e}")))?;
             let resp = self.send(req).await?;
             let status = resp.status();
@@ -365,6 +396,58 @@ impl Inner {
             }
             return Err(status_failure(resp, self.read_timeout).await);
         }
+    }
+
+    /// Sends `op` once with a streamed body of `len` bytes: no retry, no
+    /// redirect, no answer to a challenge (the stream cannot be replayed).
+    /// Authorization is what earlier challenges taught for the op's scope
+    /// (the caller opens the upload session with a bodiless request first).
+    /// A 401 drops the rejected token, so a new attempt fetches a fresh one;
+    /// the caller restarts from an offset the server confirms.
+    pub async fn execute_stream(
+        &self,
+        op: &Op,
+        body: ByteStream,
+        len: u64,
+    ) -> Result<Response<Incoming>, Failure> {
+        let uri = self.url(&op.path_and_query)?;
+        let authz = match &op.scope {
+            Some(scope) => self.preemptive_auth(scope).await?,
+            None => None,
+        };
+        let mut req = Request::builder()
+            .method(op.method.clone())
+            .uri(uri)
+            .header(USER_AGENT, AGENT)
+            .header(http::header::CONTENT_LENGTH, len);
+        for (k, v) in &op.headers {
+            req = req.header(k, v);
+        }
+        if let Some(a) = &authz {
+            let mut v = HeaderValue::from_str(a.header.expose()).map_err(|_| {
+                UpstreamError::Protocol("credentials are not a valid header value".into())
+            })?;
+            v.set_sensitive(true);
+            req = req.header(AUTHORIZATION, v);
+        }
+        let req = req
+            .body(stream_body(body))
+            .map_err(|e| UpstreamError::Protocol(format!("building the request: {e}")))?;
+        let resp = self.send(req).await?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            if let (Some(scope), Some(token)) =
+                (&op.scope, authz.as_ref().and_then(|a| a.token.as_ref()))
+            {
+                self.tokens.invalidate(scope, token);
+            }
+            let msg = error_message(resp, self.read_timeout).await;
+            return Err(UpstreamError::Unauthorized(msg).into());
+        }
+        Err(status_failure(resp, self.read_timeout).await)
     }
 
     /// Authorization to send before any challenge, from what earlier
@@ -451,7 +534,7 @@ impl Inner {
             .method(method)
             .uri(self.url(path_and_query)?)
             .header(USER_AGENT, AGENT)
-            .body(Empty::new())
+            .body(empty_body())
             .map_err(|e| UpstreamError::Protocol(format!("building the request: {e}")))?;
         let resp = self.send(req).await?;
         let status = resp.status();
@@ -459,7 +542,7 @@ impl Inner {
         Ok((status, body))
     }
 
-    async fn send(&self, req: Request<Empty<Bytes>>) -> Result<Response<Incoming>, UpstreamError> {
+    async fn send(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, UpstreamError> {
         let sent = send(self.http(), req, self.response_timeout).await;
         let outcome = match &sent {
             Ok(resp) => Ok(resp.status().as_u16()),
@@ -543,7 +626,7 @@ impl TokenFetch {
             req = req.header(AUTHORIZATION, v);
         }
         let req = req
-            .body(Empty::new())
+            .body(empty_body())
             .map_err(|e| UpstreamError::Protocol(format!("building the token request: {e}")))?;
         let resp = send(&self.http, req, self.response_timeout).await?;
         let status = resp.status();
@@ -604,7 +687,7 @@ fn resolve(base: &Uri, location: &str) -> Result<Uri, UpstreamError> {
 /// Sends one request, bounded by `timeout` until the response headers.
 async fn send(
     http: &HttpClient,
-    req: Request<Empty<Bytes>>,
+    req: Request<ReqBody>,
     timeout: Duration,
 ) -> Result<Response<Incoming>, UpstreamError> {
     match tokio::time::timeout(timeout, http.request(req)).await {

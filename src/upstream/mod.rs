@@ -1,5 +1,6 @@
-//! A client for other OCI registries (the upstreams of the pull-through
-//! cache, later the destinations of replication).
+//! A client for other OCI registries: the upstreams of the pull-through
+//! cache and of scheduled sync, and the destinations of replication
+//! (`push.rs`).
 //!
 //! One [`UpstreamClient`] talks to one registry: pooled connections over
 //! HTTP/1.1 or HTTP/2 (ALPN), TLS with the system roots plus an optional CA,
@@ -16,6 +17,7 @@
 
 pub mod auth;
 mod client;
+mod push;
 pub mod retry;
 
 use std::path::PathBuf;
@@ -27,6 +29,7 @@ use http::Method;
 use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, LINK, RANGE};
 
 pub use auth::{Credentials, Secret};
+pub use push::{MANIFEST_TYPES, UploadStart};
 
 use crate::oci::{Digest, Reference, RepoName};
 use crate::storage::ByteStream;

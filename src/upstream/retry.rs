@@ -34,6 +34,16 @@ pub fn backoff(attempt: u32) -> Duration {
     half + half.mul_f64(random_unit())
 }
 
+/// The delay before retry number `attempt` (0-based) with another base and
+/// cap: `base * 2^attempt`, capped at `max`, with equal jitter.
+pub fn backoff_between(attempt: u32, base: Duration, max: Duration) -> Duration {
+    let full = base
+        .saturating_mul(1u32.checked_shl(attempt.min(24)).unwrap_or(u32::MAX))
+        .min(max);
+    let half = full / 2;
+    half + half.mul_f64(random_unit())
+}
+
 /// A random number in [0, 1) from the standard library's randomly keyed
 /// hasher (quality is irrelevant for jitter).
 fn random_unit() -> f64 {
@@ -46,6 +56,16 @@ fn random_unit() -> f64 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn backoff_between_doubles_with_jitter_and_caps(attempt in 0u32..64, base_ms in 1u64..5_000, extra_ms in 0u64..600_000) {
+            let (base, max) = (Duration::from_millis(base_ms), Duration::from_millis(base_ms + extra_ms));
+            let d = backoff_between(attempt, base, max);
+            let full = base.saturating_mul(1u32.checked_shl(attempt.min(24)).unwrap_or(u32::MAX)).min(max);
+            prop_assert!(d >= full / 2 && d <= full, "{d:?} outside [{:?}, {full:?}]", full / 2);
+        }
+    }
 
     #[test]
     fn forms() {

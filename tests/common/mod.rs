@@ -8,6 +8,7 @@ pub mod distribution;
 pub mod fake_upstream;
 pub mod http;
 pub mod images;
+pub mod replication;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

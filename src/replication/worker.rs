@@ -1,0 +1,278 @@
+//! The workers: a scheduler that starts due jobs within each destination's
+//! concurrency limit, and one task per running job.
+//!
+//! Timing is on tokio's clock (backoff, pauses); only the timestamps kept
+//! in the durable queue (enqueue time, for status and lag) are wall-clock.
+//! After a restart every job is due at once: jobs cut short by a crash
+//! (still RUNNING in the queue) run again.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::copy::{Copy, CopyError};
+use super::endpoints::{Checkpoints, JobTarget, LocalSource, RemoteTarget};
+use super::{Destination, Replication, ReplicationMetrics, unix_ms};
+use crate::registry::Registry;
+use crate::storage::jobs::{Job, JobKey, JobState, Outcome};
+use crate::upstream::retry::backoff_between;
+
+/// The scheduler looks at the queue at least this often (it is also woken
+/// by every enqueue and every finished job).
+const POLL: Duration = Duration::from_secs(30);
+
+struct Shared {
+    rep: Arc<Replication>,
+    source: LocalSource,
+    targets: HashMap<String, Arc<RemoteTarget>>,
+    in_flight: Mutex<HashSet<JobKey>>,
+    /// Jobs waiting for their backoff.
+    not_before: Mutex<HashMap<JobKey, Instant>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs jobs until `stop`.
+pub async fn run(rep: Arc<Replication>, registry: Registry, stop: CancellationToken) {
+    match rep.jobs.recover().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            jobs = n,
+            "resuming replication jobs interrupted by a restart"
+        ),
+        Err(e) => tracing::error!(error = %e, "could not recover replication jobs"),
+    }
+    let targets = rep
+        .destinations
+        .values()
+        .map(|d| {
+            let metrics = rep.metrics.clone();
+            let labels = ReplicationMetrics::labels(&d.name);
+            let target = RemoteTarget {
+                client: d.client.clone(),
+                chunk_size: d.chunk_size,
+                known: moka::sync::Cache::new(100_000),
+                on_sent: Box::new(move |n| {
+                    metrics.bytes_sent.get_or_create(&labels).inc_by(n);
+                }),
+            };
+            (d.name.clone(), Arc::new(target))
+        })
+        .collect();
+    let shared = Arc::new(Shared {
+        rep: rep.clone(),
+        source: LocalSource { registry },
+        targets,
+        in_flight: Mutex::new(HashSet::new()),
+        not_before: Mutex::new(HashMap::new()),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let next = schedule(&shared, &mut tasks, &stop).await;
+        while tasks.try_join_next().is_some() {}
+        tokio::select! {
+            () = rep.wake.notified() => {}
+            () = tokio::time::sleep_until(next) => {}
+            () = stop.cancelled() => break,
+        }
+    }
+    // Running jobs see `stop` and end; they stay RUNNING in the queue and
+    // run again after the next start.
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Starts every due job that has a free slot; returns when to look again.
+async fn schedule(
+    shared: &Arc<Shared>,
+    tasks: &mut tokio::task::JoinSet<()>,
+    stop: &CancellationToken,
+) -> Instant {
+    let rep = &shared.rep;
+    let now = Instant::now();
+    let mut next = now + POLL;
+    let active = match rep.jobs.active().await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "reading the replication queue failed");
+            return now + Duration::from_secs(1);
+        }
+    };
+    record_queue(rep, &active);
+    for job in active {
+        if job.state != JobState::Pending || lock(&shared.in_flight).contains(&job.key) {
+            continue;
+        }
+        let Some(dest) = rep.destinations.get(&job.key.destination).cloned() else {
+            let error = format!(
+                "destination {:?} is no longer configured",
+                job.key.destination
+            );
+            let _ = rep
+                .jobs
+                .finish(&job.key, job.seq, Outcome::Failed { error }, unix_ms())
+                .await;
+            continue;
+        };
+        if let Some(t) = lock(&shared.not_before).get(&job.key).copied()
+            && t > now
+        {
+            next = next.min(t);
+            continue;
+        }
+        let paused_until = lock(&rep.paused).get(&dest.name).map(|p| p.0);
+        if let Some(t) = paused_until
+            && t > now
+        {
+            next = next.min(t);
+            continue;
+        }
+        let Ok(permit) = rep.permits[&dest.name].clone().try_acquire_owned() else {
+            continue;
+        };
+        lock(&shared.in_flight).insert(job.key.clone());
+        let (shared, stop) = (shared.clone(), stop.clone());
+        tasks.spawn(async move {
+            let key = job.key.clone();
+            run_job(&shared, &dest, job, &stop).await;
+            drop(permit);
+            lock(&shared.in_flight).remove(&key);
+            shared.rep.wake.notify_one();
+        });
+    }
+    next
+}
+
+/// Queue depth and lag gauges, by destination.
+fn record_queue(rep: &Replication, active: &[Job]) {
+    let now = unix_ms();
+    let mut by_dest: HashMap<&str, (i64, u64)> = rep
+        .destinations
+        .keys()
+        .map(|d| (d.as_str(), (0, now)))
+        .collect();
+    for j in active {
+        if let Some(e) = by_dest.get_mut(j.key.destination.as_str()) {
+            e.0 += 1;
+            e.1 = e.1.min(j.enqueued_ms);
+        }
+    }
+    for (d, (depth, oldest)) in by_dest {
+        let labels = ReplicationMetrics::labels(d);
+        rep.metrics.queue_depth.get_or_create(&labels).set(depth);
+        let lag = (now.saturating_sub(oldest) / 1000) as i64;
+        rep.metrics.lag_seconds.get_or_create(&labels).set(lag);
+    }
+}
+
+async fn run_job(shared: &Shared, dest: &Destination, job: Job, stop: &CancellationToken) {
+    let rep = &shared.rep;
+    let key = job.key.clone();
+    let started = match rep.jobs.start(&key, None, unix_ms()).await {
+        Ok(Some(j)) => j,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!(error = %e, "starting a replication job failed");
+            return;
+        }
+    };
+    let labels = ReplicationMetrics::labels(&dest.name);
+    let result = match dest.repository(&key.repository) {
+        Err(e) => Err(CopyError::Permanent(e)),
+        Ok(target_repo) => {
+            let jobs = rep.jobs.clone();
+            let checkpoint_key = key.clone();
+            let target = JobTarget {
+                remote: &shared.targets[&dest.name],
+                checkpoints: Checkpoints {
+                    resume: Mutex::new(started.upload.clone()),
+                    save: Box::new(move |at| {
+                        let (jobs, key) = (jobs.clone(), checkpoint_key.clone());
+                        Box::pin(async move {
+                            if let Err(e) = jobs.checkpoint(&key, at).await {
+                                tracing::warn!(error = %e, "recording an upload checkpoint failed");
+                            }
+                        })
+                    }),
+                },
+            };
+            let copy = Copy::new(&shared.source, &key.repository, &target, &target_repo);
+            tokio::select! {
+                r = copy.run(&key.reference) => r,
+                () = stop.cancelled() => return,
+            }
+        }
+    };
+    let outcome = match result {
+        Ok(copied) => {
+            lock(&rep.paused).remove(&dest.name);
+            lock(&shared.not_before).remove(&key);
+            if !copied.superseded {
+                rep.metrics.completed.get_or_create(&labels).inc();
+            }
+            tracing::info!(
+                destination = %dest.name,
+                repository = %key.repository,
+                reference = %key.reference,
+                digest = copied.digest.as_ref().map(|d| d.as_str()).unwrap_or("-"),
+                blobs = copied.blobs_sent,
+                bytes = copied.bytes_sent,
+                manifests = copied.manifests_sent,
+                superseded = copied.superseded,
+                "replicated"
+            );
+            if copied.superseded {
+                // The source's tag moved during the copy: run again for
+                // its new target (a push that moved it also re-armed the
+                // job; this covers any other way).
+                Outcome::Wait {
+                    error: "the tag moved during the copy; copying its new target".into(),
+                }
+            } else {
+                Outcome::Complete {
+                    digest: copied.digest,
+                }
+            }
+        }
+        Err(e) => {
+            rep.metrics.failures.get_or_create(&labels).inc();
+            let now = Instant::now();
+            let outcome = match e {
+                CopyError::Unavailable(error) => {
+                    let mut paused = lock(&rep.paused);
+                    let streak = paused.get(&dest.name).map_or(0, |p| p.1);
+                    let delay = backoff_between(streak, dest.retry_initial, dest.retry_max);
+                    paused.insert(dest.name.clone(), (now + delay, streak + 1, error.clone()));
+                    Outcome::Wait { error }
+                }
+                CopyError::Permanent(error) => Outcome::Failed { error },
+                CopyError::Retry(error) if started.attempts + 1 >= dest.max_attempts => {
+                    Outcome::Failed {
+                        error: format!("{error} (after {} attempts)", started.attempts + 1),
+                    }
+                }
+                CopyError::Retry(error) => {
+                    let delay =
+                        backoff_between(started.attempts, dest.retry_initial, dest.retry_max);
+                    lock(&shared.not_before).insert(key.clone(), now + delay);
+                    Outcome::Retry { error }
+                }
+            };
+            tracing::warn!(
+                destination = %dest.name,
+                repository = %key.repository,
+                reference = %key.reference,
+                outcome = ?outcome,
+                "replication attempt failed"
+            );
+            outcome
+        }
+    };
+    if let Err(e) = rep.jobs.finish(&key, started.seq, outcome, unix_ms()).await {
+        tracing::error!(error = %e, "recording a replication outcome failed");
+    }
+}

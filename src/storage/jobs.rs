@@ -1,0 +1,604 @@
+//! The durable replication queue: one job per (destination, repository,
+//! reference), behind the narrow [`JobStore`] trait, with a redb
+//! implementation that shares the metadata database file.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{Result, StorageError};
+use crate::oci::{Digest, Reference, RepoName};
+
+/// `dest\0repo\0reference` → JSON [`Stored`]
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("replication_jobs");
+/// `dest\0repo\0reference` → seq, for every PENDING or RUNNING job
+const ACTIVE: TableDefinition<&str, u64> = TableDefinition::new("replication_active");
+/// `"seq"` → the last sequence number handed out
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("replication_counters");
+
+/// What a job replicates: one reference of one repository, to one
+/// destination. Repeated requests for the same key coalesce into one job.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct JobKey {
+    pub destination: String,
+    pub repository: RepoName,
+    pub reference: Reference,
+}
+
+impl JobKey {
+    fn encode(&self) -> String {
+        format!(
+            "{}\0{}\0{}",
+            self.destination, self.repository, self.reference
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobState {
+    /// Waiting for a worker (also after a failed attempt, until retried).
+    Pending,
+    /// A worker is copying it.
+    Running,
+    Complete,
+    /// Gave up: `max_attempts` spent or a permanent error. Kept with its
+    /// reason until retried.
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub key: JobKey,
+    pub state: JobState,
+    /// Bumped by every enqueue of the key: a run that started at an older
+    /// seq cannot complete the job.
+    pub seq: u64,
+    /// Failed attempts since the job was last enqueued.
+    pub attempts: u32,
+    /// Unix ms of the oldest request not yet replicated.
+    pub enqueued_ms: u64,
+    /// Unix ms of the last change.
+    pub updated_ms: u64,
+    /// The digest last replicated (COMPLETE) or being replicated.
+    pub digest: Option<Digest>,
+    /// Why the last attempt failed.
+    pub error: Option<String>,
+    /// The blob upload in progress at the destination, to resume after a
+    /// crash.
+    pub upload: Option<UploadCheckpoint>,
+}
+
+/// Where a blob upload stands at the destination: the blob and the upload
+/// session's latest location (its offset is asked of the destination).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UploadCheckpoint {
+    pub digest: Digest,
+    pub location: String,
+}
+
+/// Picks jobs: every field that is set must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobFilter {
+    pub destination: Option<String>,
+    pub repository: Option<RepoName>,
+    pub reference: Option<Reference>,
+}
+
+impl JobFilter {
+    pub fn matches(&self, key: &JobKey) -> bool {
+        self.destination
+            .as_ref()
+            .is_none_or(|d| *d == key.destination)
+            && self
+                .repository
+                .as_ref()
+                .is_none_or(|r| *r == key.repository)
+            && self.reference.as_ref().is_none_or(|r| *r == key.reference)
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Complete {
+        digest: Option<Digest>,
+    },
+    /// Try again later; counts an attempt.
+    Retry {
+        error: String,
+    },
+    /// Try again later without counting an attempt (the destination was
+    /// down; the job is not at fault).
+    Wait {
+        error: String,
+    },
+    /// Give up.
+    Failed {
+        error: String,
+    },
+}
+
+/// The replication queue.
+///
+/// Contract: every mutating call is atomic and durable when it returns Ok
+/// (a job enqueued before a push is acknowledged survives kill -9). A key
+/// has at most one job; enqueueing an existing key re-arms it (PENDING,
+/// attempts 0, a new `seq`) and keeps the enqueue time of a job still
+/// waiting. `finish` with a `seq` older than the job's leaves it PENDING:
+/// a request that arrived during a run is never lost.
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Creates or re-arms one job per key, in one transaction.
+    async fn enqueue(&self, keys: &[JobKey], now_ms: u64) -> Result<()>;
+    /// Every PENDING or RUNNING job, in key order.
+    async fn active(&self) -> Result<Vec<Job>>;
+    /// Every job (of `repository`, when given), in key order.
+    async fn list(&self, repository: Option<&RepoName>) -> Result<Vec<Job>>;
+    async fn get(&self, key: &JobKey) -> Result<Option<Job>>;
+    /// PENDING → RUNNING. `None` when the job is not pending.
+    async fn start(
+        &self,
+        key: &JobKey,
+        digest: Option<&Digest>,
+        now_ms: u64,
+    ) -> Result<Option<Job>>;
+    /// Ends the run that started at `seq` with `outcome` (see the trait's
+    /// contract for a job re-enqueued meanwhile). Returns the job.
+    async fn finish(&self, key: &JobKey, seq: u64, outcome: Outcome, now_ms: u64) -> Result<Job>;
+    /// Records (or clears) the blob upload a running job has in progress.
+    async fn checkpoint(&self, key: &JobKey, upload: Option<UploadCheckpoint>) -> Result<()>;
+    /// RUNNING → PENDING for every job (at start: runs cut short by a crash
+    /// run again). Returns how many.
+    async fn recover(&self) -> Result<usize>;
+    /// FAILED → PENDING (attempts 0) for the jobs `select` picks. Returns
+    /// how many.
+    async fn retry_failed(&self, filter: &JobFilter, now_ms: u64) -> Result<usize>;
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stored {
+    state: JobState,
+    seq: u64,
+    attempts: u32,
+    enqueued_ms: u64,
+    updated_ms: u64,
+    #[serde(default)]
+    digest: Option<Digest>,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    upload: Option<UploadCheckpoint>,
+}
+
+fn meta_err(e: impl std::fmt::Display) -> StorageError {
+    StorageError::Meta(e.to_string())
+}
+
+fn decode(k: &str, v: &[u8]) -> Result<Job> {
+    let mut parts = k.splitn(3, '\0');
+    let (Some(d), Some(r), Some(f)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(meta_err(format!("bad job key {k:?}")));
+    };
+    let s: Stored = serde_json::from_slice(v).map_err(meta_err)?;
+    Ok(Job {
+        key: JobKey {
+            destination: d.to_string(),
+            repository: r.parse().map_err(meta_err)?,
+            reference: f.parse().map_err(meta_err)?,
+        },
+        state: s.state,
+        seq: s.seq,
+        attempts: s.attempts,
+        enqueued_ms: s.enqueued_ms,
+        updated_ms: s.updated_ms,
+        digest: s.digest,
+        error: s.error,
+        upload: s.upload,
+    })
+}
+
+fn encode(job: &Job) -> Result<Vec<u8>> {
+    serde_json::to_vec(&Stored {
+        state: job.state,
+        seq: job.seq,
+        attempts: job.attempts,
+        enqueued_ms: job.enqueued_ms,
+        updated_ms: job.updated_ms,
+        digest: job.digest.clone(),
+        error: job.error.clone(),
+        upload: job.upload.clone(),
+    })
+    .map_err(meta_err)
+}
+
+/// The redb queue, in the metadata database (see
+/// [`super::meta::RedbMeta::database`]).
+pub struct RedbJobs {
+    db: Arc<Database>,
+}
+
+impl RedbJobs {
+    pub fn open(db: Arc<Database>) -> Result<RedbJobs> {
+        let txn = db.begin_write().map_err(meta_err)?;
+        {
+            txn.open_table(JOBS).map_err(meta_err)?;
+            txn.open_table(ACTIVE).map_err(meta_err)?;
+            txn.open_table(COUNTERS).map_err(meta_err)?;
+        }
+        txn.commit().map_err(meta_err)?;
+        Ok(RedbJobs { db })
+    }
+
+    async fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::WriteTransaction) -> Result<T> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_write().map_err(meta_err)?;
+            let out = f(&txn)?;
+            txn.commit().map_err(meta_err)?;
+            Ok(out)
+        })
+        .await
+        .map_err(meta_err)?
+    }
+
+    fn read_all(&self, only_active: bool, repo: Option<&RepoName>) -> Result<Vec<Job>> {
+        let txn = self.db.begin_read().map_err(meta_err)?;
+        let jobs = txn.open_table(JOBS).map_err(meta_err)?;
+        let mut out = Vec::new();
+        if only_active {
+            let active = txn.open_table(ACTIVE).map_err(meta_err)?;
+            for row in active.iter().map_err(meta_err)? {
+                let (k, _) = row.map_err(meta_err)?;
+                if let Some(v) = jobs.get(k.value()).map_err(meta_err)? {
+                    out.push(decode(k.value(), v.value())?);
+                }
+            }
+        } else {
+            for row in jobs.iter().map_err(meta_err)? {
+                let (k, v) = row.map_err(meta_err)?;
+                let job = decode(k.value(), v.value())?;
+                if repo.is_none_or(|r| *r == job.key.repository) {
+                    out.push(job);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn get_job(txn: &redb::WriteTransaction, k: &str) -> Result<Option<Job>> {
+    let t = txn.open_table(JOBS).map_err(meta_err)?;
+    let v = t.get(k).map_err(meta_err)?;
+    v.map(|v| decode(k, v.value())).transpose()
+}
+
+fn put_job(txn: &redb::WriteTransaction, job: &Job) -> Result<()> {
+    let k = job.key.encode();
+    let v = encode(job)?;
+    txn.open_table(JOBS)
+        .map_err(meta_err)?
+        .insert(k.as_str(), v.as_slice())
+        .map_err(meta_err)?;
+    let mut active = txn.open_table(ACTIVE).map_err(meta_err)?;
+    match job.state {
+        JobState::Pending | JobState::Running => {
+            active.insert(k.as_str(), job.seq).map_err(meta_err)?;
+        }
+        JobState::Complete | JobState::Failed => {
+            active.remove(k.as_str()).map_err(meta_err)?;
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl JobStore for RedbJobs {
+    async fn enqueue(&self, keys: &[JobKey], now_ms: u64) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let keys = keys.to_vec();
+        self.run(move |txn| {
+            let mut counters = txn.open_table(COUNTERS).map_err(meta_err)?;
+            let mut seq = counters
+                .get("seq")
+                .map_err(meta_err)?
+                .map_or(0, |v| v.value());
+            for key in keys {
+                seq += 1;
+                let job = match get_job(txn, &key.encode())? {
+                    Some(old) => Job {
+                        state: if old.state == JobState::Running {
+                            // The run in progress cannot complete it (its
+                            // seq is older); it goes back to PENDING then.
+                            JobState::Running
+                        } else {
+                            JobState::Pending
+                        },
+                        seq,
+                        attempts: 0,
+                        enqueued_ms: match old.state {
+                            JobState::Pending | JobState::Running => old.enqueued_ms,
+                            _ => now_ms,
+                        },
+                        updated_ms: now_ms,
+                        error: None,
+                        ..old
+                    },
+                    None => Job {
+                        key,
+                        state: JobState::Pending,
+                        seq,
+                        attempts: 0,
+                        enqueued_ms: now_ms,
+                        updated_ms: now_ms,
+                        digest: None,
+                        error: None,
+                        upload: None,
+                    },
+                };
+                put_job(txn, &job)?;
+            }
+            counters.insert("seq", seq).map_err(meta_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn active(&self) -> Result<Vec<Job>> {
+        self.read_all(true, None)
+    }
+
+    async fn list(&self, repository: Option<&RepoName>) -> Result<Vec<Job>> {
+        self.read_all(false, repository)
+    }
+
+    async fn get(&self, key: &JobKey) -> Result<Option<Job>> {
+        let k = key.encode();
+        let txn = self.db.begin_read().map_err(meta_err)?;
+        let t = txn.open_table(JOBS).map_err(meta_err)?;
+        let v = t.get(k.as_str()).map_err(meta_err)?;
+        v.map(|v| decode(&k, v.value())).transpose()
+    }
+
+    async fn start(
+        &self,
+        key: &JobKey,
+        digest: Option<&Digest>,
+        now_ms: u64,
+    ) -> Result<Option<Job>> {
+        let k = key.encode();
+        let digest = digest.cloned();
+        self.run(move |txn| {
+            let Some(mut job) = get_job(txn, &k)? else {
+                return Ok(None);
+            };
+            if job.state != JobState::Pending {
+                return Ok(None);
+            }
+            job.state = JobState::Running;
+            job.updated_ms = now_ms;
+            if digest.is_some() {
+                job.digest = digest;
+            }
+            put_job(txn, &job)?;
+            Ok(Some(job))
+        })
+        .await
+    }
+
+    async fn finish(&self, key: &JobKey, seq: u64, outcome: Outcome, now_ms: u64) -> Result<Job> {
+        let k = key.encode();
+        self.run(move |txn| {
+            let mut job = get_job(txn, &k)?.ok_or(StorageError::NotFound)?;
+            job.updated_ms = now_ms;
+            if job.seq != seq {
+                // Re-enqueued during the run: run again for the newer request.
+                job.state = JobState::Pending;
+                if let Outcome::Complete { digest } = outcome {
+                    job.digest = digest;
+                }
+            } else {
+                match outcome {
+                    Outcome::Complete { digest } => {
+                        job.upload = None;
+                        job.state = JobState::Complete;
+                        job.digest = digest;
+                        job.error = None;
+                        job.attempts = 0;
+                    }
+                    Outcome::Retry { error } => {
+                        job.state = JobState::Pending;
+                        job.attempts += 1;
+                        job.error = Some(error);
+                    }
+                    Outcome::Wait { error } => {
+                        job.state = JobState::Pending;
+                        job.error = Some(error);
+                    }
+                    Outcome::Failed { error } => {
+                        job.upload = None;
+                        job.state = JobState::Failed;
+                        job.attempts += 1;
+                        job.error = Some(error);
+                    }
+                }
+            }
+            put_job(txn, &job)?;
+            Ok(job)
+        })
+        .await
+    }
+
+    async fn checkpoint(&self, key: &JobKey, upload: Option<UploadCheckpoint>) -> Result<()> {
+        let k = key.encode();
+        self.run(move |txn| {
+            let Some(mut job) = get_job(txn, &k)? else {
+                return Ok(());
+            };
+            if job.state == JobState::Running && job.upload != upload {
+                job.upload = upload;
+                put_job(txn, &job)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn recover(&self) -> Result<usize> {
+        let running: Vec<Job> = self
+            .read_all(true, None)?
+            .into_iter()
+            .filter(|j| j.state == JobState::Running)
+            .collect();
+        let n = running.len();
+        self.run(move |txn| {
+            for mut job in running {
+                job.state = JobState::Pending;
+                put_job(txn, &job)?;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn retry_failed(&self, filter: &JobFilter, now_ms: u64) -> Result<usize> {
+        let picked: Vec<Job> = self
+            .read_all(false, None)?
+            .into_iter()
+            .filter(|j| j.state == JobState::Failed && filter.matches(&j.key))
+            .collect();
+        let n = picked.len();
+        self.run(move |txn| {
+            for mut job in picked {
+                job.state = JobState::Pending;
+                job.attempts = 0;
+                job.enqueued_ms = now_ms;
+                job.updated_ms = now_ms;
+                put_job(txn, &job)?;
+            }
+            Ok(n)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(dest: &str, repo: &str, r: &str) -> JobKey {
+        JobKey {
+            destination: dest.into(),
+            repository: repo.parse().unwrap(),
+            reference: r.parse().unwrap(),
+        }
+    }
+
+    fn open(path: &std::path::Path) -> RedbJobs {
+        let meta = crate::storage::meta::RedbMeta::open(path).unwrap();
+        RedbJobs::open(meta.database()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn lifecycle_coalescing_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        let q = open(&path);
+        let a = key("eu", "prod/app", "1");
+        q.enqueue(&[a.clone(), a.clone()], 10).await.unwrap();
+        let active = q.active().await.unwrap();
+        assert_eq!(active.len(), 1, "one job per key");
+        assert_eq!(active[0].state, JobState::Pending);
+
+        // A run, and a push in the middle of it.
+        let run = q.start(&a, None, 11).await.unwrap().unwrap();
+        assert!(
+            q.start(&a, None, 11).await.unwrap().is_none(),
+            "one run at a time"
+        );
+        q.enqueue(std::slice::from_ref(&a), 12).await.unwrap();
+        let j = q
+            .finish(&a, run.seq, Outcome::Complete { digest: None }, 13)
+            .await
+            .unwrap();
+        assert_eq!(j.state, JobState::Pending, "the newer request runs again");
+        assert_eq!(j.enqueued_ms, 10, "lag counts from the oldest request");
+
+        let run = q.start(&a, None, 14).await.unwrap().unwrap();
+        let j = q
+            .finish(
+                &a,
+                run.seq,
+                Outcome::Retry {
+                    error: "down".into(),
+                },
+                15,
+            )
+            .await
+            .unwrap();
+        assert_eq!((j.state, j.attempts), (JobState::Pending, 1));
+        let run = q.start(&a, None, 16).await.unwrap().unwrap();
+        let at = UploadCheckpoint {
+            digest: Digest::sha256_of(b"layer"),
+            location: "/v2/prod/app/blobs/uploads/x?_state=1".into(),
+        };
+        q.checkpoint(&a, Some(at.clone())).await.unwrap();
+        drop(q);
+
+        // Crash while running: the job runs again after the restart.
+        let q = open(&path);
+        assert_eq!(q.recover().await.unwrap(), 1);
+        let resumed = q.start(&a, None, 17).await.unwrap().unwrap();
+        assert_eq!(resumed.upload, Some(at), "the upload checkpoint survives");
+        let j = q
+            .finish(
+                &a,
+                run.seq,
+                Outcome::Failed {
+                    error: "denied".into(),
+                },
+                18,
+            )
+            .await
+            .unwrap();
+        assert_eq!(j.state, JobState::Failed);
+        assert_eq!(j.error.as_deref(), Some("denied"));
+        assert_eq!(j.upload, None, "an ended job keeps no checkpoint");
+        assert!(q.active().await.unwrap().is_empty());
+        assert_eq!(q.retry_failed(&JobFilter::default(), 19).await.unwrap(), 1);
+        let run = q.start(&a, None, 20).await.unwrap().unwrap();
+        let d = Digest::sha256_of(b"m");
+        let j = q
+            .finish(
+                &a,
+                run.seq,
+                Outcome::Complete {
+                    digest: Some(d.clone()),
+                },
+                21,
+            )
+            .await
+            .unwrap();
+        assert_eq!((j.state, j.digest), (JobState::Complete, Some(d)));
+        assert_eq!(
+            q.list(Some(&"prod/app".parse().unwrap()))
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(
+            q.list(Some(&"other".parse().unwrap()))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+}
