@@ -15,12 +15,15 @@ use crate::api::App;
 use crate::api::server::{self, ServerOptions};
 use crate::cache::budget::Budget;
 use crate::cache::{Cache, Rule, Rules};
+use crate::config::StorageKind;
 use crate::config::{Config, LogFormat};
 use crate::metrics::UpstreamMetrics;
 use crate::registry::Registry;
-use crate::storage::BlobStore;
 use crate::storage::fs::FsStore;
 use crate::storage::meta::RedbMeta;
+use crate::storage::s3::{S3Fills, S3Options, S3Store};
+use crate::storage::s3meta::S3Meta;
+use crate::storage::{BlobStore, FillStore, MetaStore, UploadStore};
 use crate::upstream::{Credentials, Secret, UpstreamClient, UpstreamSettings};
 
 #[derive(Parser)]
@@ -121,6 +124,89 @@ fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The configured backend's stores.
+struct Stores {
+    blobs: Arc<dyn BlobStore>,
+    uploads: Arc<dyn UploadStore>,
+    fills: Arc<dyn FillStore>,
+    meta: Arc<dyn MetaStore>,
+    /// Where the data lives, for the logs.
+    location: String,
+}
+
+/// The S3 connection settings of the configuration, with the secrets and
+/// the CA bundle read. Without `ca_file`, `AWS_CA_BUNDLE` (as the AWS SDKs
+/// read it) names an extra bundle.
+fn s3_options(s3: &crate::config::S3Config) -> anyhow::Result<S3Options> {
+    let credentials = match &s3.credentials {
+        Some(c) => Some(
+            c.resolve()
+                .map_err(anyhow::Error::msg)
+                .context("storage.s3.credentials")?,
+        ),
+        None => None,
+    };
+    let ca_pem =
+        match (&s3.ca_file, std::env::var_os("AWS_CA_BUNDLE")) {
+            (Some(f), _) => Some(
+                std::fs::read(f).with_context(|| format!("storage.s3.ca_file: {}", f.display()))?,
+            ),
+            (None, Some(f)) if !f.is_empty() => Some(std::fs::read(&f).with_context(|| {
+                format!("AWS_CA_BUNDLE: cannot read {}", Path::new(&f).display())
+            })?),
+            _ => None,
+        };
+    Ok(S3Options {
+        bucket: s3.bucket.clone(),
+        prefix: s3.prefix.clone(),
+        endpoint: s3.endpoint.clone(),
+        region: s3.region.clone(),
+        path_style: s3.path_style,
+        credentials,
+        ca_pem,
+        connect_timeout: s3.connect_timeout,
+        read_timeout: s3.read_timeout,
+    })
+}
+
+fn open_stores(config: &Config) -> anyhow::Result<Stores> {
+    let root = &config.storage.path;
+    match (config.storage.kind, &config.storage.s3) {
+        (StorageKind::S3, Some(s3)) => {
+            let opts = s3_options(s3)?;
+            let client = crate::storage::s3::connect(&opts).context("storage.s3")?;
+            let store = Arc::new(
+                S3Store::new(client.clone(), &opts.prefix, root.clone()).with_context(|| {
+                    format!("opening the local scratch directory {}", root.display())
+                })?,
+            );
+            Ok(Stores {
+                blobs: store.clone(),
+                uploads: store.clone(),
+                fills: Arc::new(S3Fills(store)),
+                meta: Arc::new(S3Meta::new(client, &opts.prefix)),
+                location: format!("s3://{}/{}", s3.bucket, s3.prefix),
+            })
+        }
+        _ => {
+            let store = Arc::new(
+                FsStore::open(root)
+                    .with_context(|| format!("opening storage at {}", root.display()))?,
+            );
+            let meta = Arc::new(RedbMeta::open(&root.join("meta.redb")).with_context(|| {
+                format!("opening metadata at {}", root.join("meta.redb").display())
+            })?);
+            Ok(Stores {
+                blobs: store.clone(),
+                uploads: store.clone(),
+                fills: store,
+                meta,
+                location: root.display().to_string(),
+            })
+        }
+    }
+}
+
 /// Opens the configured stores and, when pull-through rules are configured,
 /// the cache in front of them.
 async fn open_registry(
@@ -128,15 +214,21 @@ async fn open_registry(
     upstream_metrics: &UpstreamMetrics,
     stop: &CancellationToken,
 ) -> anyhow::Result<Registry> {
-    let root = &config.storage.path;
-    let store = Arc::new(
-        FsStore::open(root).with_context(|| format!("opening storage at {}", root.display()))?,
-    );
-    let meta =
-        Arc::new(RedbMeta::open(&root.join("meta.redb")).with_context(|| {
-            format!("opening metadata at {}", root.join("meta.redb").display())
-        })?);
-    let registry = Registry::new(store.clone(), store.clone(), meta.clone());
+    let Stores {
+        blobs,
+        uploads,
+        fills,
+        meta,
+        ..
+    } = open_stores(config)?;
+    if config.storage.kind == StorageKind::S3 {
+        // Fail at start, not at the first request, when the bucket does not
+        // answer (wrong endpoint, credentials, bucket or CA).
+        meta.repositories(None, 1)
+            .await
+            .context("storage.s3: the bucket does not answer")?;
+    }
+    let registry = Registry::new(blobs.clone(), uploads, meta.clone());
     if config.pull_through.is_empty() {
         return Ok(registry);
     }
@@ -179,13 +271,13 @@ async fn open_registry(
             docker_hub,
         });
     }
-    let budget = Budget::open(config.cache.max_size.as_u64(), store.clone(), meta.clone())
+    let budget = Budget::open(config.cache.max_size.as_u64(), blobs.clone(), meta.clone())
         .await
         .context("loading the cache budget")?;
     let cache = Arc::new(Cache::new(
         Rules(rules),
-        store.clone(),
-        store,
+        blobs,
+        fills,
         meta,
         config.cache.prefetch,
         config.cache.fill_wait_timeout,
@@ -220,7 +312,13 @@ fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Resul
             .with_context(|| format!("binding {}", config.server.listen))?;
         let addr = listener.local_addr()?;
         let scheme = if tls.is_some() { "https" } else { "http" };
-        tracing::info!(%addr, scheme, storage = %config.storage.path.display(), "wharf ready");
+        let storage = match &config.storage.s3 {
+            Some(s3) if config.storage.kind == StorageKind::S3 => {
+                format!("s3://{}/{}", s3.bucket, s3.prefix)
+            }
+            _ => config.storage.path.display().to_string(),
+        };
+        tracing::info!(%addr, scheme, %storage, "wharf ready");
         {
             use std::io::Write as _;
             let mut out = std::io::stdout().lock();
@@ -283,10 +381,12 @@ async fn purge_uploads(
 
 fn fsck(file: Option<&Path>) -> anyhow::Result<ExitCode> {
     let config = load(file)?;
-    let root = &config.storage.path;
-    let store =
-        FsStore::open(root).with_context(|| format!("opening storage at {}", root.display()))?;
-    runtime()?.block_on(async move {
+    let rt = runtime()?;
+    let _guard = rt.enter();
+    let stores = open_stores(&config)?;
+    tracing::debug!(storage = %stores.location, "fsck");
+    let store = stores.blobs;
+    rt.block_on(async move {
         let digests = store.list().await?;
         let mut bad = 0usize;
         for digest in &digests {

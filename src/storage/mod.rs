@@ -4,11 +4,15 @@
 //! blob store.
 //!
 //! Backends: [`fs`] (blobs on a local filesystem) and [`meta`] (an embedded
-//! redb database). [`conformance`] is the suite every backend must pass.
+//! redb database) for one machine; [`s3`] and [`s3meta`] (an S3-compatible
+//! bucket shared by several replicas). [`conformance`] is the suite every
+//! backend must pass.
 
 pub mod conformance;
 pub mod fs;
 pub mod meta;
+pub mod s3;
+pub mod s3meta;
 
 use std::io;
 use std::ops::Range;

@@ -7,6 +7,7 @@ pub mod distribution;
 pub mod fake_upstream;
 pub mod http;
 pub mod images;
+pub mod seaweedfs;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -94,10 +95,42 @@ pub fn spawn_wharf_in(dir: tempfile::TempDir, server_extra: &str, extra_toml: &s
     }
 }
 
+/// Spawns wharf with `[server] listen = "127.0.0.1:0"` and `body` (which
+/// brings its own `[storage]` and any other section), in `dir`, with extra
+/// environment variables and variables removed from the inherited ones.
+pub fn spawn_wharf_config(
+    dir: tempfile::TempDir,
+    body: &str,
+    env: &[(&str, &str)],
+    env_remove: &[&str],
+) -> Wharf {
+    let config = dir.path().join("wharf.toml");
+    std::fs::write(
+        &config,
+        format!("[server]\nlisten = \"127.0.0.1:0\"\n\n{body}\n"),
+    )
+    .expect("write config");
+    let (child, addr) = start_with(&config, env, env_remove);
+    Wharf {
+        child,
+        addr,
+        dir,
+        config,
+    }
+}
+
 /// Starts `wharf serve --config CONFIG` and waits for its `listening on ADDR`
 /// line on stdout.
 pub fn start(config: &Path, env: &[(&str, &str)]) -> (Child, SocketAddr) {
+    start_with(config, env, &[])
+}
+
+/// Like [`start`], without the inherited variables named in `env_remove`.
+pub fn start_with(config: &Path, env: &[(&str, &str)], env_remove: &[&str]) -> (Child, SocketAddr) {
     let mut cmd = Command::new(wharf_bin());
+    for k in env_remove {
+        cmd.env_remove(k);
+    }
     cmd.arg("serve")
         .arg("--config")
         .arg(config)
