@@ -24,3 +24,578 @@ async fn storage_conformance_on_seaweedfs() {
     conformance::fill_store_suite(Arc::new(S3Fills(store.clone())), store.clone()).await;
     conformance::meta_store_suite(Arc::new(S3Meta::new(client, "conformance"))).await;
 }
+
+fn stream_of(chunks: Vec<Vec<u8>>) -> wharf::storage::ByteStream {
+    use futures::StreamExt;
+    futures::stream::iter(
+        chunks
+            .into_iter()
+            .map(|c| Ok(bytes::Bytes::from(c)))
+            .collect::<Vec<std::io::Result<bytes::Bytes>>>(),
+    )
+    .boxed()
+}
+
+async fn read_all(s: wharf::storage::ByteStream) -> Vec<u8> {
+    use futures::StreamExt;
+    let mut s = s;
+    let mut out = Vec::new();
+    while let Some(c) = s.next().await {
+        out.extend_from_slice(&c.unwrap());
+    }
+    out
+}
+
+/// What the suite cannot see: chunks larger than a multipart part, chunks
+/// of one session spread over two stores (two replicas), commits by a
+/// store that never saw the bytes, and a chunk cut short in the middle of a
+/// multipart upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_spread_over_two_stores() {
+    use wharf::oci::{Digest, UploadId};
+    use wharf::storage::{BlobStore, StorageError, UploadStore};
+    let sw = SeaweedFs::start().await;
+    let (sa, sb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = S3Store::new(sw.object_store(), "two", sa.path().to_path_buf()).unwrap();
+    let b = S3Store::new(sw.object_store(), "two", sb.path().to_path_buf()).unwrap();
+    let data = common::cache::random_bytes(21 * 1024 * 1024 + 12345, 7);
+    let digest = Digest::sha256_of(&data);
+
+    // One 21 MiB chunk (a multipart upload of three parts) on A, committed
+    // on B from the digest A recorded.
+    let id = UploadId::new_random();
+    a.create(&id).await.unwrap();
+    let pieces: Vec<Vec<u8>> = data.chunks(1 << 20).map(|c| c.to_vec()).collect();
+    assert_eq!(
+        a.append(&id, 0, Some(data.len() as u64), stream_of(pieces.clone()))
+            .await
+            .unwrap(),
+        data.len() as u64
+    );
+    assert_eq!(b.size(&id).await.unwrap(), data.len() as u64);
+    assert_eq!(b.stat(&digest).await.unwrap(), None);
+    assert_eq!(b.commit(&id, &digest).await.unwrap(), data.len() as u64);
+    assert_eq!(read_all(a.read(&digest, None).await.unwrap()).await, data);
+    assert_eq!(
+        read_all(a.read(&digest, Some(9_000_000..9_000_100)).await.unwrap()).await,
+        &data[9_000_000..9_000_100]
+    );
+    assert!(b.delete(&digest).await.unwrap());
+
+    // Chunks alternating between A and B: nobody has the whole hash, the
+    // commit streams the chunks back through a hasher.
+    let id = UploadId::new_random();
+    a.create(&id).await.unwrap();
+    let cuts = [0, 3_000_000, 12_000_000, 12_000_001, data.len()];
+    for (i, w) in cuts.windows(2).enumerate() {
+        let s: &S3Store = if i % 2 == 0 { &a } else { &b };
+        let n = s
+            .append(
+                &id,
+                w[0] as u64,
+                None,
+                stream_of(vec![data[w[0]..w[1]].to_vec()]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, w[1] as u64);
+    }
+    // A stale offset from the other replica's point of view is refused.
+    assert!(matches!(
+        a.append(&id, 5, None, stream_of(vec![b"x".to_vec()])).await,
+        Err(StorageError::OffsetMismatch { current, .. }) if current == data.len() as u64
+    ));
+    // A body cut short in the middle of a multipart chunk leaves nothing.
+    let broken: wharf::storage::ByteStream = {
+        use futures::StreamExt;
+        let mut items: Vec<std::io::Result<bytes::Bytes>> = (0..12)
+            .map(|_| Ok(bytes::Bytes::from(vec![7u8; 1 << 20])))
+            .collect();
+        items.push(Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "client went away",
+        )));
+        futures::stream::iter(items).boxed()
+    };
+    assert!(matches!(
+        b.append(&id, data.len() as u64, None, broken).await,
+        Err(StorageError::Body(_))
+    ));
+    assert_eq!(a.size(&id).await.unwrap(), data.len() as u64);
+    // A wrong digest publishes nothing, even after streaming everything.
+    let wrong = Digest::sha256_of(b"not this");
+    let id2 = UploadId::new_random();
+    a.create(&id2).await.unwrap();
+    for (i, w) in cuts.windows(2).enumerate() {
+        let s: &S3Store = if i % 2 == 0 { &b } else { &a };
+        s.append(
+            &id2,
+            w[0] as u64,
+            None,
+            stream_of(vec![data[w[0]..w[1]].to_vec()]),
+        )
+        .await
+        .unwrap();
+    }
+    assert!(matches!(
+        b.commit(&id2, &wrong).await,
+        Err(StorageError::DigestMismatch { .. })
+    ));
+    assert_eq!(a.stat(&wrong).await.unwrap(), None);
+    assert_eq!(a.stat(&digest).await.unwrap(), None);
+    assert_eq!(a.commit(&id, &digest).await.unwrap(), data.len() as u64);
+    assert_eq!(read_all(b.read(&digest, None).await.unwrap()).await, data);
+    // Sessions are gone from the bucket.
+    assert!(UploadStore::list(&a).await.unwrap().is_empty());
+}
+
+/// SeaweedFS honours conditional writes, and tag updates from two clients
+/// (two replicas) never lose a write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_writes_and_concurrent_tag_updates() {
+    use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
+    use wharf::oci::{Digest, RepoName, Tag};
+    use wharf::storage::MetaStore;
+    let sw = SeaweedFs::start().await;
+    let store = sw.object_store();
+    let key = object_store::path::Path::from("cas/probe");
+    let create = || PutOptions {
+        mode: PutMode::Create,
+        ..Default::default()
+    };
+    let first = store
+        .put_opts(&key, PutPayload::from("1"), create())
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.put_opts(&key, PutPayload::from("x"), create()).await,
+        Err(object_store::Error::AlreadyExists { .. })
+    ));
+    let update = |e_tag: Option<String>| PutOptions {
+        mode: PutMode::Update(UpdateVersion {
+            e_tag,
+            version: None,
+        }),
+        ..Default::default()
+    };
+    let second = store
+        .put_opts(&key, PutPayload::from("2"), update(first.e_tag.clone()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .put_opts(&key, PutPayload::from("3"), update(first.e_tag.clone()))
+            .await,
+        Err(object_store::Error::Precondition { .. })
+    ));
+    assert_ne!(first.e_tag, second.e_tag);
+    let got = store.get(&key).await.unwrap().bytes().await.unwrap();
+    assert_eq!(&got[..], b"2", "the stale update did not land");
+
+    // 60 concurrent retags through two independent clients.
+    let a = Arc::new(S3Meta::new(sw.object_store(), "cas"));
+    let b = Arc::new(S3Meta::new(sw.object_store(), "cas"));
+    let repo: RepoName = "race/repo".parse().unwrap();
+    let tag: Tag = "latest".parse().unwrap();
+    let rec = wharf::storage::ManifestRecord {
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        size: 2,
+        subject: None,
+    };
+    let digests: Vec<Digest> = (0..60)
+        .map(|i| Digest::sha256_of(format!("m{i}").as_bytes()))
+        .collect();
+    let tasks: Vec<_> = digests
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let m = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let (repo, tag, rec, d) = (repo.clone(), tag.clone(), rec.clone(), d.clone());
+            tokio::spawn(async move { m.put_manifest(&repo, &d, &rec, Some(&tag), None).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let last = a.tag_record(&repo, &tag).await.unwrap().unwrap();
+    assert!(digests.contains(&last.digest));
+    assert_eq!(last.writes, 60, "every write landed on the one before it");
+    assert_eq!(
+        b.resolve_tag(&repo, &tag).await.unwrap(),
+        Some(last.digest.clone())
+    );
+    // Deleting the manifest clears the tag; deleting again finds nothing.
+    assert!(a.delete_manifest(&repo, &last.digest).await.unwrap());
+    assert_eq!(b.resolve_tag(&repo, &tag).await.unwrap(), None);
+    assert_eq!(b.tags(&repo, None, 10).await.unwrap(), Some(vec![]));
+}
+
+// ---- several wharf replicas over one bucket ----
+
+use bytes::Bytes;
+use common::http::{HttpClient, Method, StatusCode};
+use common::{Wharf, sha256, spawn_wharf_config};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// The configuration of a replica over `sw`'s bucket under `prefix`.
+fn replica_config(sw: &SeaweedFs, prefix: &str, dir: &std::path::Path) -> String {
+    format!(
+        "pull_through = []\n\n[server]\nlisten = \"127.0.0.1:0\"\n\n{}",
+        sw.storage_toml(prefix, &dir.join("scratch"))
+    )
+}
+
+/// Spawns a replica over `sw`'s bucket under `prefix`.
+fn replica(sw: &SeaweedFs, prefix: &str) -> Wharf {
+    replica_with(sw, prefix, &[], &[])
+}
+
+fn replica_with(sw: &SeaweedFs, prefix: &str, env: &[(&str, &str)], remove: &[&str]) -> Wharf {
+    let dir = tempfile::tempdir().unwrap();
+    let body = replica_config(sw, prefix, dir.path());
+    let mut env = env.to_vec();
+    env.push(("S3_TEST_SECRET", common::seaweedfs::SECRET_KEY));
+    spawn_wharf_config(dir, &body, &env, remove)
+}
+
+fn manifest(config: (&str, usize), layer: (&str, usize), note: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.0, "size": config.1},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer.0, "size": layer.1}],
+        "annotations": {"note": note},
+    }))
+    .unwrap()
+}
+
+fn location(r: &common::http::Resp) -> String {
+    r.header("location").expect("location").to_string()
+}
+
+fn with_query(loc: &str, q: &str) -> String {
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    format!("{loc}{sep}{q}")
+}
+
+/// A chunked push of `data` in `chunks` pieces through `clients` in turn
+/// (POST on the first); returns the digest.
+async fn chunked_push(clients: &[&HttpClient], repo: &str, data: &[u8], chunks: usize) -> String {
+    let digest = sha256(data);
+    let r = clients[0]
+        .send(
+            Method::POST,
+            &format!("/v2/{repo}/blobs/uploads/"),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{r:?}");
+    let mut loc = location(&r);
+    let step = data.len().div_ceil(chunks);
+    for (i, piece) in data.chunks(step).enumerate() {
+        let c = clients[i % clients.len()];
+        let start = i * step;
+        let range = format!("{}-{}", start, start + piece.len() - 1);
+        let r = c
+            .send(
+                Method::PATCH,
+                &loc,
+                &[
+                    ("content-type", "application/octet-stream"),
+                    ("content-range", &range),
+                ],
+                Bytes::copy_from_slice(piece),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "chunk {i}: {r:?}");
+        assert_eq!(
+            r.header("range"),
+            Some(format!("0-{}", start + piece.len() - 1).as_str())
+        );
+        loc = location(&r);
+    }
+    let last = clients[chunks % clients.len()];
+    let r = last
+        .send(
+            Method::PUT,
+            &with_query(&loc, &format!("digest={digest}")),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    digest
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_on_one_replica_pull_on_another() {
+    let sw = SeaweedFs::start().await;
+    let (a, b) = (replica(&sw, "cluster"), replica(&sw, "cluster"));
+    let (ca, cb) = (HttpClient::new(a.url()), HttpClient::new(b.url()));
+    let repo = "team/app";
+    let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+    let layer = common::cache::random_bytes(18 * 1024 * 1024 + 3, 11);
+    let config_digest = ca.push_blob(repo, &config).await;
+    // Chunked, every chunk through A.
+    let layer_digest = chunked_push(&[&ca], repo, &layer, 3).await;
+    let m = manifest(
+        (&config_digest, config.len()),
+        (&layer_digest, layer.len()),
+        "v1",
+    );
+    let r = ca.put_manifest(repo, "v1", OCI_MANIFEST, &m).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let manifest_digest = sha256(&m);
+
+    // B serves everything A stored, byte for byte.
+    let r = cb.get(&format!("/v2/{repo}/manifests/v1")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(&r.body[..], &m[..]);
+    assert_eq!(
+        r.header("docker-content-digest"),
+        Some(manifest_digest.as_str())
+    );
+    let r = cb.get(&format!("/v2/{repo}/blobs/{layer_digest}")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(sha256(&r.body), layer_digest);
+    assert_eq!(r.body.len(), layer.len());
+    let r = cb
+        .send(
+            Method::GET,
+            &format!("/v2/{repo}/blobs/{layer_digest}"),
+            &[("range", "bytes=10000000-10000999")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(&r.body[..], &layer[10_000_000..10_001_000]);
+    let r = cb.get(&format!("/v2/{repo}/tags/list")).await;
+    assert_eq!(r.json()["tags"], serde_json::json!(["v1"]));
+    let r = cb.get("/v2/_catalog").await;
+    assert_eq!(r.json()["repositories"], serde_json::json!(["team/app"]));
+    // A blob pushed to another repository is not readable through this one.
+    let other = cb.push_blob("team/other", b"elsewhere").await;
+    assert_eq!(
+        ca.head(&format!("/v2/{repo}/blobs/{other}")).await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    // Deleting on B is seen on A.
+    let r = cb.delete(&format!("/v2/{repo}/manifests/v1")).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{r:?}");
+    assert_eq!(
+        ca.get(&format!("/v2/{repo}/manifests/v1")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let r = ca
+        .get(&format!("/v2/{repo}/manifests/{manifest_digest}"))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "the manifest outlives its tag");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_retags_across_replicas_lose_no_write() {
+    let sw = SeaweedFs::start().await;
+    let (a, b) = (replica(&sw, "race"), replica(&sw, "race"));
+    let (ca, cb) = (HttpClient::new(a.url()), HttpClient::new(b.url()));
+    let repo = "race/app";
+    let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+    let layer = b"one small layer".to_vec();
+    let cd = ca.push_blob(repo, &config).await;
+    let ld = ca.push_blob(repo, &layer).await;
+    let bodies: Vec<Vec<u8>> = (0..100)
+        .map(|i| {
+            manifest(
+                (&cd, config.len()),
+                (&ld, layer.len()),
+                &format!("write {i}"),
+            )
+        })
+        .collect();
+    let digests: Vec<String> = bodies.iter().map(|m| sha256(m)).collect();
+    let tasks: Vec<_> = bodies
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let c = if i % 2 == 0 { ca.clone() } else { cb.clone() };
+            tokio::spawn(async move { c.put_manifest(repo, "latest", OCI_MANIFEST, &m).await })
+        })
+        .collect();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    }
+    let fa = ca.head(&format!("/v2/{repo}/manifests/latest")).await;
+    let fb = cb.head(&format!("/v2/{repo}/manifests/latest")).await;
+    let final_a = fa.header("docker-content-digest").unwrap().to_string();
+    assert_eq!(fb.header("docker-content-digest"), Some(final_a.as_str()));
+    assert!(
+        digests.contains(&final_a),
+        "the tag holds one of the written values"
+    );
+    // The tag's history: 100 acknowledged writes, each on top of the last.
+    let meta = S3Meta::new(sw.object_store(), "race");
+    let rec = meta
+        .tag_record(&repo.parse().unwrap(), &"latest".parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.digest.to_string(), final_a);
+    assert_eq!(rec.writes, 100, "no write was lost");
+    // Every manifest is there by digest.
+    for d in &digests {
+        assert_eq!(
+            cb.head(&format!("/v2/{repo}/manifests/{d}")).await.status,
+            StatusCode::OK
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_started_on_one_replica_finished_on_another() {
+    let sw = SeaweedFs::start().await;
+    let (a, b) = (replica(&sw, "moves"), replica(&sw, "moves"));
+    let (ca, cb) = (HttpClient::new(a.url()), HttpClient::new(b.url()));
+    let repo = "moves/app";
+    // Chunks alternate A, B, A, B; the PUT lands on B.
+    let data = common::cache::random_bytes(11 * 1024 * 1024 + 77, 3);
+    let digest = chunked_push(&[&ca, &cb], repo, &data, 4).await;
+    let r = ca.get(&format!("/v2/{repo}/blobs/{digest}")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(&r.body[..], &data[..]);
+
+    // POST on A, PATCH on B, status on A, PUT with the last chunk on A.
+    let data = common::cache::random_bytes(300_000, 4);
+    let digest = sha256(&data);
+    let r = ca
+        .send(
+            Method::POST,
+            &format!("/v2/{repo}/blobs/uploads/"),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    let loc = location(&r);
+    let r = cb
+        .send(
+            Method::PATCH,
+            &loc,
+            &[("content-range", "0-99999")],
+            Bytes::copy_from_slice(&data[..100_000]),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{r:?}");
+    let r = ca.get(&loc).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    assert_eq!(r.header("range"), Some("0-99999"));
+    // A chunk at a stale offset is refused by the other replica too.
+    let r = ca
+        .send(
+            Method::PATCH,
+            &loc,
+            &[("content-range", "0-9")],
+            Bytes::from_static(b"0123456789"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE, "{r:?}");
+    let r = ca
+        .send(
+            Method::PUT,
+            &with_query(&loc, &format!("digest={digest}")),
+            &[("content-range", "100000-299999")],
+            Bytes::copy_from_slice(&data[100_000..]),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let r = cb.get(&format!("/v2/{repo}/blobs/{digest}")).await;
+    assert_eq!(sha256(&r.body), digest);
+    // The session is over on both.
+    assert_eq!(cb.get(&loc).await.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_killed_mid_upload_another_finishes_it() {
+    use tokio::io::AsyncWriteExt;
+    let sw = SeaweedFs::start().await;
+    let (mut a, b) = (replica(&sw, "kill"), replica(&sw, "kill"));
+    let (ca, cb) = (HttpClient::new(a.url()), HttpClient::new(b.url()));
+    let repo = "kill/app";
+    let data = common::cache::random_bytes(40 * 1024 * 1024, 5);
+    let digest = sha256(&data);
+    let first = 5 * 1024 * 1024;
+    let r = ca
+        .send(
+            Method::POST,
+            &format!("/v2/{repo}/blobs/uploads/"),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    let loc = location(&r);
+    let r = ca
+        .send(
+            Method::PATCH,
+            &loc,
+            &[("content-range", &format!("0-{}", first - 1))],
+            Bytes::copy_from_slice(&data[..first]),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{r:?}");
+
+    // The second chunk announces everything left, sends 20 MiB (A is then
+    // in the middle of a multipart upload) and A dies.
+    let mut sock = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    let rest = data.len() - first;
+    let head = format!(
+        "PATCH {loc} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/octet-stream\r\ncontent-range: {first}-{}\r\ncontent-length: {rest}\r\n\r\n",
+        a.addr,
+        data.len() - 1
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    sock.write_all(&data[first..first + 20 * 1024 * 1024])
+        .await
+        .unwrap();
+    sock.flush().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    a.kill9();
+    drop(sock);
+
+    // B sees the session with exactly the first chunk: nothing of the cut one.
+    let r = cb.get(&loc).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    assert_eq!(r.header("range"), Some(format!("0-{}", first - 1).as_str()));
+    assert_eq!(
+        cb.head(&format!("/v2/{repo}/blobs/{digest}")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    // B takes the rest and publishes the verified blob.
+    let r = cb
+        .send(
+            Method::PATCH,
+            &loc,
+            &[("content-range", &format!("{first}-{}", data.len() - 1))],
+            Bytes::copy_from_slice(&data[first..]),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{r:?}");
+    let r = cb
+        .send(
+            Method::PUT,
+            &with_query(&loc, &format!("digest={digest}")),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let r = cb.get(&format!("/v2/{repo}/blobs/{digest}")).await;
+    assert_eq!(r.body.len(), data.len());
+    assert_eq!(sha256(&r.body), digest);
+    // A restarts over the same bucket and serves it too.
+    let a2 = replica(&sw, "kill");
+    let r = HttpClient::new(a2.url())
+        .get(&format!("/v2/{repo}/blobs/{digest}"))
+        .await;
+    assert_eq!(sha256(&r.body), digest);
+}

@@ -54,8 +54,8 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path;
 use object_store::{
-    ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
-    PutPayload, WriteMultipart,
+    BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode,
+    PutOptions, PutPayload, RetryConfig, WriteMultipart,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -127,7 +127,14 @@ pub fn connect(opts: &S3Options) -> Result<Arc<dyn ObjectStore>> {
         .with_bucket_name(&opts.bucket)
         .with_region(&opts.region)
         .with_virtual_hosted_style_request(!opts.path_style)
-        .with_conditional_put(S3ConditionalPut::ETagMatch);
+        .with_conditional_put(S3ConditionalPut::ETagMatch)
+        // Transient failures are retried, for at most 30 s per request (a
+        // store that is down fails requests, and start-up, quickly).
+        .with_retry(RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries: 5,
+            retry_timeout: Duration::from_secs(30),
+        });
     if let Some(e) = &opts.endpoint {
         b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
     }

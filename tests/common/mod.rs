@@ -95,9 +95,9 @@ pub fn spawn_wharf_in(dir: tempfile::TempDir, server_extra: &str, extra_toml: &s
     }
 }
 
-/// Spawns wharf with `[server] listen = "127.0.0.1:0"` and `body` (which
-/// brings its own `[storage]` and any other section), in `dir`, with extra
-/// environment variables and variables removed from the inherited ones.
+/// Spawns wharf with the configuration `body` verbatim (it brings its own
+/// `[server]` and `[storage]`), in `dir`, with extra environment variables
+/// and without the inherited ones named in `env_remove`.
 pub fn spawn_wharf_config(
     dir: tempfile::TempDir,
     body: &str,
@@ -105,11 +105,7 @@ pub fn spawn_wharf_config(
     env_remove: &[&str],
 ) -> Wharf {
     let config = dir.path().join("wharf.toml");
-    std::fs::write(
-        &config,
-        format!("[server]\nlisten = \"127.0.0.1:0\"\n\n{body}\n"),
-    )
-    .expect("write config");
+    std::fs::write(&config, body).expect("write config");
     let (child, addr) = start_with(&config, env, env_remove);
     Wharf {
         child,

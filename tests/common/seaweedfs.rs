@@ -141,10 +141,10 @@ impl SeaweedFs {
 
     /// A `[storage]` section for wharf over this bucket under `prefix`,
     /// with local scratch space in `scratch`. The secret comes from the
-    /// environment variable `WHARF_TEST_S3_SECRET` (set it when spawning).
+    /// environment variable `S3_TEST_SECRET` (set it when spawning).
     pub fn storage_toml(&self, prefix: &str, scratch: &std::path::Path) -> String {
         format!(
-            "[storage]\ntype = \"s3\"\npath = {scratch:?}\n\n[storage.s3]\nbucket = \"{BUCKET}\"\nprefix = \"{prefix}\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\npath_style = true\ncredentials = {{ access_key_id = \"{ACCESS_KEY}\", secret_access_key_env = \"WHARF_TEST_S3_SECRET\" }}\n",
+            "[storage]\ntype = \"s3\"\npath = {scratch:?}\n\n[storage.s3]\nbucket = \"{BUCKET}\"\nprefix = \"{prefix}\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\npath_style = true\ncredentials = {{ access_key_id = \"{ACCESS_KEY}\", secret_access_key_env = \"S3_TEST_SECRET\" }}\n",
             self.endpoint(),
             scratch = scratch.display().to_string(),
         )
