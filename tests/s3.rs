@@ -599,3 +599,213 @@ async fn replica_killed_mid_upload_another_finishes_it() {
         .await;
     assert_eq!(sha256(&r.body), digest);
 }
+
+/// Runs `wharf serve` expecting it to fail at start; returns its stderr.
+fn fails_to_start(body: &str, env: &[(&str, &str)], remove: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("wharf.toml");
+    std::fs::write(&config, body).unwrap();
+    let mut cmd = std::process::Command::new(common::wharf_bin());
+    cmd.args(["serve", "--config"]).arg(&config);
+    for k in remove {
+        cmd.env_remove(k);
+    }
+    cmd.env("S3_TEST_SECRET", common::seaweedfs::SECRET_KEY)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(!status.success(), "wharf was expected to fail at start");
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("wharf neither started nor failed within 90 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("listening on"),
+        "it must not listen"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A private CA and a server certificate for 127.0.0.1 signed by it:
+/// `(ca.pem, cert.pem, key.pem)`.
+fn private_ca(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let openssl = common::require_tool("openssl");
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    for args in [
+        [
+            &["req", "-x509"][..],
+            &ec[..],
+            &[
+                "-subj",
+                "/CN=wharf test CA",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "1",
+            ][..],
+        ]
+        .concat(),
+        [
+            &["req"][..],
+            &ec[..],
+            &[
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "req.csr",
+            ][..],
+        ]
+        .concat(),
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            "req.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "cert.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+        ],
+    ] {
+        let out = std::process::Command::new(&openssl)
+            .current_dir(dir)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    )
+}
+
+/// This machine kind sets `AWS_CA_BUNDLE` (Distribution's S3 driver panics
+/// on it). wharf starts with it set and unset, and honours it as the AWS
+/// SDKs do: an extra CA bundle for the endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_with_and_without_aws_ca_bundle() {
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = private_ca(certs.path());
+    let sw = SeaweedFs::start_with_tls(Some((&cert, &key))).await;
+    let cert_s = ca.display().to_string();
+    let with = [("AWS_CA_BUNDLE", cert_s.as_str())];
+
+    // Plain HTTP endpoint: the bundle is loaded and harmless; unset is fine.
+    let a = replica_with(&sw, "ca", &with, &[]);
+    let b = replica_with(&sw, "ca", &[], &["AWS_CA_BUNDLE"]);
+    let digest = HttpClient::new(a.url())
+        .push_blob("ca/app", b"bundle")
+        .await;
+    let r = HttpClient::new(b.url())
+        .get(&format!("/v2/ca/app/blobs/{digest}"))
+        .await;
+    assert_eq!(&r.body[..], b"bundle");
+    let bad = fails_to_start(
+        &replica_config(&sw, "ca", certs.path()),
+        &[("AWS_CA_BUNDLE", "/surely/not/a/bundle.pem")],
+        &[],
+    );
+    assert!(bad.contains("AWS_CA_BUNDLE"), "{bad}");
+
+    // HTTPS endpoint with a private CA: trusted through AWS_CA_BUNDLE or
+    // ca_file, refused without either.
+    let https = |dir: &std::path::Path, extra: &str| {
+        replica_config(&sw, "ca", dir).replace(&sw.endpoint(), &sw.https_endpoint()) + extra
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let c = spawn_wharf_config(
+        dir,
+        &https(certs.path(), ""),
+        &[with[0], ("S3_TEST_SECRET", common::seaweedfs::SECRET_KEY)],
+        &[],
+    );
+    let r = HttpClient::new(c.url())
+        .get(&format!("/v2/ca/app/blobs/{digest}"))
+        .await;
+    assert_eq!(&r.body[..], b"bundle", "read over HTTPS");
+    let dir = tempfile::tempdir().unwrap();
+    let d = spawn_wharf_config(
+        dir,
+        &https(certs.path(), &format!("ca_file = {cert_s:?}\n")),
+        &[("S3_TEST_SECRET", common::seaweedfs::SECRET_KEY)],
+        &["AWS_CA_BUNDLE"],
+    );
+    let r = HttpClient::new(d.url())
+        .get(&format!("/v2/ca/app/blobs/{digest}"))
+        .await;
+    assert_eq!(&r.body[..], b"bundle", "read over HTTPS with ca_file");
+    let err = fails_to_start(&https(certs.path(), ""), &[], &["AWS_CA_BUNDLE"]);
+    assert!(err.contains("storage.s3"), "{err}");
+}
+
+/// A bucket that cannot be used stops wharf at start, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_bucket_fails_at_start() {
+    let sw = SeaweedFs::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let good = replica_config(&sw, "x", dir.path());
+    let e = fails_to_start(&good, &[("S3_TEST_SECRET", "wrong secret")], &[]);
+    assert!(e.contains("storage.s3"), "{e}");
+    let e = fails_to_start(
+        &good.replace("bucket = \"wharf\"", "bucket = \"no-such-bucket\""),
+        &[],
+        &[],
+    );
+    assert!(e.contains("storage.s3"), "{e}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let e = fails_to_start(
+        &good.replace(&sw.endpoint(), &format!("http://{closed}")),
+        &[],
+        &[],
+    );
+    assert!(e.contains("storage.s3"), "{e}");
+    // And a type = "s3" without its table.
+    let e = fails_to_start(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ntype = \"s3\"\n",
+        &[],
+        &[],
+    );
+    assert!(e.contains("storage.s3:"), "{e}");
+}

@@ -762,6 +762,149 @@ mod tests {
         assert!(e.starts_with("pull_through[1].prefix"), "{e}");
     }
 
+    const S3_OK: &str = "[storage]\ntype = \"s3\"\n[storage.s3]\nbucket = \"wharf\"\nendpoint = \"http://127.0.0.1:8333\"\n";
+
+    #[test]
+    fn s3_storage() {
+        let c = load_str(S3_OK, &[]).unwrap();
+        assert_eq!(c.storage.kind, StorageKind::S3);
+        let s3 = c.storage.s3.unwrap();
+        assert_eq!(s3.bucket, "wharf");
+        assert_eq!(s3.region, "us-east-1");
+        assert!(s3.path_style);
+        assert!(s3.credentials.is_none());
+        assert_eq!(s3.read_timeout, Duration::from_secs(60));
+        // Environment overrides, including a whole s3 backend from nothing.
+        let c = Config::load(
+            None,
+            [
+                ("WHARF_STORAGE_TYPE", "s3"),
+                ("WHARF_STORAGE_S3_BUCKET", "other-bucket"),
+                ("WHARF_STORAGE_S3_PREFIX", "a/b"),
+                ("WHARF_STORAGE_S3_PATH_STYLE", "false"),
+                (
+                    "WHARF_STORAGE_S3_ENDPOINT",
+                    "https://s3.example.internal:9000",
+                ),
+            ]
+            .map(|(a, b)| (a.to_string(), b.to_string())),
+        )
+        .unwrap();
+        let s3 = c.storage.s3.unwrap();
+        assert_eq!(
+            (s3.bucket.as_str(), s3.prefix.as_str()),
+            ("other-bucket", "a/b")
+        );
+        assert!(!s3.path_style);
+        // PATH is always set: a stand-in for a secret variable.
+        let c = load_str(
+            &format!(
+                "{S3_OK}credentials = {{ access_key_id = \"K\", secret_access_key_env = \"PATH\" }}\n"
+            ),
+            &[],
+        )
+        .unwrap();
+        let (id, secret) = c
+            .storage
+            .s3
+            .unwrap()
+            .credentials
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(id, "K");
+        assert!(!secret.is_empty());
+    }
+
+    #[test]
+    fn bad_s3_storage_is_refused_with_the_key_path() {
+        for (toml, key) in [
+            ("[storage]\ntype = \"s3\"\n", "storage.s3:"),
+            (
+                "[storage]\ntype = \"filesystem\"\n[storage.s3]\nbucket = \"wharf\"\n",
+                "storage.s3:",
+            ),
+            (
+                "[storage]\ntype = \"s3\"\n[storage.s3]\nprefix = \"x\"\n",
+                "storage.s3:",
+            ),
+            (
+                "[storage]\ntype = \"s3\"\n[storage.s3]\nbucket = \"Bad_Bucket\"\n",
+                "storage.s3.bucket:",
+            ),
+            (
+                &format!("{S3_OK}prefix = \"/lead\"\n"),
+                "storage.s3.prefix:",
+            ),
+            (&format!("{S3_OK}prefix = \"a//b\"\n"), "storage.s3.prefix:"),
+            (
+                &format!("{S3_OK}prefix = \"a/../b\"\n"),
+                "storage.s3.prefix:",
+            ),
+            (
+                "[storage]\ntype = \"s3\"\n[storage.s3]\nbucket = \"wharf\"\nendpoint = \"ftp://h\"\n",
+                "storage.s3.endpoint:",
+            ),
+            (
+                "[storage]\ntype = \"s3\"\n[storage.s3]\nbucket = \"wharf\"\nendpoint = \"http://h/path\"\n",
+                "storage.s3.endpoint:",
+            ),
+            (&format!("{S3_OK}region = \"\"\n"), "storage.s3.region:"),
+            (
+                &format!("{S3_OK}read_timeout = \"0s\"\n"),
+                "storage.s3.read_timeout:",
+            ),
+            (
+                &format!("{S3_OK}connect_timeout = \"soon\"\n"),
+                "storage.s3.connect_timeout:",
+            ),
+            (
+                &format!("{S3_OK}path_style = \"yes\"\n"),
+                "storage.s3.path_style:",
+            ),
+            (
+                &format!("{S3_OK}ca_file = \"/surely/not/here.pem\"\n"),
+                "storage.s3.ca_file:",
+            ),
+            // Features that are not built are refused, not ignored.
+            (&format!("{S3_OK}redirect = true\n"), "storage.s3"),
+            (&format!("{S3_OK}hot_tier = \"x\"\n"), "storage.s3"),
+            (
+                &format!("{S3_OK}credentials = {{ access_key_id = \"K\" }}\n"),
+                "storage.s3.credentials:",
+            ),
+            (
+                &format!(
+                    "{S3_OK}credentials = {{ access_key_id = \"K\", secret_access_key = \"inline\" }}\n"
+                ),
+                "storage.s3.credentials",
+            ),
+            (
+                &format!(
+                    "{S3_OK}credentials = {{ access_key_id = \"K\", secret_access_key_env = \"WHARF_TEST_SURELY_UNSET\" }}\n"
+                ),
+                "storage.s3.credentials:",
+            ),
+            (
+                &format!(
+                    "{S3_OK}credentials = {{ access_key_id = \"K\", access_key_id_env = \"X\", secret_access_key_env = \"PATH\" }}\n"
+                ),
+                "storage.s3.credentials:",
+            ),
+        ] {
+            let e = load_str(toml, &[]).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{toml}\n→ {e}");
+        }
+        let e = load_str(S3_OK, &[("WHARF_STORAGE_S3_PATH_STYLE", "maybe")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("storage.s3.path_style:"), "{e}");
+        let e = load_str(S3_OK, &[("WHARF_STORAGE_S3_BUKET", "x")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("WHARF_STORAGE_S3_BUKET"), "{e}");
+    }
+
     #[test]
     fn env_overrides_file() {
         let c = load_str(

@@ -362,13 +362,13 @@ impl S3Store {
             }
         }
         if ended {
-            if let Some(exp) = expected_len {
-                if received != exp {
-                    return Err(StorageError::SizeMismatch {
-                        expected: exp,
-                        actual: received,
-                    });
-                }
+            if let Some(exp) = expected_len
+                && received != exp
+            {
+                return Err(StorageError::SizeMismatch {
+                    expected: exp,
+                    actual: received,
+                });
             }
             if let Some(h) = hasher.as_mut() {
                 h.update(&first);
@@ -410,13 +410,13 @@ impl S3Store {
                     .map_err(os_err)?;
                 w.put(chunk);
             }
-            if let Some(exp) = expected_len {
-                if received != exp {
-                    return Err(StorageError::SizeMismatch {
-                        expected: exp,
-                        actual: received,
-                    });
-                }
+            if let Some(exp) = expected_len
+                && received != exp
+            {
+                return Err(StorageError::SizeMismatch {
+                    expected: exp,
+                    actual: received,
+                });
             }
             Ok(())
         }
@@ -542,13 +542,13 @@ impl BlobStore for S3Store {
             ..Default::default()
         };
         let got = self.store.get_opts(&key, opts).await.map_err(os_err)?;
-        if let Some(r) = &range {
-            if &got.range != r {
-                return Err(StorageError::Io(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("range {r:?} is outside the blob's {} bytes", got.meta.size),
-                )));
-            }
+        if let Some(r) = &range
+            && &got.range != r
+        {
+            return Err(StorageError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("range {r:?} is outside the blob's {} bytes", got.meta.size),
+            )));
         }
         Ok(got
             .into_stream()

@@ -18,6 +18,8 @@ pub struct SeaweedFs {
     child: Child,
     pub dir: tempfile::TempDir,
     pub s3_port: u16,
+    /// The HTTPS port of the S3 gateway, when started with TLS.
+    pub https_port: Option<u16>,
 }
 
 /// `n` distinct free ports on 127.0.0.1 (bound, then released).
@@ -35,6 +37,12 @@ impl SeaweedFs {
     /// Starts SeaweedFS and waits until its S3 gateway accepts a write into
     /// the bucket.
     pub async fn start() -> SeaweedFs {
+        Self::start_with_tls(None).await
+    }
+
+    /// Like [`SeaweedFs::start`]; with `(cert.pem, key.pem)` the S3 gateway
+    /// also answers HTTPS on [`SeaweedFs::https_endpoint`].
+    pub async fn start_with_tls(tls: Option<(&std::path::Path, &std::path::Path)>) -> SeaweedFs {
         let weed = super::require_tool("weed");
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("s3.json");
@@ -47,7 +55,7 @@ impl SeaweedFs {
         .expect("s3.json");
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data).expect("data dir");
-        let p = free_ports(10);
+        let p = free_ports(11);
         let log = std::fs::File::create(dir.path().join("weed.log")).expect("log");
         let child = Command::new(weed)
             .arg("mini")
@@ -74,6 +82,14 @@ impl SeaweedFs {
             .arg(format!("-s3.port.grpc={}", p[7]))
             .arg(format!("-admin.port={}", p[8]))
             .arg(format!("-admin.port.grpc={}", p[9]))
+            .args(match tls {
+                Some((cert, key)) => vec![
+                    format!("-s3.cert.file={}", cert.display()),
+                    format!("-s3.key.file={}", key.display()),
+                    format!("-s3.port.https={}", p[10]),
+                ],
+                None => vec![],
+            })
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -84,6 +100,7 @@ impl SeaweedFs {
             child,
             dir,
             s3_port: p[6],
+            https_port: tls.map(|_| p[10]),
         };
         let store = sw.object_store();
         let probe = object_store::path::Path::from("ready-probe");
@@ -118,6 +135,14 @@ impl SeaweedFs {
     /// `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.s3_port)
+    }
+
+    /// `https://127.0.0.1:PORT` (started with TLS only).
+    pub fn https_endpoint(&self) -> String {
+        format!(
+            "https://127.0.0.1:{}",
+            self.https_port.expect("started with TLS")
+        )
     }
 
     pub fn options(&self, prefix: &str) -> S3Options {
