@@ -809,3 +809,62 @@ async fn unusable_bucket_fails_at_start() {
     );
     assert!(e.contains("storage.s3:"), "{e}");
 }
+
+/// `redirect = true`: blob GETs answer 307 with a presigned URL and the
+/// bytes come from SeaweedFS; HEAD, manifests and errors stay with wharf.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_gets_redirect_to_presigned_urls() {
+    let sw = SeaweedFs::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let body =
+        replica_config(&sw, "redir", dir.path()) + "redirect = true\nredirect_ttl = \"5m\"\n";
+    let a = spawn_wharf_config(
+        dir,
+        &body,
+        &[("S3_TEST_SECRET", common::seaweedfs::SECRET_KEY)],
+        &[],
+    );
+    let plain = replica(&sw, "redir");
+    let ca = HttpClient::new(a.url());
+    let data = common::cache::random_bytes(3 * 1024 * 1024 + 5, 9);
+    let digest = chunked_push(&[&ca], "redir/app", &data, 2).await;
+
+    let r = ca.get(&format!("/v2/redir/app/blobs/{digest}")).await;
+    assert_eq!(r.status, StatusCode::TEMPORARY_REDIRECT, "{r:?}");
+    assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()));
+    let url = r.header("location").unwrap().to_string();
+    assert!(url.starts_with(&sw.endpoint()), "{url}");
+    assert!(url.contains("X-Amz-Signature="), "{url}");
+    assert!(url.contains("X-Amz-Expires=300"), "{url}");
+    // The store serves the bytes, whole and by range, to a client without
+    // credentials.
+    let got = ca.get(&url).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(sha256(&got.body), digest);
+    let part = ca
+        .send(
+            Method::GET,
+            &url,
+            &[("range", "bytes=100-199")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(part.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(&part.body[..], &data[100..200]);
+    // HEAD is answered by wharf; unknown blobs are 404, not redirects.
+    let r = ca.head(&format!("/v2/redir/app/blobs/{digest}")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        r.header("content-length"),
+        Some(data.len().to_string().as_str())
+    );
+    let r = ca.get(&format!("/v2/redir/other/blobs/{digest}")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.error_code(), "BLOB_UNKNOWN");
+    // A replica without redirects streams the same bytes itself.
+    let r = HttpClient::new(plain.url())
+        .get(&format!("/v2/redir/app/blobs/{digest}"))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(sha256(&r.body), digest);
+}

@@ -279,6 +279,15 @@ impl App {
             blob_headers(r.headers_mut(), digest, size);
             return Ok(r);
         }
+        if let Some(url) = self.registry.blob_url(name, digest, ns).await? {
+            // Like ECR's GetDownloadUrlForLayer: the client fetches the bytes
+            // (with its Range, if any) from the store.
+            let mut r = status_only(StatusCode::TEMPORARY_REDIRECT);
+            r.headers_mut().insert(header::LOCATION, hv(&url));
+            r.headers_mut()
+                .insert("docker-content-digest", hv(digest.as_str()));
+            return Ok(r);
+        }
         let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
         let blob = self.registry.blob(name, digest, range, ns).await?;
         let served = self.counters.bytes_served.clone();

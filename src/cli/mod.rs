@@ -21,7 +21,7 @@ use crate::metrics::UpstreamMetrics;
 use crate::registry::Registry;
 use crate::storage::fs::FsStore;
 use crate::storage::meta::RedbMeta;
-use crate::storage::s3::{S3Fills, S3Options, S3Store};
+use crate::storage::s3::{S3Fills, S3Options, S3Store, S3Urls};
 use crate::storage::s3meta::S3Meta;
 use crate::storage::{BlobStore, FillStore, MetaStore, UploadStore};
 use crate::upstream::{Credentials, Secret, UpstreamClient, UpstreamSettings};
@@ -130,6 +130,8 @@ struct Stores {
     uploads: Arc<dyn UploadStore>,
     fills: Arc<dyn FillStore>,
     meta: Arc<dyn MetaStore>,
+    /// Presigned URLs for redirected blob GETs, with their lifetime.
+    redirects: Option<(Arc<dyn crate::storage::BlobUrls>, std::time::Duration)>,
     /// Where the data lives, for the logs.
     location: String,
 }
@@ -180,11 +182,17 @@ fn open_stores(config: &Config) -> anyhow::Result<Stores> {
                     format!("opening the local scratch directory {}", root.display())
                 })?,
             );
+            let redirects = s3.redirect.then(|| {
+                let urls: Arc<dyn crate::storage::BlobUrls> =
+                    Arc::new(S3Urls::new(client.clone(), &opts.prefix));
+                (urls, s3.redirect_ttl)
+            });
             Ok(Stores {
                 blobs: store.clone(),
                 uploads: store.clone(),
                 fills: Arc::new(S3Fills(store)),
                 meta: Arc::new(S3Meta::new(client, &opts.prefix)),
+                redirects,
                 location: format!("s3://{}/{}", s3.bucket, s3.prefix),
             })
         }
@@ -201,6 +209,7 @@ fn open_stores(config: &Config) -> anyhow::Result<Stores> {
                 uploads: store.clone(),
                 fills: store,
                 meta,
+                redirects: None,
                 location: root.display().to_string(),
             })
         }
@@ -219,6 +228,7 @@ async fn open_registry(
         uploads,
         fills,
         meta,
+        redirects,
         ..
     } = open_stores(config)?;
     if config.storage.kind == StorageKind::S3 {
@@ -228,7 +238,10 @@ async fn open_registry(
             .await
             .context("storage.s3: the bucket does not answer")?;
     }
-    let registry = Registry::new(blobs.clone(), uploads, meta.clone());
+    let mut registry = Registry::new(blobs.clone(), uploads, meta.clone());
+    if let Some((urls, ttl)) = redirects {
+        registry = registry.with_redirects(urls, ttl);
+    }
     if config.pull_through.is_empty() {
         return Ok(registry);
     }

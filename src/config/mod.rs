@@ -264,6 +264,14 @@ pub struct S3Config {
     /// bound on a whole request: blobs stream for as long as they need).
     #[serde(default = "default_s3_read_timeout", with = "humantime_serde")]
     pub read_timeout: Duration,
+    /// Blob GETs of hosted repositories answer 307 with a presigned URL of
+    /// the store, so the bytes flow from the store and not through wharf.
+    /// The endpoint must then be reachable by the clients.
+    #[serde(default)]
+    pub redirect: bool,
+    /// How long a presigned URL stays valid.
+    #[serde(default = "default_redirect_ttl", with = "humantime_serde")]
+    pub redirect_ttl: Duration,
 }
 
 /// Static S3 credentials. The key id may be written inline; the secret
@@ -324,6 +332,9 @@ fn default_s3_connect_timeout() -> Duration {
 }
 fn default_s3_read_timeout() -> Duration {
     Duration::from_secs(60)
+}
+fn default_redirect_ttl() -> Duration {
+    Duration::from_secs(15 * 60)
 }
 
 fn default_listen() -> SocketAddr {
@@ -395,6 +406,8 @@ pub const ENV_OVERRIDES: &[&str] = &[
     "storage.s3.ca_file",
     "storage.s3.connect_timeout",
     "storage.s3.read_timeout",
+    "storage.s3.redirect",
+    "storage.s3.redirect_ttl",
     "cache.max_size",
     "cache.prefetch",
     "cache.fill_wait_timeout",
@@ -402,7 +415,11 @@ pub const ENV_OVERRIDES: &[&str] = &[
 ];
 
 /// Overridable keys whose value is a boolean.
-const ENV_BOOLS: &[&str] = &["cache.prefetch", "storage.s3.path_style"];
+const ENV_BOOLS: &[&str] = &[
+    "cache.prefetch",
+    "storage.s3.path_style",
+    "storage.s3.redirect",
+];
 
 /// Variables with the `WHARF_` prefix that are not configuration keys.
 const ENV_RESERVED: &[&str] = &["WHARF_LOG"];
@@ -615,6 +632,15 @@ impl S3Config {
             return Err(invalid(
                 "connect_timeout",
                 "must be greater than zero".to_string(),
+            ));
+        }
+        // SigV4 presigned URLs live at most 7 days.
+        if self.redirect_ttl < Duration::from_secs(1)
+            || self.redirect_ttl > Duration::from_secs(7 * 24 * 3600)
+        {
+            return Err(invalid(
+                "redirect_ttl",
+                "must be between 1s and 7d (the longest a presigned URL can live)".to_string(),
             ));
         }
         if self.read_timeout.is_zero() {
@@ -867,7 +893,11 @@ mod tests {
                 "storage.s3.ca_file:",
             ),
             // Features that are not built are refused, not ignored.
-            (&format!("{S3_OK}redirect = true\n"), "storage.s3"),
+            (&format!("{S3_OK}redirect = 1\n"), "storage.s3.redirect:"),
+            (
+                &format!("{S3_OK}redirect_ttl = \"8d\"\n"),
+                "storage.s3.redirect_ttl:",
+            ),
             (&format!("{S3_OK}hot_tier = \"x\"\n"), "storage.s3"),
             (
                 &format!("{S3_OK}credentials = {{ access_key_id = \"K\" }}\n"),

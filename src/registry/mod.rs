@@ -15,7 +15,8 @@ use crate::oci::{
     Algorithm, ByteRange, Digest, MediaType, Reference, RepoName, UploadId, UploadRange,
 };
 use crate::storage::{
-    BlobStore, ByteStream, ManifestRecord, MetaStore, StorageError, UploadRecord, UploadStore,
+    BlobStore, BlobUrls, ByteStream, ManifestRecord, MetaStore, StorageError, UploadRecord,
+    UploadStore,
 };
 use crate::upstream::UpstreamError;
 
@@ -156,6 +157,9 @@ pub struct Registry {
     meta: Arc<dyn MetaStore>,
     manifests: moka::sync::Cache<Digest, Bytes>,
     cache: Option<Arc<Cache>>,
+    /// Blob GETs of hosted repositories answer with a URL of the store
+    /// valid this long, instead of the bytes.
+    redirects: Option<(Arc<dyn BlobUrls>, Duration)>,
 }
 
 fn unix_now() -> u64 {
@@ -181,7 +185,15 @@ impl Registry {
             meta,
             manifests,
             cache: None,
+            redirects: None,
         }
+    }
+
+    /// Answers blob GETs of hosted repositories with URLs of `urls` valid
+    /// for `ttl` (the bytes then flow from the store, not through wharf).
+    pub fn with_redirects(mut self, urls: Arc<dyn BlobUrls>, ttl: Duration) -> Registry {
+        self.redirects = Some((urls, ttl));
+        self
     }
 
     /// Serves repositories that are not hosted through `cache`.
@@ -546,6 +558,28 @@ impl Registry {
             range,
             stream,
         })
+    }
+
+    /// Where the client should fetch a blob instead, when redirects are
+    /// configured and `repo` is hosted (pushed blobs are never evicted, so
+    /// the URL stays good for its lifetime). `None`: serve it here. Errors
+    /// as [`Registry::blob`] for blobs the repository does not hold.
+    pub async fn blob_url(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        ns: Option<&str>,
+    ) -> Result<Option<String>> {
+        let Some((urls, ttl)) = &self.redirects else {
+            return Ok(None);
+        };
+        if self.cached(repo, ns).await?.is_some() {
+            return Ok(None);
+        }
+        if !self.meta.blob_linked(repo, digest).await? || self.blobs.stat(digest).await?.is_none() {
+            return Err(RegistryError::BlobUnknown);
+        }
+        Ok(Some(urls.read_url(digest, *ttl).await?))
     }
 
     async fn read_blob(

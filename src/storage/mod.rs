@@ -73,6 +73,15 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn quarantine(&self, digest: &Digest) -> Result<()>;
 }
 
+/// Blob stores whose published blobs clients can fetch directly, without
+/// the bytes passing through wharf (presigned URLs of an object store).
+#[async_trait]
+pub trait BlobUrls: Send + Sync + 'static {
+    /// A URL that answers `GET` (with `Range`) with the blob's bytes for
+    /// `ttl`. Does not check that the blob exists.
+    async fn read_url(&self, digest: &Digest, ttl: std::time::Duration) -> Result<String>;
+}
+
 /// Upload sessions: bytes staged next to the blob store, hashed as they
 /// arrive, published into the [`BlobStore`] only by a verified commit.
 ///

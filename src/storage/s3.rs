@@ -51,8 +51,9 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
-use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
+use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path;
+use object_store::signer::Signer;
 use object_store::{
     BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode,
     PutOptions, PutPayload, RetryConfig, WriteMultipart,
@@ -61,7 +62,8 @@ use tokio::io::AsyncWriteExt;
 
 use super::fs::FsStaged;
 use super::{
-    BlobStore, ByteStream, FillStore, FillWriter, Result, StagedReader, StorageError, UploadStore,
+    BlobStore, BlobUrls, ByteStream, FillStore, FillWriter, Result, StagedReader, StorageError,
+    UploadStore,
 };
 use crate::oci::{Algorithm, Digest, Hasher, UploadId};
 
@@ -104,7 +106,7 @@ impl std::fmt::Debug for S3Options {
 
 /// Connects an `object_store` client to the bucket described by `opts`
 /// (no request is sent yet).
-pub fn connect(opts: &S3Options) -> Result<Arc<dyn ObjectStore>> {
+pub fn connect(opts: &S3Options) -> Result<Arc<AmazonS3>> {
     let mut b = match &opts.credentials {
         Some(_) => AmazonS3Builder::new(),
         // The AWS chain: AWS_* variables, web identity, container and
@@ -184,6 +186,42 @@ impl Keys {
     }
 }
 
+fn blob_key(keys: &Keys, d: &Digest) -> Path {
+    keys.path(&format!("blobs/{}/{}", d.algorithm().as_str(), d.hex()))
+}
+
+/// Presigned GET URLs of published blobs: clients fetch the bytes from the
+/// store itself (`storage.s3.redirect`).
+pub struct S3Urls {
+    signer: Arc<AmazonS3>,
+    keys: Keys,
+}
+
+impl S3Urls {
+    pub fn new(signer: Arc<AmazonS3>, prefix: &str) -> S3Urls {
+        S3Urls {
+            signer,
+            keys: Keys::new(prefix),
+        }
+    }
+}
+
+#[async_trait]
+impl BlobUrls for S3Urls {
+    async fn read_url(&self, digest: &Digest, ttl: Duration) -> Result<String> {
+        let url = self
+            .signer
+            .signed_url(
+                object_store::signer::Method::GET,
+                &blob_key(&self.keys, digest),
+                ttl,
+            )
+            .await
+            .map_err(os_err)?;
+        Ok(url.to_string())
+    }
+}
+
 /// In-memory sha256 state of an upload on this replica, valid while
 /// `hashed` equals the session's size.
 #[derive(Clone, Default)]
@@ -238,8 +276,7 @@ impl S3Store {
     }
 
     fn blob_key(&self, d: &Digest) -> Path {
-        self.keys
-            .path(&format!("blobs/{}/{}", d.algorithm().as_str(), d.hex()))
+        blob_key(&self.keys, d)
     }
 
     fn upload_dir(&self, id: &UploadId) -> Path {
