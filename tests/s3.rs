@@ -868,3 +868,53 @@ async fn blob_gets_redirect_to_presigned_urls() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(sha256(&r.body), digest);
 }
+
+/// Pull-through over S3 with two replicas: concurrent cold pulls of one
+/// blob on both fetch it from upstream at most once per replica, and once
+/// it is in the bucket any replica serves it without asking upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cold_pulls_on_two_replicas_fetch_at_most_once_per_replica() {
+    use common::fake_upstream::{FakeUpstream, Fault};
+    let sw = SeaweedFs::start().await;
+    let fake = FakeUpstream::start();
+    let layer = common::cache::random_bytes(6 * 1024 * 1024, 21);
+    let (_, ld, _) = common::cache::seed_image(&fake, "team/app", "v1", &layer);
+    fake.fault(&ld, Fault::bytes_per_second(4 * 1024 * 1024));
+    let spawn = || {
+        let dir = tempfile::tempdir().unwrap();
+        let body = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n{}\n{}",
+            sw.storage_toml("pull", &dir.path().join("scratch")),
+            common::cache::rule("up", &fake, "")
+        );
+        spawn_wharf_config(
+            dir,
+            &body,
+            &[("S3_TEST_SECRET", common::seaweedfs::SECRET_KEY)],
+            &[],
+        )
+    };
+    let (a, b) = (spawn(), spawn());
+    let path = format!("/v2/up/team/app/blobs/{ld}");
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let c = HttpClient::new(if i % 2 == 0 { a.url() } else { b.url() });
+        let path = path.clone();
+        tasks.push(tokio::spawn(async move { c.get(&path).await }));
+    }
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(sha256(&r.body), ld, "every body hashes to the digest");
+    }
+    let gets = fake.count("GET", &format!("/v2/team/app/blobs/{ld}"));
+    assert!(
+        (1..=2).contains(&gets),
+        "{gets} upstream GETs for two replicas"
+    );
+    // In the bucket now: a third replica serves it without upstream.
+    let c = spawn();
+    let r = HttpClient::new(c.url()).get(&path).await;
+    assert_eq!(sha256(&r.body), ld);
+    assert_eq!(fake.count("GET", &format!("/v2/team/app/blobs/{ld}")), gets);
+}
