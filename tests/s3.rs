@@ -332,7 +332,16 @@ async fn chunked_push(clients: &[&HttpClient], repo: &str, data: &[u8], chunks: 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_on_one_replica_pull_on_another() {
     let sw = SeaweedFs::start().await;
-    let (a, b) = (replica(&sw, "cluster"), replica(&sw, "cluster"));
+    let a = replica(&sw, "cluster");
+    // B has a local hot tier in front of the bucket.
+    let dir = tempfile::tempdir().unwrap();
+    let body = replica_config(&sw, "cluster", dir.path()) + "hot_tier_max_size = \"64MiB\"\n";
+    let b = spawn_wharf_config(
+        dir,
+        &body,
+        &[("S3_TEST_SECRET", common::seaweedfs::SECRET_KEY)],
+        &[],
+    );
     let (ca, cb) = (HttpClient::new(a.url()), HttpClient::new(b.url()));
     let repo = "team/app";
     let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
@@ -371,6 +380,22 @@ async fn push_on_one_replica_pull_on_another() {
         .await;
     assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
     assert_eq!(&r.body[..], &layer[10_000_000..10_001_000]);
+    // The layer was copied to B's hot tier, and is served from there.
+    let copy = b
+        .dir
+        .path()
+        .join("scratch/hot/blobs/sha256")
+        .join(&layer_digest[7..9])
+        .join(&layer_digest[7..]);
+    for _ in 0..100 {
+        if copy.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(sha256(&std::fs::read(&copy).unwrap()), layer_digest);
+    let r = cb.get(&format!("/v2/{repo}/blobs/{layer_digest}")).await;
+    assert_eq!(sha256(&r.body), layer_digest);
     let r = cb.get(&format!("/v2/{repo}/tags/list")).await;
     assert_eq!(r.json()["tags"], serde_json::json!(["v1"]));
     let r = cb.get("/v2/_catalog").await;
@@ -917,4 +942,100 @@ async fn cold_pulls_on_two_replicas_fetch_at_most_once_per_replica() {
     let r = HttpClient::new(c.url()).get(&path).await;
     assert_eq!(sha256(&r.body), ld);
     assert_eq!(fake.count("GET", &format!("/v2/team/app/blobs/{ld}")), gets);
+}
+
+/// The local hot tier in front of S3: the conformance suite through it;
+/// blobs copied on first read and served from disk after; verified copies
+/// only; the size bound kept by evicting the least recently read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_tier_copies_verifies_and_evicts() {
+    use object_store::{ObjectStoreExt, PutPayload};
+    use wharf::oci::Digest;
+    use wharf::storage::BlobStore;
+    use wharf::storage::hot::{HotBlobs, HotTier};
+    let sw = SeaweedFs::start().await;
+    let scratch = tempfile::tempdir().unwrap();
+    let s3 = Arc::new(S3Store::new(sw.object_store(), "hot", scratch.path().join("s")).unwrap());
+    let hot_dir = scratch.path().join("hot");
+    let tier = Arc::new(HotTier::open(s3.clone(), hot_dir.clone(), 2_500_000).unwrap());
+    conformance::blob_store_suite(Arc::new(HotBlobs(tier.clone())), s3.clone()).await;
+
+    let tier = Arc::new(HotTier::open(s3.clone(), hot_dir.clone(), 2_500_000).unwrap());
+    let hot = HotBlobs(tier.clone());
+    let blobs: Vec<(Digest, Vec<u8>)> = (0..3)
+        .map(|i| {
+            let b = common::cache::random_bytes(1_000_000, 100 + i);
+            (Digest::sha256_of(&b), b)
+        })
+        .collect();
+    for (d, b) in &blobs {
+        hot.put(d, Bytes::from(b.clone())).await.unwrap();
+    }
+    let wait_for = |d: Digest| {
+        let tier = tier.clone();
+        async move {
+            for _ in 0..100 {
+                if tier.contains(&d) {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            panic!("{d} was not copied to the hot tier");
+        }
+    };
+    let (d0, b0) = &blobs[0];
+    assert_eq!(read_all(hot.read(d0, None).await.unwrap()).await, *b0);
+    assert_eq!(tier.metrics.misses.get(), 1);
+    wait_for(d0.clone()).await;
+    assert_eq!(
+        read_all(hot.read(d0, Some(10..20)).await.unwrap()).await,
+        &b0[10..20]
+    );
+    assert_eq!(tier.metrics.hits.get(), 1, "the second read came from disk");
+    for (d, b) in &blobs[1..] {
+        assert_eq!(read_all(hot.read(d, None).await.unwrap()).await, *b);
+        wait_for(d.clone()).await;
+    }
+    // 3 MB read, 2.5 MB allowed: the least recently read copy left.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(tier.size() <= 2_500_000, "{}", tier.size());
+    assert!(!tier.contains(d0));
+    assert!(tier.contains(&blobs[1].0) && tier.contains(&blobs[2].0));
+    assert!(tier.metrics.evictions.get() >= 1);
+    // Evicted from the tier only: the bucket still serves it.
+    assert_eq!(read_all(hot.read(d0, None).await.unwrap()).await, *b0);
+
+    // A copy whose bytes do not match the digest is never kept.
+    let good = common::cache::random_bytes(500_000, 7);
+    let d = Digest::sha256_of(&good);
+    sw.object_store()
+        .put(
+            &object_store::path::Path::from(format!("hot/blobs/sha256/{}", d.hex())),
+            PutPayload::from(vec![0u8; 500_000]),
+        )
+        .await
+        .unwrap();
+    let _ = read_all(hot.read(&d, None).await.unwrap()).await;
+    for _ in 0..100 {
+        if tier.metrics.rejected.get() > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(tier.metrics.rejected.get(), 1);
+    assert!(!tier.contains(&d));
+
+    // Deleting drops both copies; a restart re-indexes what is on disk.
+    let (d2, _) = &blobs[2];
+    assert!(hot.delete(d2).await.unwrap());
+    assert!(!tier.contains(d2));
+    assert_eq!(hot.stat(d2).await.unwrap(), None);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let reopened = HotTier::open(s3.clone(), hot_dir, 2_500_000).unwrap();
+    assert!(!reopened.contains(d2));
+    assert_eq!(reopened.size(), tier.size());
+    for (d, _) in &blobs {
+        assert_eq!(reopened.contains(d), tier.contains(d), "{d}");
+    }
+    assert!(reopened.size() > 0);
 }

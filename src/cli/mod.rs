@@ -182,13 +182,26 @@ fn open_stores(config: &Config) -> anyhow::Result<Stores> {
                     format!("opening the local scratch directory {}", root.display())
                 })?,
             );
+            let blobs: Arc<dyn BlobStore> = match s3.hot_tier_max_size {
+                Some(max) => {
+                    let dir = root.join("hot");
+                    let tier = crate::storage::hot::HotTier::open(
+                        store.clone(),
+                        dir.clone(),
+                        max.as_u64(),
+                    )
+                    .with_context(|| format!("opening the hot tier at {}", dir.display()))?;
+                    Arc::new(crate::storage::hot::HotBlobs(Arc::new(tier)))
+                }
+                None => store.clone(),
+            };
             let redirects = s3.redirect.then(|| {
                 let urls: Arc<dyn crate::storage::BlobUrls> =
                     Arc::new(S3Urls::new(client.clone(), &opts.prefix));
                 (urls, s3.redirect_ttl)
             });
             Ok(Stores {
-                blobs: store.clone(),
+                blobs,
                 uploads: store.clone(),
                 fills: Arc::new(S3Fills(store)),
                 meta: Arc::new(S3Meta::new(client, &opts.prefix)),

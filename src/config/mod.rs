@@ -272,6 +272,11 @@ pub struct S3Config {
     /// How long a presigned URL stays valid.
     #[serde(default = "default_redirect_ttl", with = "humantime_serde")]
     pub redirect_ttl: Duration,
+    /// Size of a local-disk tier in front of the bucket (under
+    /// `storage.path`/hot): blobs read are copied there, verified, and
+    /// evicted least recently read first. Absent: no tier.
+    #[serde(default)]
+    pub hot_tier_max_size: Option<bytesize::ByteSize>,
 }
 
 /// Static S3 credentials. The key id may be written inline; the secret
@@ -408,6 +413,7 @@ pub const ENV_OVERRIDES: &[&str] = &[
     "storage.s3.read_timeout",
     "storage.s3.redirect",
     "storage.s3.redirect_ttl",
+    "storage.s3.hot_tier_max_size",
     "cache.max_size",
     "cache.prefetch",
     "cache.fill_wait_timeout",
@@ -899,6 +905,14 @@ mod tests {
                 "storage.s3.redirect_ttl:",
             ),
             (&format!("{S3_OK}hot_tier = \"x\"\n"), "storage.s3"),
+            (
+                &format!("{S3_OK}hot_tier_max_size = \"1KiB\"\n"),
+                "storage.s3.hot_tier_max_size:",
+            ),
+            (
+                &format!("{S3_OK}hot_tier_max_size = \"lots\"\n"),
+                "storage.s3.hot_tier_max_size:",
+            ),
             (
                 &format!("{S3_OK}credentials = {{ access_key_id = \"K\" }}\n"),
                 "storage.s3.credentials:",

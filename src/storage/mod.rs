@@ -5,11 +5,13 @@
 //!
 //! Backends: [`fs`] (blobs on a local filesystem) and [`meta`] (an embedded
 //! redb database) for one machine; [`s3`] and [`s3meta`] (an S3-compatible
-//! bucket shared by several replicas). [`conformance`] is the suite every
-//! backend must pass.
+//! bucket shared by several replicas), with [`hot`] as an optional local
+//! disk tier in front of it. [`conformance`] is the suite every backend
+//! must pass.
 
 pub mod conformance;
 pub mod fs;
+pub mod hot;
 pub mod meta;
 pub mod s3;
 pub mod s3meta;
