@@ -649,6 +649,15 @@ impl S3Config {
                 "must be between 1s and 7d (the longest a presigned URL can live)".to_string(),
             ));
         }
+        if self
+            .hot_tier_max_size
+            .is_some_and(|s| s.as_u64() < 1024 * 1024)
+        {
+            return Err(invalid(
+                "hot_tier_max_size",
+                "must be at least 1MiB (leave it out for no hot tier)".to_string(),
+            ));
+        }
         if self.read_timeout.is_zero() {
             return Err(invalid(
                 "read_timeout",
