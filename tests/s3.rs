@@ -240,10 +240,7 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// The configuration of a replica over `sw`'s bucket under `prefix`.
 fn replica_config(sw: &SeaweedFs, prefix: &str, dir: &std::path::Path) -> String {
-    format!(
-        "pull_through = []\n\n[server]\nlisten = \"127.0.0.1:0\"\n\n{}",
-        sw.storage_toml(prefix, &dir.join("scratch"))
-    )
+    sw.wharf_config(prefix, dir, "")
 }
 
 /// Spawns a replica over `sw`'s bucket under `prefix`.
@@ -252,11 +249,7 @@ fn replica(sw: &SeaweedFs, prefix: &str) -> Wharf {
 }
 
 fn replica_with(sw: &SeaweedFs, prefix: &str, env: &[(&str, &str)], remove: &[&str]) -> Wharf {
-    let dir = tempfile::tempdir().unwrap();
-    let body = replica_config(sw, prefix, dir.path());
-    let mut env = env.to_vec();
-    env.push(("S3_TEST_SECRET", common::seaweedfs::SECRET_KEY));
-    spawn_wharf_config(dir, &body, &env, remove)
+    sw.spawn_wharf(prefix, "", env, remove)
 }
 
 fn manifest(config: (&str, usize), layer: (&str, usize), note: &str) -> Vec<u8> {

@@ -40,6 +40,15 @@ impl SeaweedFs {
         Self::start_with_tls(None).await
     }
 
+    /// [`SeaweedFs::start`] for tests without a runtime.
+    pub fn start_blocking() -> SeaweedFs {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(Self::start())
+    }
+
     /// Like [`SeaweedFs::start`]; with `(cert.pem, key.pem)` the S3 gateway
     /// also answers HTTPS on [`SeaweedFs::https_endpoint`].
     pub async fn start_with_tls(tls: Option<(&std::path::Path, &std::path::Path)>) -> SeaweedFs {
@@ -173,6 +182,35 @@ impl SeaweedFs {
             self.endpoint(),
             scratch = scratch.display().to_string(),
         )
+    }
+}
+
+impl SeaweedFs {
+    /// A whole wharf configuration over this bucket under `prefix`, with
+    /// its scratch space in `dir`, no pull-through rules, and `s3_extra`
+    /// appended inside `[storage.s3]`.
+    pub fn wharf_config(&self, prefix: &str, dir: &std::path::Path, s3_extra: &str) -> String {
+        format!(
+            "pull_through = []\n\n[server]\nlisten = \"127.0.0.1:0\"\n\n{}{s3_extra}\n",
+            self.storage_toml(prefix, &dir.join("scratch"))
+        )
+    }
+
+    /// Spawns a wharf replica over this bucket under `prefix` (see
+    /// [`SeaweedFs::wharf_config`]), with extra environment variables and
+    /// without the inherited ones named in `env_remove`.
+    pub fn spawn_wharf(
+        &self,
+        prefix: &str,
+        s3_extra: &str,
+        env: &[(&str, &str)],
+        env_remove: &[&str],
+    ) -> super::Wharf {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let body = self.wharf_config(prefix, dir.path(), s3_extra);
+        let mut env = env.to_vec();
+        env.push(("S3_TEST_SECRET", SECRET_KEY));
+        super::spawn_wharf_config(dir, &body, &env, env_remove)
     }
 }
 
