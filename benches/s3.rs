@@ -199,7 +199,10 @@ async fn run(size: usize, reps: usize) {
     let sw = SeaweedFs::start().await;
     let env = [("WHARF_LOG", "warn")];
     let mut targets = Vec::new();
-    for (name, extra) in [("wharf", ""), ("wharf, redirect = true", "redirect = true\n")] {
+    for (name, extra) in [
+        ("wharf", ""),
+        ("wharf, redirect = true", "redirect = true\n"),
+    ] {
         let w = sw.spawn_wharf(&format!("bench-{}", targets.len()), extra, &env, &[]);
         targets.push(Target {
             name: name.to_string(),

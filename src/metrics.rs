@@ -77,6 +77,7 @@ impl Metrics {
         server: &ServerMetrics,
         upstream: &UpstreamMetrics,
         cache: Option<&Cache>,
+        hot: Option<&crate::storage::hot::HotMetrics>,
     ) -> Metrics {
         let mut r = Registry::with_prefix("wharf");
         r.register(
@@ -167,6 +168,28 @@ impl Metrics {
                 "cache_evicted_bytes",
                 "Bytes evicted to keep cache.max_size",
                 b.evicted_bytes.clone(),
+            );
+        }
+        if let Some(h) = hot {
+            r.register(
+                "hot_tier_hits",
+                "Blob reads served from the local hot tier",
+                h.hits.clone(),
+            );
+            r.register(
+                "hot_tier_misses",
+                "Blob reads served from the bucket (then copied to the hot tier)",
+                h.misses.clone(),
+            );
+            r.register(
+                "hot_tier_evictions",
+                "Copies dropped from the hot tier to keep its size",
+                h.evictions.clone(),
+            );
+            r.register(
+                "hot_tier_rejected",
+                "Copies into the hot tier that did not match their digest (nothing kept)",
+                h.rejected.clone(),
             );
         }
         Metrics { registry: r }

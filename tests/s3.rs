@@ -145,6 +145,12 @@ async fn uploads_spread_over_two_stores() {
     assert_eq!(a.stat(&digest).await.unwrap(), None);
     assert_eq!(a.commit(&id, &digest).await.unwrap(), data.len() as u64);
     assert_eq!(read_all(b.read(&digest, None).await.unwrap()).await, data);
+    // An empty upload committed elsewhere, in another algorithm.
+    let id3 = UploadId::new_random();
+    a.create(&id3).await.unwrap();
+    let empty512 = Digest::of(wharf::oci::Algorithm::Sha512, b"");
+    assert_eq!(b.commit(&id3, &empty512).await.unwrap(), 0);
+    assert_eq!(a.stat(&empty512).await.unwrap(), Some(0));
     // Sessions are gone from the bucket.
     assert!(UploadStore::list(&a).await.unwrap().is_empty());
 }
@@ -389,6 +395,15 @@ async fn push_on_one_replica_pull_on_another() {
     assert_eq!(sha256(&std::fs::read(&copy).unwrap()), layer_digest);
     let r = cb.get(&format!("/v2/{repo}/blobs/{layer_digest}")).await;
     assert_eq!(sha256(&r.body), layer_digest);
+    let metrics = String::from_utf8_lossy(&cb.get("/metrics").await.body).into_owned();
+    let hits: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("wharf_hot_tier_hits_total "))
+        .expect("hot tier hits in /metrics")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(hits >= 1, "{metrics}");
     let r = cb.get(&format!("/v2/{repo}/tags/list")).await;
     assert_eq!(r.json()["tags"], serde_json::json!(["v1"]));
     let r = cb.get("/v2/_catalog").await;

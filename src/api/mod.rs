@@ -68,6 +68,7 @@ impl App {
             &counters,
             upstream,
             registry.cache().map(|c| &**c),
+            registry.hot_metrics(),
         ));
         App {
             registry,

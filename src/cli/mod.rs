@@ -130,6 +130,8 @@ struct Stores {
     uploads: Arc<dyn UploadStore>,
     fills: Arc<dyn FillStore>,
     meta: Arc<dyn MetaStore>,
+    /// Counters of the hot tier, when there is one.
+    hot: Option<crate::storage::hot::HotMetrics>,
     /// Presigned URLs for redirected blob GETs, with their lifetime.
     redirects: Option<(Arc<dyn crate::storage::BlobUrls>, std::time::Duration)>,
     /// Where the data lives, for the logs.
@@ -182,6 +184,7 @@ fn open_stores(config: &Config) -> anyhow::Result<Stores> {
                     format!("opening the local scratch directory {}", root.display())
                 })?,
             );
+            let mut hot = None;
             let blobs: Arc<dyn BlobStore> = match s3.hot_tier_max_size {
                 Some(max) => {
                     let dir = root.join("hot");
@@ -191,6 +194,7 @@ fn open_stores(config: &Config) -> anyhow::Result<Stores> {
                         max.as_u64(),
                     )
                     .with_context(|| format!("opening the hot tier at {}", dir.display()))?;
+                    hot = Some(tier.metrics.clone());
                     Arc::new(crate::storage::hot::HotBlobs(Arc::new(tier)))
                 }
                 None => store.clone(),
@@ -205,6 +209,7 @@ fn open_stores(config: &Config) -> anyhow::Result<Stores> {
                 uploads: store.clone(),
                 fills: Arc::new(S3Fills(store)),
                 meta: Arc::new(S3Meta::new(client, &opts.prefix)),
+                hot,
                 redirects,
                 location: format!("s3://{}/{}", s3.bucket, s3.prefix),
             })
@@ -222,6 +227,7 @@ fn open_stores(config: &Config) -> anyhow::Result<Stores> {
                 uploads: store.clone(),
                 fills: store,
                 meta,
+                hot: None,
                 redirects: None,
                 location: root.display().to_string(),
             })
@@ -242,6 +248,7 @@ async fn open_registry(
         fills,
         meta,
         redirects,
+        hot,
         ..
     } = open_stores(config)?;
     if config.storage.kind == StorageKind::S3 {
@@ -254,6 +261,9 @@ async fn open_registry(
     let mut registry = Registry::new(blobs.clone(), uploads, meta.clone());
     if let Some((urls, ttl)) = redirects {
         registry = registry.with_redirects(urls, ttl);
+    }
+    if let Some(metrics) = hot {
+        registry = registry.with_hot_metrics(metrics);
     }
     if config.pull_through.is_empty() {
         return Ok(registry);

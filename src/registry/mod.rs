@@ -160,6 +160,8 @@ pub struct Registry {
     /// Blob GETs of hosted repositories answer with a URL of the store
     /// valid this long, instead of the bytes.
     redirects: Option<(Arc<dyn BlobUrls>, Duration)>,
+    /// Counters of the local hot tier in front of the blob store, if any.
+    hot: Option<crate::storage::hot::HotMetrics>,
 }
 
 fn unix_now() -> u64 {
@@ -186,7 +188,18 @@ impl Registry {
             manifests,
             cache: None,
             redirects: None,
+            hot: None,
         }
+    }
+
+    /// Reports the counters of a hot tier in front of the blob store.
+    pub fn with_hot_metrics(mut self, metrics: crate::storage::hot::HotMetrics) -> Registry {
+        self.hot = Some(metrics);
+        self
+    }
+
+    pub fn hot_metrics(&self) -> Option<&crate::storage::hot::HotMetrics> {
+        self.hot.as_ref()
     }
 
     /// Answers blob GETs of hosted repositories with URLs of `urls` valid
