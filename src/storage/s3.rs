@@ -29,8 +29,10 @@
 //! a hasher and is completed only if the computed digest matches (aborted
 //! otherwise). No reader ever sees a partial or unverified blob. The cost
 //! of a multi-chunk push is that its bytes cross wharf twice at commit; a
-//! single-chunk push (the usual `docker push` and monolithic uploads) is
-//! published by a server-side copy.
+//! single-chunk push (the usual `docker push` and monolithic uploads) of up
+//! to 5 GiB (S3's limit for one copy) is published by a server-side copy.
+//! Parts are 8 MiB and S3 allows 10,000 of them: one chunk, or one blob
+//! assembled at commit, is at most 78 GiB.
 //!
 //! **Fills** (pull-through) stage in a local file, because the waiters of a
 //! fill read the growing bytes; the verified file is then uploaded to the
@@ -71,6 +73,9 @@ use crate::oci::{Algorithm, Digest, Hasher, UploadId};
 const PART_SIZE: usize = 8 * 1024 * 1024;
 /// Parts of one multipart upload in flight at once.
 const PART_CONCURRENCY: usize = 4;
+/// Largest object a single server-side copy may make (S3's CopyObject
+/// limit); larger single-chunk sessions are assembled instead.
+const MAX_COPY: u64 = 5 * 1024 * 1024 * 1024;
 /// Read size when uploading a local staging file.
 const FILE_READ: usize = 1024 * 1024;
 
@@ -759,7 +764,7 @@ impl UploadStore for S3Store {
                 .map_err(os_err),
             // The single chunk hashed to the digest as it arrived: publish
             // it by a server-side copy (atomic; the bytes stay in the store).
-            Some(_) if session.parts.len() == 1 => self
+            Some(_) if session.parts.len() == 1 && size <= MAX_COPY => self
                 .store
                 .copy(&session.parts[0].path, &self.blob_key(expected))
                 .await
