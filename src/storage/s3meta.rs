@@ -52,7 +52,7 @@ use crate::oci::{Digest, RepoName, Tag, UploadId};
 /// Concurrent GETs when a listing reads record bodies.
 const READ_CONCURRENCY: usize = 16;
 /// Compare-and-swap attempts before giving up.
-const CAS_ATTEMPTS: u32 = 200;
+const CAS_ATTEMPTS: u32 = 1000;
 
 fn meta_err(e: impl std::fmt::Display) -> StorageError {
     StorageError::Meta(e.to_string())

@@ -52,6 +52,24 @@ impl SeaweedFs {
     /// Like [`SeaweedFs::start`]; with `(cert.pem, key.pem)` the S3 gateway
     /// also answers HTTPS on [`SeaweedFs::https_endpoint`].
     pub async fn start_with_tls(tls: Option<(&std::path::Path, &std::path::Path)>) -> SeaweedFs {
+        // The free ports are picked before weed binds them: another process
+        // may take one in between. Then start again on other ports.
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Self::try_start(tls).await {
+                Ok(sw) => return sw,
+                Err(why) => failures.push(why),
+            }
+        }
+        panic!(
+            "SeaweedFS did not start in 3 attempts:\n{}",
+            failures.join("\n----\n")
+        );
+    }
+
+    async fn try_start(
+        tls: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<SeaweedFs, String> {
         let weed = super::require_tool("weed");
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("s3.json");
@@ -113,26 +131,26 @@ impl SeaweedFs {
         };
         let store = sw.object_store();
         let probe = object_store::path::Path::from("ready-probe");
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(45);
         loop {
             if let Ok(Some(status)) = sw.child.try_wait() {
-                panic!(
+                return Err(format!(
                     "weed mini exited ({status}) before it was ready; its log:\n{}",
                     sw.log()
-                );
+                ));
             }
             if store.put(&probe, PutPayload::from("ok")).await.is_ok() {
                 let _ = store.delete(&probe).await;
-                break;
+                return Ok(sw);
             }
-            assert!(
-                Instant::now() < deadline,
-                "SeaweedFS S3 did not accept a write within 60 s; its log:\n{}",
-                sw.log()
-            );
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "SeaweedFS S3 did not accept a write within 45 s; its log:\n{}",
+                    sw.log()
+                ));
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        sw
     }
 
     pub fn log(&self) -> String {
