@@ -1047,3 +1047,49 @@ async fn hot_tier_copies_verifies_and_evicts() {
     }
     assert!(reopened.size() > 0);
 }
+
+/// `wharf fsck` over the bucket: re-hashes every blob, quarantines the
+/// corrupt one (out of `blobs/`, kept under `quarantine/`) and exits non-zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsck_quarantines_corrupt_blobs_in_the_bucket() {
+    use object_store::{ObjectStoreExt, PutPayload};
+    let sw = SeaweedFs::start().await;
+    let w = replica(&sw, "fsck");
+    let c = HttpClient::new(w.url());
+    let good = c.push_blob("fsck/app", b"good bytes").await;
+    let bad = c.push_blob("fsck/app", b"bytes that will rot").await;
+    let store = sw.object_store();
+    let bad_key = object_store::path::Path::from(format!("fsck/blobs/sha256/{}", &bad[7..]));
+    store
+        .put(&bad_key, PutPayload::from("rotten"))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("wharf.toml");
+    std::fs::write(&config, replica_config(&sw, "fsck", dir.path())).unwrap();
+    let out = std::process::Command::new(common::wharf_bin())
+        .args(["fsck", "--config"])
+        .arg(&config)
+        .env("S3_TEST_SECRET", common::seaweedfs::SECRET_KEY)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains(&format!("CORRUPT {bad}")), "{stdout}");
+    assert!(stdout.contains("checked 2 blobs: 1 corrupt"), "{stdout}");
+    assert!(matches!(
+        store.head(&bad_key).await,
+        Err(object_store::Error::NotFound { .. })
+    ));
+    let kept = object_store::path::Path::from(format!("fsck/quarantine/sha256-{}", &bad[7..]));
+    assert_eq!(
+        &store.get(&kept).await.unwrap().bytes().await.unwrap()[..],
+        b"rotten"
+    );
+    let r = c.get(&format!("/v2/fsck/app/blobs/{good}")).await;
+    assert_eq!(&r.body[..], b"good bytes");
+    assert_eq!(
+        c.head(&format!("/v2/fsck/app/blobs/{bad}")).await.status,
+        StatusCode::NOT_FOUND
+    );
+}
