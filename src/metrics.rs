@@ -144,6 +144,11 @@ impl Metrics {
                 f.corrupt.clone(),
             );
             r.register(
+                "cache_fills_followed",
+                "Blob fetches served from another replica's fill over the bucket (no upstream request)",
+                f.followed.clone(),
+            );
+            r.register(
                 "upstream_bytes",
                 "Blob bytes received from upstreams",
                 f.upstream_bytes.clone(),

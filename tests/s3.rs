@@ -903,10 +903,11 @@ async fn blob_gets_redirect_to_presigned_urls() {
 }
 
 /// Pull-through over S3 with two replicas: concurrent cold pulls of one
-/// blob on both fetch it from upstream at most once per replica, and once
-/// it is in the bucket any replica serves it without asking upstream.
+/// blob on both reach upstream once for the whole cluster (one replica
+/// holds the fill's lease, the other streams its parts from the bucket),
+/// and once it is in the bucket any replica serves it without upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn cold_pulls_on_two_replicas_fetch_at_most_once_per_replica() {
+async fn cold_pulls_on_two_replicas_fetch_once_per_cluster() {
     use common::fake_upstream::{FakeUpstream, Fault};
     let sw = SeaweedFs::start().await;
     let fake = FakeUpstream::start();
@@ -1091,5 +1092,62 @@ async fn fsck_quarantines_corrupt_blobs_in_the_bucket() {
     assert_eq!(
         c.head(&format!("/v2/fsck/app/blobs/{bad}")).await.status,
         StatusCode::NOT_FOUND
+    );
+}
+
+/// The replica holding a fill's lease dies mid-fill: the replica following
+/// it takes the lease over once it expires and fetches only the rest from
+/// upstream (a Range request from where the published parts end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fill_lease_taken_over_when_its_holder_dies() {
+    use common::fake_upstream::{FakeUpstream, Fault};
+    let sw = SeaweedFs::start().await;
+    let fake = FakeUpstream::start();
+    let layer = common::cache::random_bytes(20 * 1024 * 1024, 33);
+    let (_, ld, _) = common::cache::seed_image(&fake, "team/app", "v1", &layer);
+    fake.fault(&ld, Fault::bytes_per_second(4 * 1024 * 1024));
+    let spawn = || {
+        let dir = tempfile::tempdir().unwrap();
+        let body = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n{}\n{}",
+            sw.storage_toml("takeover", &dir.path().join("scratch")),
+            common::cache::rule("up", &fake, "")
+        );
+        spawn_wharf_config(
+            dir,
+            &body,
+            &[("S3_TEST_SECRET", common::seaweedfs::SECRET_KEY)],
+            &[],
+        )
+    };
+    let (mut a, b) = (spawn(), spawn());
+    let path = format!("/v2/up/team/app/blobs/{ld}");
+    let ca = HttpClient::new(a.url());
+    let p = path.clone();
+    // Its response dies with A (the task's panic is expected).
+    let first = tokio::spawn(async move { ca.get(&p).await });
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let cb = HttpClient::new(b.url());
+    let p = path.clone();
+    let second = tokio::spawn(async move { cb.get(&p).await });
+    // A has published its first 8 MiB part after ~2 s.
+    tokio::time::sleep(std::time::Duration::from_millis(2800)).await;
+    a.kill9();
+    let _ = first.await;
+    let r = second.await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body.len(), layer.len());
+    assert_eq!(sha256(&r.body), ld, "B finished the blob A started");
+    let ranges = fake.ranges(&format!("/v2/team/app/blobs/{ld}"));
+    assert_eq!(ranges.len(), 2, "{ranges:?}");
+    let resumed = ranges[1].clone().expect("B resumed with a Range request");
+    let from: usize = resumed
+        .strip_prefix("bytes=")
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{resumed}"));
+    assert!(
+        (8 * 1024 * 1024..layer.len()).contains(&from),
+        "B fetched only what A had not published: {resumed}"
     );
 }

@@ -130,6 +130,9 @@ struct Stores {
     uploads: Arc<dyn UploadStore>,
     fills: Arc<dyn FillStore>,
     meta: Arc<dyn MetaStore>,
+    /// Leases of cluster-wide fills (one upstream fetch per blob for every
+    /// replica over the bucket).
+    leases: Option<Arc<dyn crate::storage::FillLeases>>,
     /// Counters of the hot tier, when there is one.
     hot: Option<crate::storage::hot::HotMetrics>,
     /// Presigned URLs for redirected blob GETs, with their lifetime.
@@ -208,7 +211,11 @@ fn open_stores(config: &Config) -> anyhow::Result<Stores> {
                 blobs,
                 uploads: store.clone(),
                 fills: Arc::new(S3Fills(store)),
-                meta: Arc::new(S3Meta::new(client, &opts.prefix)),
+                meta: Arc::new(S3Meta::new(client.clone(), &opts.prefix)),
+                leases: Some(Arc::new(crate::storage::s3lease::S3Leases::new(
+                    client,
+                    &opts.prefix,
+                ))),
                 hot,
                 redirects,
                 location: format!("s3://{}/{}", s3.bucket, s3.prefix),
@@ -227,6 +234,7 @@ fn open_stores(config: &Config) -> anyhow::Result<Stores> {
                 uploads: store.clone(),
                 fills: store,
                 meta,
+                leases: None,
                 hot: None,
                 redirects: None,
                 location: root.display().to_string(),
@@ -249,6 +257,7 @@ async fn open_registry(
         meta,
         redirects,
         hot,
+        leases,
         ..
     } = open_stores(config)?;
     if config.storage.kind == StorageKind::S3 {
@@ -321,6 +330,9 @@ async fn open_registry(
         budget.clone(),
         stop.clone(),
     ));
+    if let Some(leases) = leases {
+        cache.fills.set_cluster(leases);
+    }
     let fills = cache.fills.clone();
     tokio::spawn(budget.run(move |d| fills.in_progress(d).is_some(), stop.clone()));
     Ok(registry.with_cache(cache))

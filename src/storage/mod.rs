@@ -14,6 +14,7 @@ pub mod fs;
 pub mod hot;
 pub mod meta;
 pub mod s3;
+pub mod s3lease;
 pub mod s3meta;
 
 use std::io;
@@ -141,6 +142,50 @@ pub trait FillWriter: Send + Sync {
     async fn commit(self: Box<Self>, expected: &Digest) -> Result<u64>;
     /// Discards the staged bytes.
     async fn abort(self: Box<Self>);
+}
+
+/// Whose a cluster-wide fill is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    /// This replica fetches the blob and publishes its parts.
+    Ours,
+    /// Another replica does; `total` is the size once it learnt it.
+    Theirs { total: Option<u64> },
+}
+
+/// Leases and growing parts of fills shared by several replicas (one
+/// upstream fetch per blob for the whole cluster).
+///
+/// Contract: at most one unexpired lease per digest; parts are written at
+/// increasing offsets by the lease holder and never change; `part` returns
+/// the bytes at `offset` (a whole part, or a piece of the published blob
+/// once the holder published it and removed its parts), or `None` if they
+/// are not there yet.
+#[async_trait]
+pub trait FillLeases: Send + Sync + 'static {
+    /// Takes the lease of `digest` if it is free or expired.
+    async fn acquire(
+        &self,
+        digest: &Digest,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<LeaseState>;
+    /// Extends the lease (and records the size once known). `false` if it
+    /// is no longer ours.
+    async fn renew(
+        &self,
+        digest: &Digest,
+        holder: &str,
+        ttl: std::time::Duration,
+        total: Option<u64>,
+    ) -> Result<bool>;
+    /// Whether a lease exists: `(unexpired, total)`.
+    async fn state(&self, digest: &Digest) -> Result<Option<(bool, Option<u64>)>>;
+    async fn put_part(&self, digest: &Digest, offset: u64, bytes: Bytes) -> Result<()>;
+    /// With the blob's size when the bytes came from the published blob.
+    async fn part(&self, digest: &Digest, offset: u64) -> Result<Option<(Bytes, Option<u64>)>>;
+    /// Removes the lease and the parts (only the holder's).
+    async fn release(&self, digest: &Digest, holder: &str) -> Result<()>;
 }
 
 /// Reads the bytes of a fill in progress.
