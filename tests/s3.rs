@@ -1130,8 +1130,24 @@ async fn fill_lease_taken_over_when_its_holder_dies() {
     let cb = HttpClient::new(b.url());
     let p = path.clone();
     let second = tokio::spawn(async move { cb.get(&p).await });
-    // A has published its first 8 MiB part after ~2 s.
-    tokio::time::sleep(std::time::Duration::from_millis(2800)).await;
+    // Once A has published its first part (after ~2 s), it dies.
+    let store = sw.object_store();
+    let fills = object_store::path::Path::from("takeover/fills");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        use futures::TryStreamExt;
+        let names: Vec<object_store::ObjectMeta> =
+            store.list(Some(&fills)).try_collect().await.unwrap();
+        if names.iter().any(|o| {
+            o.location
+                .filename()
+                .is_some_and(|n| n.bytes().all(|c| c.is_ascii_digit()))
+        }) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "A published no part");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     a.kill9();
     let _ = first.await;
     let r = second.await.unwrap();
