@@ -79,6 +79,7 @@ impl Metrics {
         upstream: &UpstreamMetrics,
         cache: Option<&Cache>,
         replication: Option<&crate::replication::ReplicationMetrics>,
+        hot: Option<&crate::storage::hot::HotMetrics>,
     ) -> Metrics {
         let mut r = Registry::with_prefix("wharf");
         r.register(
@@ -145,6 +146,11 @@ impl Metrics {
                 f.corrupt.clone(),
             );
             r.register(
+                "cache_fills_followed",
+                "Blob fetches served from another replica's fill over the bucket (no upstream request)",
+                f.followed.clone(),
+            );
+            r.register(
                 "upstream_bytes",
                 "Blob bytes received from upstreams",
                 f.upstream_bytes.clone(),
@@ -196,6 +202,28 @@ impl Metrics {
                 "replication_completed",
                 "Replication jobs completed, by destination",
                 m.completed.clone(),
+            );
+        }
+        if let Some(h) = hot {
+            r.register(
+                "hot_tier_hits",
+                "Blob reads served from the local hot tier",
+                h.hits.clone(),
+            );
+            r.register(
+                "hot_tier_misses",
+                "Blob reads served from the bucket (then copied to the hot tier)",
+                h.misses.clone(),
+            );
+            r.register(
+                "hot_tier_evictions",
+                "Copies dropped from the hot tier to keep its size",
+                h.evictions.clone(),
+            );
+            r.register(
+                "hot_tier_rejected",
+                "Copies into the hot tier that did not match their digest (nothing kept)",
+                h.rejected.clone(),
             );
         }
         Metrics { registry: r }

@@ -2962,6 +2962,26 @@ async fn conformance_all_workflows_in_sequence() {
     r.finish(&s);
 }
 
+/// The same four workflows in sequence against wharf on the S3 backend,
+/// over a SeaweedFS spawned by the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_all_workflows_on_s3() {
+    let sw = common::seaweedfs::SeaweedFs::start().await;
+    let w = sw.spawn_wharf("conformance", "", &[], &[]);
+    let crossmount = format!("conformance-{}", uuid::Uuid::new_v4());
+    let mut s = Suite::new(&w.url(), "conformance/test-repo", &crossmount);
+    let mut r = Runner::new("Pull");
+    workflow_pull(&mut s, &mut r).await;
+    r.workflow = "Push";
+    workflow_push(&mut s, &mut r).await;
+    r.workflow = "Content Discovery";
+    workflow_discovery(&mut s, &mut r).await;
+    r.workflow = "Content Management";
+    workflow_management(&mut s, &mut r).await;
+    r.workflow = "All workflows on S3";
+    r.finish(&s);
+}
+
 // ===========================================================================
 // Beyond the suite: stricter, spec-derived checks (NOT made by the suite;
 // kept apart so that the workflow tests above stay faithful to it).

@@ -6,7 +6,8 @@
 //! Every external tool is required; a missing one fails the test (run
 //! `scripts/test`, which installs them). Each scenario takes the registry
 //! address (`HOST:PORT`) as its parameter, so it can run against any
-//! registry; the tests pass a freshly spawned wharf.
+//! registry; the tests pass a freshly spawned wharf (on the filesystem
+//! backend, or on the S3 backend over a SeaweedFS spawned by the test).
 //!
 //! Client facts these tests rely on:
 //! - All traffic is plain HTTP on loopback. skopeo and podman need
@@ -87,6 +88,37 @@ fn podman_pulls_and_runs_docker_manifest_list() {
 fn docker_pushes_pulls_and_runs() {
     let wharf = common::spawn_wharf("");
     docker_push_pull_run(&wharf.host());
+}
+
+// The same scenarios against wharf on the S3 backend (a SeaweedFS spawned
+// by the test), with and without presigned redirects for blob GETs.
+
+#[test]
+fn skopeo_copies_oci_index_over_s3() {
+    let sw = common::seaweedfs::SeaweedFs::start_blocking();
+    let wharf = sw.spawn_wharf("interop", "", &[], &[]);
+    skopeo_roundtrip(&wharf.host(), Shape::Index, Format::Oci);
+}
+
+#[test]
+fn skopeo_copies_docker_image_over_s3_with_redirects() {
+    let sw = common::seaweedfs::SeaweedFs::start_blocking();
+    let wharf = sw.spawn_wharf("interop", "redirect = true\n", &[], &[]);
+    skopeo_roundtrip(&wharf.host(), Shape::Image, Format::Docker);
+}
+
+#[test]
+fn containerd_pulls_and_runs_oci_index_over_s3() {
+    let sw = common::seaweedfs::SeaweedFs::start_blocking();
+    let wharf = sw.spawn_wharf("interop", "", &[], &[]);
+    containerd_pull_and_run(&wharf.host(), Shape::Index, Format::Oci);
+}
+
+#[test]
+fn containerd_pulls_and_runs_docker_image_over_s3_with_redirects() {
+    let sw = common::seaweedfs::SeaweedFs::start_blocking();
+    let wharf = sw.spawn_wharf("interop", "redirect = true\n", &[], &[]);
+    containerd_pull_and_run(&wharf.host(), Shape::Image, Format::Docker);
 }
 
 #[test]

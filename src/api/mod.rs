@@ -113,6 +113,7 @@ impl App {
             upstream,
             registry.cache().map(|c| &**c),
             replication.as_ref().map(|r| &r.metrics),
+            registry.hot_metrics(),
         ));
         App {
             registry,
@@ -329,6 +330,15 @@ impl App {
             let size = self.registry.blob_size(name, digest, ns).await?;
             let mut r = Response::new(empty());
             blob_headers(r.headers_mut(), digest, size);
+            return Ok(r);
+        }
+        if let Some(url) = self.registry.blob_url(name, digest, ns).await? {
+            // Like ECR's GetDownloadUrlForLayer: the client fetches the bytes
+            // (with its Range, if any) from the store.
+            let mut r = status_only(StatusCode::TEMPORARY_REDIRECT);
+            r.headers_mut().insert(header::LOCATION, hv(&url));
+            r.headers_mut()
+                .insert("docker-content-digest", hv(digest.as_str()));
             return Ok(r);
         }
         let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());

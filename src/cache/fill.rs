@@ -27,7 +27,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use super::budget::Budget;
 use crate::oci::{Digest, RepoName};
-use crate::storage::{ByteStream, FillStore, MetaStore, StagedReader};
+use crate::storage::{ByteStream, FillLeases, FillStore, LeaseState, MetaStore, StagedReader};
 use crate::upstream::{UpstreamClient, UpstreamError};
 
 /// How many times a fill resumes (with a Range request) after the upstream
@@ -35,6 +35,19 @@ use crate::upstream::{UpstreamClient, UpstreamError};
 const MAX_RESUMES: u32 = 5;
 /// Chunk size served to waiters from the staged bytes.
 const SERVE_CHUNK: usize = 512 * 1024;
+/// Cluster-wide fills: the size of the parts the lease holder publishes,
+/// how long its lease lasts without renewal, and how often the other
+/// replicas look for new parts.
+const CLUSTER_PART: usize = 8 * 1024 * 1024;
+const LEASE_TTL: Duration = Duration::from_secs(30);
+const FOLLOW_POLL: Duration = Duration::from_millis(100);
+
+/// Fills shared by the replicas over one bucket.
+struct Cluster {
+    leases: Arc<dyn FillLeases>,
+    /// This process, as a lease holder.
+    holder: String,
+}
 
 /// Why a fill failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +94,9 @@ pub struct FillCounters {
     pub failed: Counter,
     pub corrupt: Counter,
     pub upstream_bytes: Counter,
+    /// Fills whose bytes came from another replica's fill (no upstream
+    /// request).
+    pub followed: Counter,
 }
 
 pub struct Fills {
@@ -92,6 +108,7 @@ pub struct Fills {
     max_age: Duration,
     stop: CancellationToken,
     pub counters: Arc<FillCounters>,
+    cluster: std::sync::OnceLock<Cluster>,
 }
 
 fn bump(c: &Counter, n: u64) {
@@ -116,7 +133,18 @@ impl Fills {
             max_age,
             stop,
             counters: Arc::default(),
+            cluster: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Makes fills cluster-wide: one replica holding `leases`' lease of a
+    /// digest fetches it from upstream and publishes its parts, the others
+    /// stream those parts. Set once, before the first fill.
+    pub fn set_cluster(&self, leases: Arc<dyn FillLeases>) {
+        let _ = self.cluster.set(Cluster {
+            leases,
+            holder: uuid::Uuid::new_v4().to_string(),
+        });
     }
 
     /// How many fills are running.
@@ -351,7 +379,11 @@ impl FillTask {
         fills: &Fills,
         fill: &Fill,
     ) {
-        let outcome = self.fetch(&mut *writer, fills).await;
+        let cluster = fills.cluster.get();
+        let outcome = match cluster {
+            None => self.fetch(&mut *writer, fills, None).await,
+            Some(c) => self.fetch_clustered(c, &mut *writer, fills).await,
+        };
         let outcome = match outcome {
             Ok(()) => match writer.commit(&self.digest).await {
                 Ok(size) => {
@@ -391,6 +423,13 @@ impl FillTask {
                 Err(f)
             }
         };
+        if let Some(c) = cluster {
+            // Only the holder's lease and parts go; followers keep reading
+            // the rest from the published blob.
+            if let Err(e) = c.leases.release(&self.digest, &c.holder).await {
+                tracing::warn!(digest = %self.digest, error = %e, "could not release the fill lease");
+            }
+        }
         match outcome {
             Ok(()) => {
                 self.tx.send_modify(|s| s.phase = Phase::Done);
@@ -409,6 +448,7 @@ impl FillTask {
         &self,
         writer: &mut dyn crate::storage::FillWriter,
         fills: &Fills,
+        mut publisher: Option<&mut Publisher<'_>>,
     ) -> Result<(), FillFailure> {
         let mut resumes = 0u32;
         let mut total: Option<u64> = None;
@@ -435,6 +475,9 @@ impl FillTask {
                     s.total = total;
                     s.phase = Phase::Streaming;
                 });
+                if let Some(p) = publisher.as_deref_mut() {
+                    p.renew(total).await;
+                }
             }
             let mut stream = resp.stream;
             let mut broken = None;
@@ -447,6 +490,9 @@ impl FillTask {
                             ));
                         }
                         write(writer, &b).await?;
+                        if let Some(p) = publisher.as_deref_mut() {
+                            p.wrote(&b).await;
+                        }
                         bump(&fills.counters.upstream_bytes, b.len() as u64);
                         let w = writer.written();
                         self.tx.send_modify(|s| s.written = w);
@@ -466,6 +512,9 @@ impl FillTask {
                     let w = writer.written();
                     self.tx.send_modify(|s| s.total = Some(w));
                 }
+                if let Some(p) = publisher.as_deref_mut() {
+                    p.finish(writer.written()).await;
+                }
                 return Ok(());
             }
             resumes += 1;
@@ -477,6 +526,171 @@ impl FillTask {
             }
             tracing::info!(digest = %self.digest, offset = writer.written(), %why, "resuming fill with a Range request");
         }
+    }
+}
+
+impl FillTask {
+    /// A fill shared by the cluster: take the lease and fetch from upstream
+    /// (publishing parts), or follow the holder's parts; take over from a
+    /// holder that stopped renewing its lease, resuming where the bytes
+    /// received so far end.
+    async fn fetch_clustered(
+        &self,
+        c: &Cluster,
+        writer: &mut dyn crate::storage::FillWriter,
+        fills: &Fills,
+    ) -> Result<(), FillFailure> {
+        let mut followed = false;
+        loop {
+            let state = c
+                .leases
+                .acquire(&self.digest, &c.holder, LEASE_TTL)
+                .await
+                .map_err(|e| FillFailure::Failed(format!("fill lease: {e}").into()))?;
+            match state {
+                LeaseState::Ours => {
+                    let mut p = Publisher {
+                        c,
+                        digest: &self.digest,
+                        buf: bytes::BytesMut::new(),
+                        published: writer.written(),
+                    };
+                    return self.fetch(writer, fills, Some(&mut p)).await;
+                }
+                LeaseState::Theirs { total } => {
+                    if !followed {
+                        followed = true;
+                        bump(&fills.counters.followed, 1);
+                    }
+                    if self.follow(c, writer, total).await? {
+                        return Ok(());
+                    }
+                    tracing::info!(digest = %self.digest, offset = writer.written(), "the fill's lease expired; taking it over");
+                }
+            }
+        }
+    }
+
+    /// Streams another replica's parts into `writer`. `Ok(true)` once every
+    /// byte is there; `Ok(false)` when the holder's lease expired or it gave
+    /// up without publishing.
+    async fn follow(
+        &self,
+        c: &Cluster,
+        writer: &mut dyn crate::storage::FillWriter,
+        mut total: Option<u64>,
+    ) -> Result<bool, FillFailure> {
+        let lease_err = |e: crate::storage::StorageError| {
+            FillFailure::Failed(format!("reading another replica's fill: {e}").into())
+        };
+        let announce = |total: Option<u64>, tx: &watch::Sender<FillStatus>| {
+            if total.is_some() {
+                tx.send_modify(|s| {
+                    s.total = total;
+                    s.phase = Phase::Streaming;
+                });
+            }
+        };
+        announce(total, &self.tx);
+        loop {
+            let offset = writer.written();
+            if total.is_some_and(|t| offset >= t) {
+                return Ok(true);
+            }
+            if let Some((b, size)) = c
+                .leases
+                .part(&self.digest, offset)
+                .await
+                .map_err(lease_err)?
+                && !b.is_empty()
+            {
+                if total.is_none() && size.is_some() {
+                    total = size;
+                    announce(total, &self.tx);
+                }
+                if total.is_some_and(|t| offset + b.len() as u64 > t) {
+                    return Err(FillFailure::Failed(
+                        "another replica's fill has more bytes than announced".into(),
+                    ));
+                }
+                write(writer, &b).await?;
+                let w = writer.written();
+                self.tx.send_modify(|s| s.written = w);
+                continue;
+            }
+            match c.leases.state(&self.digest).await.map_err(lease_err)? {
+                Some((true, t)) => {
+                    if total.is_none() && t.is_some() {
+                        total = t;
+                        announce(total, &self.tx);
+                    }
+                }
+                // Expired, or released without the blob: take over.
+                Some((false, _)) | None => return Ok(false),
+            }
+            tokio::time::sleep(FOLLOW_POLL).await;
+        }
+    }
+}
+
+/// The lease holder's side of a cluster-wide fill: parts of
+/// [`CLUSTER_PART`] bytes published as the bytes arrive, the lease renewed
+/// with each. Failures to publish are logged, not fatal: the other
+/// replicas then take the lease over when it expires.
+struct Publisher<'a> {
+    c: &'a Cluster,
+    digest: &'a Digest,
+    buf: bytes::BytesMut,
+    /// Offset of `buf`'s first byte.
+    published: u64,
+}
+
+impl Publisher<'_> {
+    async fn wrote(&mut self, b: &[u8]) {
+        self.buf.extend_from_slice(b);
+        if self.buf.len() >= CLUSTER_PART {
+            self.flush().await;
+            self.renew(None).await;
+        }
+    }
+
+    async fn flush(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let part = self.buf.split().freeze();
+        let n = part.len() as u64;
+        if let Err(e) = self
+            .c
+            .leases
+            .put_part(self.digest, self.published, part)
+            .await
+        {
+            tracing::warn!(digest = %self.digest, error = %e, "could not publish a fill part");
+        }
+        self.published += n;
+    }
+
+    async fn renew(&mut self, total: Option<u64>) {
+        match self
+            .c
+            .leases
+            .renew(self.digest, &self.c.holder, LEASE_TTL, total)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(digest = %self.digest, "lost the fill's lease to another replica")
+            }
+            Err(e) => {
+                tracing::warn!(digest = %self.digest, error = %e, "could not renew the fill lease")
+            }
+        }
+    }
+
+    async fn finish(&mut self, total: u64) {
+        self.flush().await;
+        self.renew(Some(total)).await;
     }
 }
 

@@ -17,14 +17,17 @@ use crate::api::App;
 use crate::api::server::{self, ServerOptions};
 use crate::cache::budget::Budget;
 use crate::cache::{Cache, Rule, Rules};
+use crate::config::StorageKind;
 use crate::config::{Config, LogFormat};
 use crate::metrics::UpstreamMetrics;
 use crate::registry::Registry;
 use crate::replication::{Destination, Replication, Rule as ReplicationRule};
-use crate::storage::BlobStore;
 use crate::storage::fs::FsStore;
 use crate::storage::jobs::RedbJobs;
 use crate::storage::meta::RedbMeta;
+use crate::storage::s3::{S3Fills, S3Options, S3Store, S3Urls};
+use crate::storage::s3meta::S3Meta;
+use crate::storage::{BlobStore, FillStore, MetaStore, UploadStore};
 use crate::upstream::{Credentials, Secret, UpstreamClient, UpstreamSettings};
 
 #[derive(Parser)]
@@ -137,13 +140,27 @@ fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
 /// metadata database. `None` without rules.
 fn open_replication(
     config: &Config,
-    meta: &RedbMeta,
+    jobs_db: Option<Arc<redb::Database>>,
     upstream_metrics: &UpstreamMetrics,
 ) -> anyhow::Result<Option<Arc<Replication>>> {
     let rc = &config.replication;
     if rc.rules.is_empty() {
         return Ok(None);
     }
+    // Over S3 each replica keeps the queue of the pushes it acknowledged in
+    // a local database; reconciliation repairs what a lost replica left.
+    let jobs_db =
+        match jobs_db {
+            Some(db) => db,
+            None => {
+                let path = config.storage.path.join("replication.redb");
+                std::fs::create_dir_all(&config.storage.path)
+                    .with_context(|| format!("creating {}", config.storage.path.display()))?;
+                Arc::new(redb::Database::create(&path).with_context(|| {
+                    format!("opening the replication queue at {}", path.display())
+                })?)
+            }
+        };
     let mut destinations = Vec::new();
     for (i, d) in rc.destinations.iter().enumerate() {
         let ctx = || format!("replication.destinations[{i}] ({})", d.name);
@@ -187,7 +204,7 @@ fn open_replication(
             include_pulled_through: r.include_pulled_through,
         })
         .collect();
-    let jobs = RedbJobs::open(meta.database()).context("opening the replication queue")?;
+    let jobs = RedbJobs::open(jobs_db).context("opening the replication queue")?;
     Ok(Some(Arc::new(Replication::new(
         destinations,
         rules,
@@ -247,6 +264,130 @@ fn open_sync(
     Ok(out)
 }
 
+/// The configured backend's stores.
+struct Stores {
+    blobs: Arc<dyn BlobStore>,
+    uploads: Arc<dyn UploadStore>,
+    fills: Arc<dyn FillStore>,
+    meta: Arc<dyn MetaStore>,
+    /// Leases of cluster-wide fills (one upstream fetch per blob for every
+    /// replica over the bucket).
+    leases: Option<Arc<dyn crate::storage::FillLeases>>,
+    /// Counters of the hot tier, when there is one.
+    hot: Option<crate::storage::hot::HotMetrics>,
+    /// Presigned URLs for redirected blob GETs, with their lifetime.
+    redirects: Option<(Arc<dyn crate::storage::BlobUrls>, std::time::Duration)>,
+    /// The embedded database the replication queue shares, when the
+    /// metadata lives in one.
+    jobs_db: Option<Arc<redb::Database>>,
+    /// Where the data lives, for the logs.
+    location: String,
+}
+
+/// The S3 connection settings of the configuration, with the secrets and
+/// the CA bundle read. Without `ca_file`, `AWS_CA_BUNDLE` (as the AWS SDKs
+/// read it) names an extra bundle.
+fn s3_options(s3: &crate::config::S3Config) -> anyhow::Result<S3Options> {
+    let credentials = match &s3.credentials {
+        Some(c) => Some(
+            c.resolve()
+                .map_err(anyhow::Error::msg)
+                .context("storage.s3.credentials")?,
+        ),
+        None => None,
+    };
+    let ca_pem =
+        match (&s3.ca_file, std::env::var_os("AWS_CA_BUNDLE")) {
+            (Some(f), _) => Some(
+                std::fs::read(f).with_context(|| format!("storage.s3.ca_file: {}", f.display()))?,
+            ),
+            (None, Some(f)) if !f.is_empty() => Some(std::fs::read(&f).with_context(|| {
+                format!("AWS_CA_BUNDLE: cannot read {}", Path::new(&f).display())
+            })?),
+            _ => None,
+        };
+    Ok(S3Options {
+        bucket: s3.bucket.clone(),
+        prefix: s3.prefix.clone(),
+        endpoint: s3.endpoint.clone(),
+        region: s3.region.clone(),
+        path_style: s3.path_style,
+        credentials,
+        ca_pem,
+        connect_timeout: s3.connect_timeout,
+        read_timeout: s3.read_timeout,
+    })
+}
+
+fn open_stores(config: &Config) -> anyhow::Result<Stores> {
+    let root = &config.storage.path;
+    match (config.storage.kind, &config.storage.s3) {
+        (StorageKind::S3, Some(s3)) => {
+            let opts = s3_options(s3)?;
+            let client = crate::storage::s3::connect(&opts).context("storage.s3")?;
+            let store = Arc::new(
+                S3Store::new(client.clone(), &opts.prefix, root.clone()).with_context(|| {
+                    format!("opening the local scratch directory {}", root.display())
+                })?,
+            );
+            let mut hot = None;
+            let blobs: Arc<dyn BlobStore> = match s3.hot_tier_max_size {
+                Some(max) => {
+                    let dir = root.join("hot");
+                    let tier = crate::storage::hot::HotTier::open(
+                        store.clone(),
+                        dir.clone(),
+                        max.as_u64(),
+                    )
+                    .with_context(|| format!("opening the hot tier at {}", dir.display()))?;
+                    hot = Some(tier.metrics.clone());
+                    Arc::new(crate::storage::hot::HotBlobs(Arc::new(tier)))
+                }
+                None => store.clone(),
+            };
+            let redirects = s3.redirect.then(|| {
+                let urls: Arc<dyn crate::storage::BlobUrls> =
+                    Arc::new(S3Urls::new(client.clone(), &opts.prefix));
+                (urls, s3.redirect_ttl)
+            });
+            Ok(Stores {
+                blobs,
+                uploads: store.clone(),
+                fills: Arc::new(S3Fills(store)),
+                meta: Arc::new(S3Meta::new(client.clone(), &opts.prefix)),
+                leases: Some(Arc::new(crate::storage::s3lease::S3Leases::new(
+                    client,
+                    &opts.prefix,
+                ))),
+                hot,
+                redirects,
+                jobs_db: None,
+                location: format!("s3://{}/{}", s3.bucket, s3.prefix),
+            })
+        }
+        _ => {
+            let store = Arc::new(
+                FsStore::open(root)
+                    .with_context(|| format!("opening storage at {}", root.display()))?,
+            );
+            let meta = Arc::new(RedbMeta::open(&root.join("meta.redb")).with_context(|| {
+                format!("opening metadata at {}", root.join("meta.redb").display())
+            })?);
+            Ok(Stores {
+                blobs: store.clone(),
+                uploads: store.clone(),
+                fills: store,
+                jobs_db: Some(meta.database()),
+                meta,
+                leases: None,
+                hot: None,
+                redirects: None,
+                location: root.display().to_string(),
+            })
+        }
+    }
+}
+
 /// Opens the configured stores, replication (when rules are configured)
 /// and, when pull-through rules are configured, the cache in front of them.
 async fn open_registry(
@@ -254,18 +395,34 @@ async fn open_registry(
     upstream_metrics: &UpstreamMetrics,
     stop: &CancellationToken,
 ) -> anyhow::Result<(Registry, Option<Arc<Replication>>)> {
-    let root = &config.storage.path;
-    let store = Arc::new(
-        FsStore::open(root).with_context(|| format!("opening storage at {}", root.display()))?,
-    );
-    let meta =
-        Arc::new(RedbMeta::open(&root.join("meta.redb")).with_context(|| {
-            format!("opening metadata at {}", root.join("meta.redb").display())
-        })?);
-    let replication = open_replication(config, &meta, upstream_metrics)?;
-    let mut registry = Registry::new(store.clone(), store.clone(), meta.clone());
+    let Stores {
+        blobs,
+        uploads,
+        fills,
+        meta,
+        redirects,
+        hot,
+        leases,
+        jobs_db,
+        ..
+    } = open_stores(config)?;
+    if config.storage.kind == StorageKind::S3 {
+        // Fail at start, not at the first request, when the bucket does not
+        // answer (wrong endpoint, credentials, bucket or CA).
+        meta.repositories(None, 1)
+            .await
+            .context("storage.s3: the bucket does not answer")?;
+    }
+    let replication = open_replication(config, jobs_db, upstream_metrics)?;
+    let mut registry = Registry::new(blobs.clone(), uploads, meta.clone());
     if let Some(r) = &replication {
         registry = registry.with_observer(r.clone());
+    }
+    if let Some((urls, ttl)) = redirects {
+        registry = registry.with_redirects(urls, ttl);
+    }
+    if let Some(metrics) = hot {
+        registry = registry.with_hot_metrics(metrics);
     }
     if config.pull_through.is_empty() {
         return Ok((registry, replication));
@@ -309,13 +466,13 @@ async fn open_registry(
             docker_hub,
         });
     }
-    let budget = Budget::open(config.cache.max_size.as_u64(), store.clone(), meta.clone())
+    let budget = Budget::open(config.cache.max_size.as_u64(), blobs.clone(), meta.clone())
         .await
         .context("loading the cache budget")?;
     let mut cache = Cache::new(
         Rules(rules),
-        store.clone(),
-        store,
+        blobs,
+        fills,
         meta,
         config.cache.prefetch,
         config.cache.fill_wait_timeout,
@@ -327,6 +484,9 @@ async fn open_registry(
         cache = cache.with_observer(r.clone());
     }
     let cache = Arc::new(cache);
+    if let Some(leases) = leases {
+        cache.fills.set_cluster(leases);
+    }
     let fills = cache.fills.clone();
     tokio::spawn(budget.run(move |d| fills.in_progress(d).is_some(), stop.clone()));
     Ok((registry.with_cache(cache), replication))
@@ -355,7 +515,13 @@ fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Resul
             .with_context(|| format!("binding {}", config.server.listen))?;
         let addr = listener.local_addr()?;
         let scheme = if tls.is_some() { "https" } else { "http" };
-        tracing::info!(%addr, scheme, storage = %config.storage.path.display(), "wharf ready");
+        let storage = match &config.storage.s3 {
+            Some(s3) if config.storage.kind == StorageKind::S3 => {
+                format!("s3://{}/{}", s3.bucket, s3.prefix)
+            }
+            _ => config.storage.path.display().to_string(),
+        };
+        tracing::info!(%addr, scheme, %storage, "wharf ready");
         {
             use std::io::Write as _;
             let mut out = std::io::stdout().lock();
@@ -444,10 +610,12 @@ async fn purge_uploads(
 
 fn fsck(file: Option<&Path>) -> anyhow::Result<ExitCode> {
     let config = load(file)?;
-    let root = &config.storage.path;
-    let store =
-        FsStore::open(root).with_context(|| format!("opening storage at {}", root.display()))?;
-    runtime()?.block_on(async move {
+    let rt = runtime()?;
+    let _guard = rt.enter();
+    let stores = open_stores(&config)?;
+    tracing::debug!(storage = %stores.location, "fsck");
+    let store = stores.blobs;
+    rt.block_on(async move {
         let digests = store.list().await?;
         let mut bad = 0usize;
         for digest in &digests {

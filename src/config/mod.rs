@@ -351,12 +351,17 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
-    /// Storage backend. Only `filesystem` so far.
+    /// Storage backend: `filesystem` or `s3`.
     #[serde(rename = "type", default)]
     pub kind: StorageKind,
-    /// Data directory of the filesystem backend.
+    /// Data directory of the filesystem backend; with `s3`, local scratch
+    /// space only (staging files of pull-through fills).
     #[serde(default = "default_path")]
     pub path: PathBuf,
+    /// The bucket of the `s3` backend; required with `type = "s3"` and
+    /// refused otherwise.
+    #[serde(default)]
+    pub s3: Option<S3Config>,
     /// Upload sessions idle for longer than this are purged.
     #[serde(default = "default_upload_max_age", with = "humantime_serde")]
     pub upload_max_age: Duration,
@@ -370,6 +375,124 @@ pub struct StorageConfig {
 pub enum StorageKind {
     #[default]
     Filesystem,
+    S3,
+}
+
+/// An S3-compatible bucket (AWS S3, SeaweedFS, MinIO, Ceph RGW) shared by
+/// every replica: blobs, upload sessions and metadata all live in it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// Bucket name (it must exist).
+    pub bucket: String,
+    /// Key prefix inside the bucket, e.g. `wharf/prod` (no leading or
+    /// trailing `/`). Empty: the bucket's root.
+    #[serde(default)]
+    pub prefix: String,
+    /// `http(s)://host[:port]` of an S3-compatible service; absent: AWS S3
+    /// in `region`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Signing region.
+    #[serde(default = "default_s3_region")]
+    pub region: String,
+    /// Path-style requests (`endpoint/bucket/key`), which most
+    /// self-hosted stores need; `false`: virtual-hosted style
+    /// (`bucket.endpoint/key`).
+    #[serde(default = "default_true")]
+    pub path_style: bool,
+    /// Static credentials; absent: the standard AWS chain (`AWS_*`
+    /// environment variables, web identity, container or instance
+    /// credentials).
+    #[serde(default)]
+    pub credentials: Option<S3Credentials>,
+    /// Extra PEM CA bundle trusted for the endpoint (in addition to the
+    /// system roots). Absent: `AWS_CA_BUNDLE` when set.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Connecting to the store must take no longer than this.
+    #[serde(default = "default_s3_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest silence inside a response from the store (there is no
+    /// bound on a whole request: blobs stream for as long as they need).
+    #[serde(default = "default_s3_read_timeout", with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// Blob GETs of hosted repositories answer 307 with a presigned URL of
+    /// the store, so the bytes flow from the store and not through wharf.
+    /// The endpoint must then be reachable by the clients.
+    #[serde(default)]
+    pub redirect: bool,
+    /// How long a presigned URL stays valid.
+    #[serde(default = "default_redirect_ttl", with = "humantime_serde")]
+    pub redirect_ttl: Duration,
+    /// Size of a local-disk tier in front of the bucket (under
+    /// `storage.path`/hot): blobs read are copied there, verified, and
+    /// evicted least recently read first. Absent: no tier.
+    #[serde(default)]
+    pub hot_tier_max_size: Option<bytesize::ByteSize>,
+}
+
+/// Static S3 credentials. The key id may be written inline; the secret
+/// comes only from an environment variable or a file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Credentials {
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub access_key_id_env: Option<String>,
+    #[serde(default)]
+    pub secret_access_key_env: Option<String>,
+    #[serde(default)]
+    pub secret_access_key_file: Option<PathBuf>,
+}
+
+impl S3Credentials {
+    /// The key id and secret, read from their variables or file.
+    pub fn resolve(&self) -> Result<(String, String), String> {
+        let id = match (&self.access_key_id, &self.access_key_id_env) {
+            (Some(id), None) => id.clone(),
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                format!("environment variable {var} (access_key_id_env) is not set")
+            })?,
+            _ => return Err("set exactly one of access_key_id and access_key_id_env".into()),
+        };
+        let secret = match (&self.secret_access_key_env, &self.secret_access_key_file) {
+            (Some(var), None) => std::env::var(var).map_err(|_| {
+                format!("environment variable {var} (secret_access_key_env) is not set")
+            })?,
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+                .map_err(|e| {
+                    format!("cannot read secret_access_key_file {}: {e}", file.display())
+                })?,
+            _ => {
+                return Err(
+                    "set exactly one of secret_access_key_env and secret_access_key_file".into(),
+                );
+            }
+        };
+        if id.is_empty() || secret.is_empty() {
+            return Err("the access key id and the secret must not be empty".into());
+        }
+        Ok((id, secret))
+    }
+}
+
+fn default_s3_region() -> String {
+    "us-east-1".to_string()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_s3_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_s3_read_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_redirect_ttl() -> Duration {
+    Duration::from_secs(15 * 60)
 }
 
 fn default_listen() -> SocketAddr {
@@ -412,6 +535,7 @@ impl Default for StorageConfig {
         StorageConfig {
             kind: StorageKind::default(),
             path: default_path(),
+            s3: None,
             upload_max_age: default_upload_max_age(),
             upload_purge_interval: default_upload_purge_interval(),
         }
@@ -432,6 +556,17 @@ pub const ENV_OVERRIDES: &[&str] = &[
     "storage.path",
     "storage.upload_max_age",
     "storage.upload_purge_interval",
+    "storage.s3.bucket",
+    "storage.s3.prefix",
+    "storage.s3.endpoint",
+    "storage.s3.region",
+    "storage.s3.path_style",
+    "storage.s3.ca_file",
+    "storage.s3.connect_timeout",
+    "storage.s3.read_timeout",
+    "storage.s3.redirect",
+    "storage.s3.redirect_ttl",
+    "storage.s3.hot_tier_max_size",
     "cache.max_size",
     "cache.prefetch",
     "cache.fill_wait_timeout",
@@ -440,7 +575,11 @@ pub const ENV_OVERRIDES: &[&str] = &[
 ];
 
 /// Overridable keys whose value is a boolean.
-const ENV_BOOLS: &[&str] = &["cache.prefetch"];
+const ENV_BOOLS: &[&str] = &[
+    "cache.prefetch",
+    "storage.s3.path_style",
+    "storage.s3.redirect",
+];
 
 /// Variables with the `WHARF_` prefix that are not configuration keys.
 const ENV_RESERVED: &[&str] = &["WHARF_LOG"];
@@ -534,6 +673,22 @@ impl Config {
         }
         if self.storage.path.as_os_str().is_empty() {
             return Err(invalid("storage.path", "must not be empty"));
+        }
+        match (self.storage.kind, &self.storage.s3) {
+            (StorageKind::S3, None) => {
+                return Err(invalid(
+                    "storage.s3",
+                    "type = \"s3\" needs a [storage.s3] table with at least `bucket`",
+                ));
+            }
+            (StorageKind::Filesystem, Some(_)) => {
+                return Err(invalid(
+                    "storage.s3",
+                    "only used with type = \"s3\" (type is \"filesystem\")",
+                ));
+            }
+            (StorageKind::S3, Some(s3)) => s3.validate()?,
+            (StorageKind::Filesystem, None) => {}
         }
         let mut prefixes = std::collections::HashSet::new();
         for (i, rule) in self.pull_through.iter().enumerate() {
@@ -756,6 +911,100 @@ impl ReplicationConfig {
     }
 }
 
+impl S3Config {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            key: format!("storage.s3.{key}"),
+            message,
+        };
+        // S3's bucket naming rules (lower case, digits, dots, hyphens).
+        let b = &self.bucket;
+        let bucket_ok = (3..=63).contains(&b.len())
+            && b.bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-')
+            && b.as_bytes()[0].is_ascii_alphanumeric()
+            && b.as_bytes()[b.len() - 1].is_ascii_alphanumeric();
+        if !bucket_ok {
+            return Err(invalid(
+                "bucket",
+                format!("{b:?} is not a bucket name (3-63 lower-case letters, digits, '.' or '-')"),
+            ));
+        }
+        let p = &self.prefix;
+        if !p.is_empty()
+            && (p.split('/').any(|seg| {
+                seg.is_empty()
+                    || seg == "."
+                    || seg == ".."
+                    || !seg
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+            }))
+        {
+            return Err(invalid(
+                "prefix",
+                format!(
+                    "{p:?} must be segments of letters, digits, '-', '_' or '.' joined by '/', with no leading or trailing '/'"
+                ),
+            ));
+        }
+        if let Some(e) = &self.endpoint {
+            let uri: http::Uri = e
+                .parse()
+                .map_err(|err| invalid("endpoint", format!("not a URL: {err}")))?;
+            let scheme_ok = matches!(uri.scheme_str(), Some("http") | Some("https"));
+            let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
+            if !scheme_ok || uri.authority().is_none() || !path_ok {
+                return Err(invalid(
+                    "endpoint",
+                    "must be http(s)://host[:port] with no path".to_string(),
+                ));
+            }
+        }
+        if self.region.is_empty() {
+            return Err(invalid("region", "must not be empty".to_string()));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(invalid(
+                "connect_timeout",
+                "must be greater than zero".to_string(),
+            ));
+        }
+        // SigV4 presigned URLs live at most 7 days.
+        if self.redirect_ttl < Duration::from_secs(1)
+            || self.redirect_ttl > Duration::from_secs(7 * 24 * 3600)
+        {
+            return Err(invalid(
+                "redirect_ttl",
+                "must be between 1s and 7d (the longest a presigned URL can live)".to_string(),
+            ));
+        }
+        if self
+            .hot_tier_max_size
+            .is_some_and(|s| s.as_u64() < 1024 * 1024)
+        {
+            return Err(invalid(
+                "hot_tier_max_size",
+                "must be at least 1MiB (leave it out for no hot tier)".to_string(),
+            ));
+        }
+        if self.read_timeout.is_zero() {
+            return Err(invalid(
+                "read_timeout",
+                "must be greater than zero".to_string(),
+            ));
+        }
+        if let Some(c) = &self.credentials {
+            c.resolve().map_err(|m| invalid("credentials", m))?;
+        }
+        if let Some(ca) = &self.ca_file {
+            std::fs::metadata(ca)
+                .map_err(|e| invalid("ca_file", format!("cannot read {}: {e}", ca.display())))?;
+        }
+        Ok(())
+    }
+}
+
 impl CredentialsConfig {
     /// Reads the secret from its environment variable or file.
     pub fn password(&self) -> Result<String, String> {
@@ -899,6 +1148,161 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.starts_with("pull_through[1].prefix"), "{e}");
+    }
+
+    const S3_OK: &str = "[storage]\ntype = \"s3\"\n[storage.s3]\nbucket = \"wharf\"\nendpoint = \"http://127.0.0.1:8333\"\n";
+
+    #[test]
+    fn s3_storage() {
+        let c = load_str(S3_OK, &[]).unwrap();
+        assert_eq!(c.storage.kind, StorageKind::S3);
+        let s3 = c.storage.s3.unwrap();
+        assert_eq!(s3.bucket, "wharf");
+        assert_eq!(s3.region, "us-east-1");
+        assert!(s3.path_style);
+        assert!(s3.credentials.is_none());
+        assert_eq!(s3.read_timeout, Duration::from_secs(60));
+        // Environment overrides, including a whole s3 backend from nothing.
+        let c = Config::load(
+            None,
+            [
+                ("WHARF_STORAGE_TYPE", "s3"),
+                ("WHARF_STORAGE_S3_BUCKET", "other-bucket"),
+                ("WHARF_STORAGE_S3_PREFIX", "a/b"),
+                ("WHARF_STORAGE_S3_PATH_STYLE", "false"),
+                (
+                    "WHARF_STORAGE_S3_ENDPOINT",
+                    "https://s3.example.internal:9000",
+                ),
+            ]
+            .map(|(a, b)| (a.to_string(), b.to_string())),
+        )
+        .unwrap();
+        let s3 = c.storage.s3.unwrap();
+        assert_eq!(
+            (s3.bucket.as_str(), s3.prefix.as_str()),
+            ("other-bucket", "a/b")
+        );
+        assert!(!s3.path_style);
+        // PATH is always set: a stand-in for a secret variable.
+        let c = load_str(
+            &format!(
+                "{S3_OK}credentials = {{ access_key_id = \"K\", secret_access_key_env = \"PATH\" }}\n"
+            ),
+            &[],
+        )
+        .unwrap();
+        let (id, secret) = c
+            .storage
+            .s3
+            .unwrap()
+            .credentials
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(id, "K");
+        assert!(!secret.is_empty());
+    }
+
+    #[test]
+    fn bad_s3_storage_is_refused_with_the_key_path() {
+        for (toml, key) in [
+            ("[storage]\ntype = \"s3\"\n", "storage.s3:"),
+            (
+                "[storage]\ntype = \"filesystem\"\n[storage.s3]\nbucket = \"wharf\"\n",
+                "storage.s3:",
+            ),
+            (
+                "[storage]\ntype = \"s3\"\n[storage.s3]\nprefix = \"x\"\n",
+                "storage.s3:",
+            ),
+            (
+                "[storage]\ntype = \"s3\"\n[storage.s3]\nbucket = \"Bad_Bucket\"\n",
+                "storage.s3.bucket:",
+            ),
+            (
+                &format!("{S3_OK}prefix = \"/lead\"\n"),
+                "storage.s3.prefix:",
+            ),
+            (&format!("{S3_OK}prefix = \"a//b\"\n"), "storage.s3.prefix:"),
+            (
+                &format!("{S3_OK}prefix = \"a/../b\"\n"),
+                "storage.s3.prefix:",
+            ),
+            (
+                "[storage]\ntype = \"s3\"\n[storage.s3]\nbucket = \"wharf\"\nendpoint = \"ftp://h\"\n",
+                "storage.s3.endpoint:",
+            ),
+            (
+                "[storage]\ntype = \"s3\"\n[storage.s3]\nbucket = \"wharf\"\nendpoint = \"http://h/path\"\n",
+                "storage.s3.endpoint:",
+            ),
+            (&format!("{S3_OK}region = \"\"\n"), "storage.s3.region:"),
+            (
+                &format!("{S3_OK}read_timeout = \"0s\"\n"),
+                "storage.s3.read_timeout:",
+            ),
+            (
+                &format!("{S3_OK}connect_timeout = \"soon\"\n"),
+                "storage.s3.connect_timeout:",
+            ),
+            (
+                &format!("{S3_OK}path_style = \"yes\"\n"),
+                "storage.s3.path_style:",
+            ),
+            (
+                &format!("{S3_OK}ca_file = \"/surely/not/here.pem\"\n"),
+                "storage.s3.ca_file:",
+            ),
+            // Features that are not built are refused, not ignored.
+            (&format!("{S3_OK}redirect = 1\n"), "storage.s3.redirect:"),
+            (
+                &format!("{S3_OK}redirect_ttl = \"8d\"\n"),
+                "storage.s3.redirect_ttl:",
+            ),
+            (&format!("{S3_OK}hot_tier = \"x\"\n"), "storage.s3"),
+            (
+                &format!("{S3_OK}hot_tier_max_size = \"1KiB\"\n"),
+                "storage.s3.hot_tier_max_size:",
+            ),
+            (
+                &format!("{S3_OK}hot_tier_max_size = \"lots\"\n"),
+                "storage.s3.hot_tier_max_size:",
+            ),
+            (
+                &format!("{S3_OK}credentials = {{ access_key_id = \"K\" }}\n"),
+                "storage.s3.credentials:",
+            ),
+            (
+                &format!(
+                    "{S3_OK}credentials = {{ access_key_id = \"K\", secret_access_key = \"inline\" }}\n"
+                ),
+                "storage.s3.credentials",
+            ),
+            (
+                &format!(
+                    "{S3_OK}credentials = {{ access_key_id = \"K\", secret_access_key_env = \"WHARF_TEST_SURELY_UNSET\" }}\n"
+                ),
+                "storage.s3.credentials:",
+            ),
+            (
+                &format!(
+                    "{S3_OK}credentials = {{ access_key_id = \"K\", access_key_id_env = \"X\", secret_access_key_env = \"PATH\" }}\n"
+                ),
+                "storage.s3.credentials:",
+            ),
+        ] {
+            let e = load_str(toml, &[]).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{toml}\n→ {e}");
+        }
+        let e = load_str(S3_OK, &[("WHARF_STORAGE_S3_PATH_STYLE", "maybe")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("storage.s3.path_style:"), "{e}");
+        let e = load_str(S3_OK, &[("WHARF_STORAGE_S3_BUKET", "x")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("WHARF_STORAGE_S3_BUKET"), "{e}");
     }
 
     #[test]

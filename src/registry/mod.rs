@@ -15,7 +15,8 @@ use crate::oci::{
     Algorithm, ByteRange, Digest, MediaType, Reference, RepoName, Tag, UploadId, UploadRange,
 };
 use crate::storage::{
-    BlobStore, ByteStream, ManifestRecord, MetaStore, StorageError, UploadRecord, UploadStore,
+    BlobStore, BlobUrls, ByteStream, ManifestRecord, MetaStore, StorageError, UploadRecord,
+    UploadStore,
 };
 use crate::upstream::UpstreamError;
 
@@ -172,6 +173,11 @@ pub struct Registry {
     manifests: moka::sync::Cache<Digest, Bytes>,
     cache: Option<Arc<Cache>>,
     observer: Option<Arc<dyn PushObserver>>,
+    /// Blob GETs of hosted repositories answer with a URL of the store
+    /// valid this long, instead of the bytes.
+    redirects: Option<(Arc<dyn BlobUrls>, Duration)>,
+    /// Counters of the local hot tier in front of the blob store, if any.
+    hot: Option<crate::storage::hot::HotMetrics>,
 }
 
 fn unix_now() -> u64 {
@@ -198,6 +204,8 @@ impl Registry {
             manifests,
             cache: None,
             observer: None,
+            redirects: None,
+            hot: None,
         }
     }
 
@@ -246,6 +254,23 @@ impl Registry {
     /// Whether `repo` holds content pulled through the cache.
     pub async fn is_cached(&self, repo: &RepoName) -> Result<bool> {
         Ok(self.meta.repository(repo).await? == Some(crate::storage::RepoKind::Cached))
+    }
+
+    /// Reports the counters of a hot tier in front of the blob store.
+    pub fn with_hot_metrics(mut self, metrics: crate::storage::hot::HotMetrics) -> Registry {
+        self.hot = Some(metrics);
+        self
+    }
+
+    pub fn hot_metrics(&self) -> Option<&crate::storage::hot::HotMetrics> {
+        self.hot.as_ref()
+    }
+
+    /// Answers blob GETs of hosted repositories with URLs of `urls` valid
+    /// for `ttl` (the bytes then flow from the store, not through wharf).
+    pub fn with_redirects(mut self, urls: Arc<dyn BlobUrls>, ttl: Duration) -> Registry {
+        self.redirects = Some((urls, ttl));
+        self
     }
 
     /// Serves repositories that are not hosted through `cache`.
@@ -598,6 +623,28 @@ impl Registry {
             range,
             stream,
         })
+    }
+
+    /// Where the client should fetch a blob instead, when redirects are
+    /// configured and `repo` is hosted (pushed blobs are never evicted, so
+    /// the URL stays good for its lifetime). `None`: serve it here. Errors
+    /// as [`Registry::blob`] for blobs the repository does not hold.
+    pub async fn blob_url(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        ns: Option<&str>,
+    ) -> Result<Option<String>> {
+        let Some((urls, ttl)) = &self.redirects else {
+            return Ok(None);
+        };
+        if self.cached(repo, ns).await?.is_some() {
+            return Ok(None);
+        }
+        if !self.meta.blob_linked(repo, digest).await? || self.blobs.stat(digest).await?.is_none() {
+            return Err(RegistryError::BlobUnknown);
+        }
+        Ok(Some(urls.read_url(digest, *ttl).await?))
     }
 
     async fn read_blob(

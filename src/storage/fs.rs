@@ -432,8 +432,18 @@ struct FsFill {
     written: u64,
 }
 
-struct FsStaged {
+/// Reads a local staging file by offset (shared with the S3 backend, whose
+/// fills stage locally too).
+pub(crate) struct FsStaged {
     file: Arc<std::fs::File>,
+}
+
+impl FsStaged {
+    pub(crate) fn new(file: std::fs::File) -> FsStaged {
+        FsStaged {
+            file: Arc::new(file),
+        }
+    }
 }
 
 #[async_trait]

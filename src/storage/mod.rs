@@ -4,13 +4,19 @@
 //! blob store.
 //!
 //! Backends: [`fs`] (blobs on a local filesystem) and [`meta`] (an embedded
-//! redb database). [`jobs`] is the durable replication queue.
+//! redb database) for one machine; [`s3`] and [`s3meta`] (an S3-compatible
+//! bucket shared by several replicas), with [`hot`] as an optional local
+//! disk tier in front of it. [`jobs`] is the durable replication queue.
 //! [`conformance`] is the suite every backend must pass.
 
 pub mod conformance;
 pub mod fs;
+pub mod hot;
 pub mod jobs;
 pub mod meta;
+pub mod s3;
+pub mod s3lease;
+pub mod s3meta;
 pub mod window;
 
 use std::io;
@@ -72,6 +78,15 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn quarantine(&self, digest: &Digest) -> Result<()>;
 }
 
+/// Blob stores whose published blobs clients can fetch directly, without
+/// the bytes passing through wharf (presigned URLs of an object store).
+#[async_trait]
+pub trait BlobUrls: Send + Sync + 'static {
+    /// A URL that answers `GET` (with `Range`) with the blob's bytes for
+    /// `ttl`. Does not check that the blob exists.
+    async fn read_url(&self, digest: &Digest, ttl: std::time::Duration) -> Result<String>;
+}
+
 /// Upload sessions: bytes staged next to the blob store, hashed as they
 /// arrive, published into the [`BlobStore`] only by a verified commit.
 ///
@@ -129,6 +144,50 @@ pub trait FillWriter: Send + Sync {
     async fn commit(self: Box<Self>, expected: &Digest) -> Result<u64>;
     /// Discards the staged bytes.
     async fn abort(self: Box<Self>);
+}
+
+/// Whose a cluster-wide fill is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    /// This replica fetches the blob and publishes its parts.
+    Ours,
+    /// Another replica does; `total` is the size once it learnt it.
+    Theirs { total: Option<u64> },
+}
+
+/// Leases and growing parts of fills shared by several replicas (one
+/// upstream fetch per blob for the whole cluster).
+///
+/// Contract: at most one unexpired lease per digest; parts are written at
+/// increasing offsets by the lease holder and never change; `part` returns
+/// the bytes at `offset` (a whole part, or a piece of the published blob
+/// once the holder published it and removed its parts), or `None` if they
+/// are not there yet.
+#[async_trait]
+pub trait FillLeases: Send + Sync + 'static {
+    /// Takes the lease of `digest` if it is free or expired.
+    async fn acquire(
+        &self,
+        digest: &Digest,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<LeaseState>;
+    /// Extends the lease (and records the size once known). `false` if it
+    /// is no longer ours.
+    async fn renew(
+        &self,
+        digest: &Digest,
+        holder: &str,
+        ttl: std::time::Duration,
+        total: Option<u64>,
+    ) -> Result<bool>;
+    /// Whether a lease exists: `(unexpired, total)`.
+    async fn state(&self, digest: &Digest) -> Result<Option<(bool, Option<u64>)>>;
+    async fn put_part(&self, digest: &Digest, offset: u64, bytes: Bytes) -> Result<()>;
+    /// With the blob's size when the bytes came from the published blob.
+    async fn part(&self, digest: &Digest, offset: u64) -> Result<Option<(Bytes, Option<u64>)>>;
+    /// Removes the lease and the parts (only the holder's).
+    async fn release(&self, digest: &Digest, holder: &str) -> Result<()>;
 }
 
 /// Reads the bytes of a fill in progress.

@@ -9,6 +9,7 @@ pub mod fake_upstream;
 pub mod http;
 pub mod images;
 pub mod replication;
+pub mod seaweedfs;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -111,10 +112,35 @@ pub fn wharf_cmd() -> Command {
     cmd
 }
 
+/// Spawns wharf with the configuration `body` verbatim (it brings its own
+/// `[server]` and `[storage]`), in `dir`, with extra environment variables
+/// and without the inherited ones named in `env_remove`.
+pub fn spawn_wharf_config(
+    dir: tempfile::TempDir,
+    body: &str,
+    env: &[(&str, &str)],
+    env_remove: &[&str],
+) -> Wharf {
+    let config = dir.path().join("wharf.toml");
+    std::fs::write(&config, body).expect("write config");
+    let (child, addr) = start_with(&config, env, env_remove);
+    Wharf {
+        child,
+        addr,
+        dir,
+        config,
+    }
+}
+
 /// Starts `wharf serve --config CONFIG` and waits for its `listening on ADDR`
 /// line on stdout.
 pub fn start(config: &Path, env: &[(&str, &str)]) -> (Child, SocketAddr) {
-    let (child, url) = start_url(config, env);
+    start_with(config, env, &[])
+}
+
+/// Like [`start`], without the inherited variables named in `env_remove`.
+pub fn start_with(config: &Path, env: &[(&str, &str)], env_remove: &[&str]) -> (Child, SocketAddr) {
+    let (child, url) = start_url_with(config, env, env_remove);
     let addr = url
         .trim_start_matches("http://")
         .trim_start_matches("https://")
@@ -126,7 +152,14 @@ pub fn start(config: &Path, env: &[(&str, &str)]) -> (Child, SocketAddr) {
 /// Like [`start`], returning the URL as printed (`http://ADDR` or
 /// `https://ADDR`).
 pub fn start_url(config: &Path, env: &[(&str, &str)]) -> (Child, String) {
+    start_url_with(config, env, &[])
+}
+
+fn start_url_with(config: &Path, env: &[(&str, &str)], env_remove: &[&str]) -> (Child, String) {
     let mut cmd = wharf_cmd();
+    for k in env_remove {
+        cmd.env_remove(k);
+    }
     cmd.arg("serve")
         .arg("--config")
         .arg(config)

@@ -1,0 +1,910 @@
+//! The S3 backend: blobs and upload sessions in an S3-compatible bucket
+//! (AWS S3, SeaweedFS, MinIO, Ceph RGW) shared by every wharf replica.
+//! Built on `object_store`; nothing here speaks HTTP or signs requests.
+//!
+//! Layout under the configured prefix:
+//! - `blobs/<algorithm>/<hex>`: published, verified blobs;
+//! - `uploads/<id>/session`: marks an open upload session;
+//! - `uploads/<id>/<offset, 20 digits>`: one object per accepted chunk,
+//!   written whole or not at all (a multipart upload completed only when
+//!   the chunk's body arrived in full and had the announced length);
+//! - `uploads/<id>/h<size, 20 digits>`: the sha256 of the session's first
+//!   `size` bytes, written by the replica that hashed them as they arrived;
+//! - `quarantine/<algorithm>-<hex>`: blobs fsck found corrupt;
+//! - `meta/...`: the metadata store ([`super::s3meta`]).
+//!
+//! **Why one object per chunk.** A chunked push may send its chunks to
+//! different replicas, and a replica may die between two of them: the
+//! session's state has to be in the bucket, and a SHA-256 state cannot be
+//! serialised with the `sha2` crate. Each chunk is therefore its own
+//! immutable object, and the size of a session is the sum of its chunks.
+//! The replica that received bytes `0..n` in order records their digest
+//! next to them, so the common pushes (one chunk, or every chunk on one
+//! replica) know their digest at commit without reading anything back.
+//!
+//! **Publishing.** A blob appears at `blobs/...` only through an atomic
+//! S3 operation performed after the digest matched: a server-side copy of a
+//! single-chunk session whose recorded digest matches, or otherwise a
+//! multipart upload to the final key that streams the chunks back through
+//! a hasher and is completed only if the computed digest matches (aborted
+//! otherwise). No reader ever sees a partial or unverified blob. The cost
+//! of a multi-chunk push is that its bytes cross wharf twice at commit; a
+//! single-chunk push (the usual `docker push` and monolithic uploads) of up
+//! to 5 GiB (S3's limit for one copy) is published by a server-side copy.
+//! Parts are 8 MiB and S3 allows 10,000 of them: one chunk, or one blob
+//! assembled at commit, is at most 78 GiB.
+//!
+//! **Fills** (pull-through) stage in a local file, because the waiters of a
+//! fill read the growing bytes; the verified file is then uploaded to the
+//! final key with a multipart upload. A replica that dies mid-fill leaves
+//! only a local file, removed at the next start.
+//!
+//! Incomplete multipart uploads left by a replica killed mid-chunk are
+//! invisible and never published; a bucket lifecycle rule
+//! (`AbortIncompleteMultipartUpload`) reclaims their space.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
+use object_store::path::Path;
+use object_store::signer::Signer;
+use object_store::{
+    BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode,
+    PutOptions, PutPayload, RetryConfig, WriteMultipart,
+};
+use tokio::io::AsyncWriteExt;
+
+use super::fs::FsStaged;
+use super::{
+    BlobStore, BlobUrls, ByteStream, FillStore, FillWriter, Result, StagedReader, StorageError,
+    UploadStore,
+};
+use crate::oci::{Algorithm, Digest, Hasher, UploadId};
+
+/// Size of the parts of multipart uploads (S3's minimum is 5 MiB).
+const PART_SIZE: usize = 8 * 1024 * 1024;
+/// Parts of one multipart upload in flight at once.
+const PART_CONCURRENCY: usize = 4;
+/// Largest object a single server-side copy may make (S3's CopyObject
+/// limit); larger single-chunk sessions are assembled instead.
+const MAX_COPY: u64 = 5 * 1024 * 1024 * 1024;
+/// Read size when uploading a local staging file.
+const FILE_READ: usize = 1024 * 1024;
+
+/// How to reach the bucket.
+#[derive(Clone)]
+pub struct S3Options {
+    pub bucket: String,
+    /// Key prefix without leading or trailing `/`; empty for the root.
+    pub prefix: String,
+    /// `http(s)://host[:port]`; `None` for AWS S3.
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub path_style: bool,
+    /// Static (access key id, secret); `None`: the standard AWS chain.
+    pub credentials: Option<(String, String)>,
+    /// Extra PEM CA bundle to trust.
+    pub ca_pem: Option<Vec<u8>>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Options")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("path_style", &self.path_style)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Connects an `object_store` client to the bucket described by `opts`
+/// (no request is sent yet).
+pub fn connect(opts: &S3Options) -> Result<Arc<AmazonS3>> {
+    let mut b = match &opts.credentials {
+        Some(_) => AmazonS3Builder::new(),
+        // The AWS chain: AWS_* variables, web identity, container and
+        // instance credentials.
+        None => AmazonS3Builder::from_env(),
+    };
+    let mut client = ClientOptions::new()
+        .with_connect_timeout(opts.connect_timeout)
+        .with_read_timeout(opts.read_timeout)
+        .with_timeout_disabled();
+    if let Some(pem) = &opts.ca_pem {
+        let certs = object_store::Certificate::from_pem_bundle(pem)
+            .map_err(|e| StorageError::Io(io::Error::other(format!("CA bundle: {e}"))))?;
+        for cert in certs {
+            client = client.with_root_certificate(cert);
+        }
+    }
+    b = b
+        .with_client_options(client)
+        .with_bucket_name(&opts.bucket)
+        .with_region(&opts.region)
+        .with_virtual_hosted_style_request(!opts.path_style)
+        .with_conditional_put(S3ConditionalPut::ETagMatch)
+        // Transient failures are retried, for at most 30 s per request (a
+        // store that is down fails requests, and start-up, quickly).
+        .with_retry(RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries: 5,
+            retry_timeout: Duration::from_secs(30),
+        });
+    if let Some(e) = &opts.endpoint {
+        b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
+    }
+    if let Some((id, secret)) = &opts.credentials {
+        b = b.with_access_key_id(id).with_secret_access_key(secret);
+    }
+    let store = b
+        .build()
+        .map_err(|e| StorageError::Io(io::Error::other(e)))?;
+    Ok(Arc::new(store))
+}
+
+/// Maps an `object_store` error: a missing object is `NotFound`, the rest
+/// is I/O.
+pub(crate) fn os_err(e: object_store::Error) -> StorageError {
+    match e {
+        object_store::Error::NotFound { .. } => StorageError::NotFound,
+        other => StorageError::Io(io::Error::other(other)),
+    }
+}
+
+/// Joins the configured prefix and a relative key.
+#[derive(Clone, Debug)]
+pub(crate) struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub(crate) fn new(prefix: &str) -> Keys {
+        let prefix = prefix.trim_matches('/');
+        Keys {
+            prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
+        }
+    }
+
+    pub(crate) fn path(&self, rel: &str) -> Path {
+        Path::from(format!("{}{rel}", self.prefix))
+    }
+
+    /// The key relative to the prefix, if it is under it.
+    pub(crate) fn relative<'a>(&self, p: &'a Path) -> Option<&'a str> {
+        p.as_ref().strip_prefix(self.prefix.as_str())
+    }
+}
+
+fn blob_key(keys: &Keys, d: &Digest) -> Path {
+    keys.path(&format!("blobs/{}/{}", d.algorithm().as_str(), d.hex()))
+}
+
+/// Presigned GET URLs of published blobs: clients fetch the bytes from the
+/// store itself (`storage.s3.redirect`).
+pub struct S3Urls {
+    signer: Arc<AmazonS3>,
+    keys: Keys,
+}
+
+impl S3Urls {
+    pub fn new(signer: Arc<AmazonS3>, prefix: &str) -> S3Urls {
+        S3Urls {
+            signer,
+            keys: Keys::new(prefix),
+        }
+    }
+}
+
+#[async_trait]
+impl BlobUrls for S3Urls {
+    async fn read_url(&self, digest: &Digest, ttl: Duration) -> Result<String> {
+        let url = self
+            .signer
+            .signed_url(
+                object_store::signer::Method::GET,
+                &blob_key(&self.keys, digest),
+                ttl,
+            )
+            .await
+            .map_err(os_err)?;
+        Ok(url.to_string())
+    }
+}
+
+/// In-memory sha256 state of an upload on this replica, valid while
+/// `hashed` equals the session's size.
+#[derive(Clone, Default)]
+struct HashState {
+    hasher: Option<Hasher>,
+    hashed: u64,
+}
+
+/// One accepted chunk of an upload session.
+#[derive(Debug, Clone)]
+struct Part {
+    offset: u64,
+    size: u64,
+    path: Path,
+}
+
+/// What the bucket holds of one upload session.
+struct Session {
+    parts: Vec<Part>,
+    /// Recorded digests of the first `n` bytes, by `n`.
+    digests: BTreeMap<u64, Path>,
+    size: u64,
+}
+
+pub struct S3Store {
+    store: Arc<dyn ObjectStore>,
+    keys: Keys,
+    /// Local scratch directory (fill staging files).
+    scratch: PathBuf,
+    sessions: Mutex<HashMap<UploadId, Arc<tokio::sync::Mutex<HashState>>>>,
+}
+
+impl S3Store {
+    /// A store over `store` under `prefix`, staging fills in `scratch`
+    /// (created if needed; leftovers of a previous process are removed).
+    pub fn new(store: Arc<dyn ObjectStore>, prefix: &str, scratch: PathBuf) -> io::Result<S3Store> {
+        let fills = scratch.join("fills");
+        std::fs::create_dir_all(&fills)?;
+        for entry in std::fs::read_dir(&fills)? {
+            let _ = std::fs::remove_file(entry?.path());
+        }
+        Ok(S3Store {
+            store,
+            keys: Keys::new(prefix),
+            scratch,
+            sessions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    fn blob_key(&self, d: &Digest) -> Path {
+        blob_key(&self.keys, d)
+    }
+
+    fn upload_dir(&self, id: &UploadId) -> Path {
+        self.keys.path(&format!("uploads/{}", id.as_str()))
+    }
+
+    fn session_state(&self, id: &UploadId) -> Arc<tokio::sync::Mutex<HashState>> {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .entry(id.clone())
+            .or_default()
+            .clone()
+    }
+
+    fn forget(&self, id: &UploadId) {
+        self.sessions.lock().expect("sessions lock").remove(id);
+    }
+
+    /// Reads the session's objects. `NotFound` without a session marker.
+    async fn session(&self, id: &UploadId) -> Result<Session> {
+        let dir = self.upload_dir(id);
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&dir))
+            .try_collect()
+            .await
+            .map_err(os_err)?;
+        let mut marker = false;
+        let mut parts = Vec::new();
+        let mut digests = BTreeMap::new();
+        for o in objects {
+            let Some(name) = o.location.filename() else {
+                continue;
+            };
+            if name == "session" {
+                marker = true;
+            } else if let Some(n) = name.strip_prefix('h').and_then(|n| n.parse().ok()) {
+                digests.insert(n, o.location.clone());
+            } else if let Ok(offset) = name.parse::<u64>() {
+                parts.push(Part {
+                    offset,
+                    size: o.size,
+                    path: o.location.clone(),
+                });
+            }
+        }
+        if !marker {
+            return Err(StorageError::NotFound);
+        }
+        parts.sort_by_key(|p| p.offset);
+        let mut size = 0;
+        for p in &parts {
+            if p.offset != size {
+                return Err(StorageError::Io(io::Error::other(format!(
+                    "upload {id}: chunk at offset {} follows {size} bytes",
+                    p.offset
+                ))));
+            }
+            size += p.size;
+        }
+        Ok(Session {
+            parts,
+            digests,
+            size,
+        })
+    }
+
+    /// The digest recorded for the first `size` bytes of a session.
+    async fn recorded_digest(&self, s: &Session, size: u64) -> Option<Digest> {
+        let path = s.digests.get(&size)?;
+        let body = self.store.get(path).await.ok()?.bytes().await.ok()?;
+        std::str::from_utf8(&body).ok()?.trim().parse().ok()
+    }
+
+    /// Deletes every object under `dir`.
+    async fn delete_all(&self, dir: &Path) -> Result<()> {
+        let locations = self.store.list(Some(dir)).map_ok(|m| m.location).boxed();
+        let mut deleted = self.store.delete_stream(locations);
+        while let Some(r) = deleted.next().await {
+            match r {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(os_err(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one chunk object from `body`: a single PUT when it fits in a
+    /// part, a multipart upload otherwise; nothing is visible unless the
+    /// whole body arrived with the expected length. Returns its length.
+    async fn write_chunk(
+        &self,
+        path: &Path,
+        mut body: ByteStream,
+        expected_len: Option<u64>,
+        hasher: &mut Option<Hasher>,
+    ) -> Result<u64> {
+        let mut received = 0u64;
+        let check = |n: usize, received: &mut u64| -> Result<()> {
+            *received += n as u64;
+            match expected_len {
+                Some(exp) if *received > exp => Err(StorageError::SizeMismatch {
+                    expected: exp,
+                    actual: *received,
+                }),
+                _ => Ok(()),
+            }
+        };
+        // First part in memory: small chunks are one PUT.
+        let mut first = BytesMut::new();
+        let mut ended = true;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(StorageError::Body)?;
+            check(chunk.len(), &mut received)?;
+            first.extend_from_slice(&chunk);
+            if first.len() >= PART_SIZE {
+                ended = false;
+                break;
+            }
+        }
+        if ended {
+            if let Some(exp) = expected_len
+                && received != exp
+            {
+                return Err(StorageError::SizeMismatch {
+                    expected: exp,
+                    actual: received,
+                });
+            }
+            if let Some(h) = hasher.as_mut() {
+                h.update(&first);
+            }
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            return match self
+                .store
+                .put_opts(path, PutPayload::from(first.freeze()), opts)
+                .await
+            {
+                Ok(_) => Ok(received),
+                Err(object_store::Error::AlreadyExists { .. }) => Err(StorageError::Io(
+                    io::Error::other("another request wrote a chunk at this offset"),
+                )),
+                Err(e) => Err(os_err(e)),
+            };
+        }
+        let upload = self.store.put_multipart(path).await.map_err(os_err)?;
+        let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        // Hash only what is known good; the hash state is restored by the
+        // caller if anything fails.
+        let mut local = hasher.clone();
+        let result: Result<()> = async {
+            if let Some(h) = local.as_mut() {
+                h.update(&first);
+            }
+            w.put(first.freeze());
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(StorageError::Body)?;
+                check(chunk.len(), &mut received)?;
+                if let Some(h) = local.as_mut() {
+                    h.update(&chunk);
+                }
+                w.wait_for_capacity(PART_CONCURRENCY)
+                    .await
+                    .map_err(os_err)?;
+                w.put(chunk);
+            }
+            if let Some(exp) = expected_len
+                && received != exp
+            {
+                return Err(StorageError::SizeMismatch {
+                    expected: exp,
+                    actual: received,
+                });
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                w.finish().await.map_err(os_err)?;
+                *hasher = local;
+                Ok(received)
+            }
+            Err(e) => {
+                let _ = w.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Streams every chunk of a session, in order, through a hasher into a
+    /// multipart upload at the blob's final key, completed only if the
+    /// content hashes to `expected`.
+    async fn assemble(&self, s: &Session, expected: &Digest) -> Result<()> {
+        let dest = self.blob_key(expected);
+        let upload = self.store.put_multipart(&dest).await.map_err(os_err)?;
+        let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        let mut h = expected.algorithm().hasher();
+        let result: Result<u64> = async {
+            let mut total = 0u64;
+            for p in &s.parts {
+                let mut stream = self.store.get(&p.path).await.map_err(os_err)?.into_stream();
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(os_err)?;
+                    total += chunk.len() as u64;
+                    h.update(&chunk);
+                    w.wait_for_capacity(PART_CONCURRENCY)
+                        .await
+                        .map_err(os_err)?;
+                    w.put(chunk);
+                }
+            }
+            Ok(total)
+        }
+        .await;
+        let total = match result {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = w.abort().await;
+                return Err(e);
+            }
+        };
+        let computed = h.finish();
+        if &computed != expected || total != s.size {
+            let _ = w.abort().await;
+            return Err(StorageError::DigestMismatch {
+                expected: expected.clone(),
+                computed,
+            });
+        }
+        w.finish().await.map_err(os_err)?;
+        Ok(())
+    }
+
+    /// Uploads a verified local file to the blob's final key.
+    async fn upload_file(&self, file: &std::path::Path, digest: &Digest) -> Result<()> {
+        let dest = self.blob_key(digest);
+        let upload = self.store.put_multipart(&dest).await.map_err(os_err)?;
+        let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        let result: Result<()> = async {
+            let mut f = tokio::fs::File::open(file).await?;
+            loop {
+                let mut buf = BytesMut::zeroed(FILE_READ);
+                let n = tokio::io::AsyncReadExt::read(&mut f, &mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                buf.truncate(n);
+                w.wait_for_capacity(PART_CONCURRENCY)
+                    .await
+                    .map_err(os_err)?;
+                w.put(buf.freeze());
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                w.finish().await.map_err(os_err)?;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = w.abort().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BlobStore for S3Store {
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
+        match self.store.head(&self.blob_key(digest)).await {
+            Ok(m) => Ok(Some(m.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(os_err(e)),
+        }
+    }
+
+    async fn read(&self, digest: &Digest, range: Option<Range<u64>>) -> Result<ByteStream> {
+        let key = self.blob_key(digest);
+        if let Some(r) = &range {
+            if r.start > r.end {
+                return Err(StorageError::Io(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("range {r:?} is empty"),
+                )));
+            }
+            if r.start == r.end {
+                self.store.head(&key).await.map_err(os_err)?;
+                return Ok(futures::stream::empty().boxed());
+            }
+        }
+        let opts = GetOptions {
+            range: range.clone().map(GetRange::Bounded),
+            ..Default::default()
+        };
+        let got = self.store.get_opts(&key, opts).await.map_err(os_err)?;
+        if let Some(r) = &range
+            && &got.range != r
+        {
+            return Err(StorageError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("range {r:?} is outside the blob's {} bytes", got.meta.size),
+            )));
+        }
+        Ok(got
+            .into_stream()
+            .map(|c| c.map_err(io::Error::other))
+            .boxed())
+    }
+
+    async fn put(&self, digest: &Digest, bytes: Bytes) -> Result<()> {
+        let computed = Digest::of(digest.algorithm(), &bytes);
+        if &computed != digest {
+            return Err(StorageError::DigestMismatch {
+                expected: digest.clone(),
+                computed,
+            });
+        }
+        if self.stat(digest).await?.is_some() {
+            return Ok(());
+        }
+        // One PUT is atomic: the object appears whole or not at all.
+        self.store
+            .put(&self.blob_key(digest), PutPayload::from(bytes))
+            .await
+            .map_err(os_err)?;
+        Ok(())
+    }
+
+    async fn delete(&self, digest: &Digest) -> Result<bool> {
+        let key = self.blob_key(digest);
+        match self.store.head(&key).await {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(os_err(e)),
+        }
+        match self.store.delete(&key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(true),
+            Err(e) => Err(os_err(e)),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<Digest>> {
+        let root = self.keys.path("blobs");
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&root))
+            .try_collect()
+            .await
+            .map_err(os_err)?;
+        let mut out: Vec<Digest> = objects
+            .iter()
+            .filter_map(|o| {
+                let rel = self.keys.relative(&o.location)?;
+                let mut parts = rel.split('/');
+                let (_, algo, hex) = (parts.next()?, parts.next()?, parts.next()?);
+                format!("{algo}:{hex}").parse().ok()
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    async fn quarantine(&self, digest: &Digest) -> Result<()> {
+        let dest = self.keys.path(&format!(
+            "quarantine/{}-{}",
+            digest.algorithm().as_str(),
+            digest.hex()
+        ));
+        let key = self.blob_key(digest);
+        self.store.copy(&key, &dest).await.map_err(os_err)?;
+        self.store.delete(&key).await.map_err(os_err)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl UploadStore for S3Store {
+    async fn create(&self, id: &UploadId) -> Result<()> {
+        let marker = Path::from(format!("{}/session", self.upload_dir(id)));
+        self.store
+            .put(&marker, PutPayload::default())
+            .await
+            .map_err(os_err)?;
+        *self.session_state(id).lock().await = HashState {
+            hasher: Some(Algorithm::Sha256.hasher()),
+            hashed: 0,
+        };
+        Ok(())
+    }
+
+    async fn size(&self, id: &UploadId) -> Result<u64> {
+        Ok(self.session(id).await?.size)
+    }
+
+    async fn append(
+        &self,
+        id: &UploadId,
+        offset: u64,
+        expected_len: Option<u64>,
+        body: ByteStream,
+    ) -> Result<u64> {
+        let state = self.session_state(id);
+        let mut state = state.lock().await;
+        let current = self.session(id).await?.size;
+        if current != offset {
+            return Err(StorageError::OffsetMismatch {
+                current,
+                requested: offset,
+            });
+        }
+        // The running hash is usable only if this replica saw every byte
+        // so far (a session's first chunk always qualifies).
+        let mut hasher = if current == 0 {
+            Some(Algorithm::Sha256.hasher())
+        } else if state.hashed == current {
+            state.hasher.clone()
+        } else {
+            None
+        };
+        let path = Path::from(format!("{}/{current:020}", self.upload_dir(id)));
+        let n = self
+            .write_chunk(&path, body, expected_len, &mut hasher)
+            .await?;
+        let end = current + n;
+        if let Some(h) = &hasher {
+            // Lets any replica commit without reading the chunks back. Best
+            // effort: without it the commit re-hashes.
+            let digest = h.clone().finish();
+            let rec = Path::from(format!("{}/h{end:020}", self.upload_dir(id)));
+            if let Err(e) = self
+                .store
+                .put(&rec, PutPayload::from(digest.to_string()))
+                .await
+            {
+                tracing::warn!(upload = %id, error = %e, "could not record the upload's digest");
+            }
+        }
+        *state = HashState {
+            hasher,
+            hashed: end,
+        };
+        Ok(end)
+    }
+
+    async fn commit(&self, id: &UploadId, expected: &Digest) -> Result<u64> {
+        let state = self.session_state(id);
+        let state = state.lock().await;
+        let session = self.session(id).await?;
+        let size = session.size;
+        let known = if session.parts.is_empty() {
+            // An empty blob, in any algorithm.
+            Some(Digest::of(expected.algorithm(), b""))
+        } else if expected.algorithm() == Algorithm::Sha256 {
+            match &state.hasher {
+                Some(h) if state.hashed == size => Some(h.clone().finish()),
+                _ => self.recorded_digest(&session, size).await,
+            }
+        } else {
+            None
+        };
+        drop(state);
+        let outcome = match known {
+            Some(d) if &d != expected => Err(StorageError::DigestMismatch {
+                expected: expected.clone(),
+                computed: d,
+            }),
+            Some(_) if self.stat(expected).await? == Some(size) => Ok(size),
+            Some(_) if session.parts.is_empty() => self
+                .store
+                .put(&self.blob_key(expected), PutPayload::default())
+                .await
+                .map(|_| size)
+                .map_err(os_err),
+            // The single chunk hashed to the digest as it arrived: publish
+            // it by a server-side copy (atomic; the bytes stay in the store).
+            Some(_) if session.parts.len() == 1 && size <= MAX_COPY => self
+                .store
+                .copy(&session.parts[0].path, &self.blob_key(expected))
+                .await
+                .map(|()| size)
+                .map_err(os_err),
+            _ => self.assemble(&session, expected).await.map(|()| size),
+        };
+        if let Err(e) = self.delete_all(&self.upload_dir(id)).await {
+            tracing::warn!(upload = %id, error = %e, "could not remove the upload's chunks");
+        }
+        self.forget(id);
+        outcome
+    }
+
+    async fn abort(&self, id: &UploadId) -> Result<()> {
+        let state = self.session_state(id);
+        let _guard = state.lock().await;
+        self.delete_all(&self.upload_dir(id)).await?;
+        self.forget(id);
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<(UploadId, SystemTime)>> {
+        let root = self.keys.path("uploads");
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&root))
+            .try_collect()
+            .await
+            .map_err(os_err)?;
+        let mut latest: HashMap<UploadId, SystemTime> = HashMap::new();
+        for o in objects {
+            let Some(rel) = self.keys.relative(&o.location) else {
+                continue;
+            };
+            let Some(id) = rel
+                .split('/')
+                .nth(1)
+                .and_then(|s| s.parse::<UploadId>().ok())
+            else {
+                continue;
+            };
+            let t = SystemTime::UNIX_EPOCH
+                + Duration::from_millis(o.last_modified.timestamp_millis().max(0) as u64);
+            let e = latest.entry(id).or_insert(t);
+            *e = (*e).max(t);
+        }
+        Ok(latest.into_iter().collect())
+    }
+}
+
+/// A fill staged in a local file, uploaded to the bucket on a verified
+/// commit.
+struct S3Fill {
+    store: Arc<S3Store>,
+    path: PathBuf,
+    file: tokio::fs::File,
+    reader: Arc<FsStaged>,
+    hasher: Hasher,
+    written: u64,
+}
+
+/// The fill side of [`S3Store`]; needs the store in an `Arc`.
+pub struct S3Fills(pub Arc<S3Store>);
+
+#[async_trait]
+impl FillStore for S3Fills {
+    async fn begin_fill(&self) -> Result<Box<dyn FillWriter>> {
+        let path = self
+            .0
+            .scratch
+            .join("fills")
+            .join(format!(".fill-{}", UploadId::new_random()));
+        let file = tokio::fs::File::create(&path).await?;
+        let reader = std::fs::File::open(&path)?;
+        Ok(Box::new(S3Fill {
+            store: self.0.clone(),
+            path,
+            file,
+            reader: Arc::new(FsStaged::new(reader)),
+            hasher: Algorithm::Sha256.hasher(),
+            written: 0,
+        }))
+    }
+}
+
+#[async_trait]
+impl FillWriter for S3Fill {
+    async fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.file.write_all(data).await?;
+        self.file.flush().await?;
+        self.hasher.update(data);
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    fn written(&self) -> u64 {
+        self.written
+    }
+
+    fn staged(&self) -> Arc<dyn StagedReader> {
+        self.reader.clone()
+    }
+
+    async fn commit(mut self: Box<Self>, expected: &Digest) -> Result<u64> {
+        self.file.flush().await?;
+        let computed = if expected.algorithm() == self.hasher.algorithm() {
+            self.hasher.clone().finish()
+        } else {
+            let mut h = expected.algorithm().hasher();
+            let mut off = 0;
+            loop {
+                let chunk = self.reader.read_at(off, FILE_READ).await?;
+                if chunk.is_empty() {
+                    break;
+                }
+                off += chunk.len() as u64;
+                h.update(&chunk);
+            }
+            h.finish()
+        };
+        let outcome = if &computed != expected {
+            Err(StorageError::DigestMismatch {
+                expected: expected.clone(),
+                computed,
+            })
+        } else if self.store.stat(expected).await? == Some(self.written) {
+            Ok(self.written)
+        } else {
+            self.store
+                .upload_file(&self.path, expected)
+                .await
+                .map(|()| self.written)
+        };
+        // Readers keep their open handle; the name can go.
+        let _ = tokio::fs::remove_file(&self.path).await;
+        outcome
+    }
+
+    async fn abort(self: Box<Self>) {
+        let _ = tokio::fs::remove_file(&self.path).await;
+    }
+}
