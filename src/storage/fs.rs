@@ -425,25 +425,84 @@ impl UploadStore for FsStore {
 
 struct FsFill {
     root: PathBuf,
-    path: PathBuf,
-    file: tokio::fs::File,
+    staging: StagingFile,
+}
+
+/// The local staging file of a fill (shared with the S3 backend, whose
+/// fills stage locally too): written in order and hashed as written,
+/// readable by offset while it grows.
+pub(crate) struct StagingFile {
+    pub(crate) path: PathBuf,
+    file: std::fs::File,
     reader: Arc<FsStaged>,
     hasher: Hasher,
     written: u64,
 }
 
-/// Reads a local staging file by offset (shared with the S3 backend, whose
-/// fills stage locally too).
-pub(crate) struct FsStaged {
-    file: Arc<std::fs::File>,
+impl StagingFile {
+    pub(crate) fn create(path: PathBuf) -> Result<StagingFile> {
+        let file = std::fs::File::create(&path)?;
+        let reader = std::fs::File::open(&path)?;
+        Ok(StagingFile {
+            path,
+            file,
+            reader: Arc::new(FsStaged {
+                file: Arc::new(reader),
+            }),
+            hasher: Algorithm::Sha256.hasher(),
+            written: 0,
+        })
+    }
+
+    /// Appends and hashes `data`; readers see it when this returns. The
+    /// write goes to the page cache from the calling thread: a memory copy,
+    /// cheaper than a hop to the blocking pool for every upstream frame.
+    pub(crate) fn write(&mut self, data: &[u8]) -> Result<()> {
+        use std::io::Write as _;
+        self.file.write_all(data)?;
+        self.hasher.update(data);
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    pub(crate) fn written(&self) -> u64 {
+        self.written
+    }
+
+    pub(crate) fn reader(&self) -> Arc<FsStaged> {
+        self.reader.clone()
+    }
+
+    /// Fails with `DigestMismatch` unless the bytes written hash to
+    /// `expected`.
+    pub(crate) async fn verify(&self, expected: &Digest) -> Result<()> {
+        let computed = if expected.algorithm() == self.hasher.algorithm() {
+            self.hasher.clone().finish()
+        } else {
+            hash_file(&self.path, expected.algorithm()).await?.0
+        };
+        if &computed != expected {
+            return Err(StorageError::DigestMismatch {
+                expected: expected.clone(),
+                computed,
+            });
+        }
+        Ok(())
+    }
+
+    /// Makes the written bytes durable.
+    pub(crate) async fn sync(&self) -> Result<()> {
+        let file = self.file.try_clone()?;
+        tokio::task::spawn_blocking(move || file.sync_all())
+            .await
+            .map_err(io::Error::other)??;
+        Ok(())
+    }
 }
 
-impl FsStaged {
-    pub(crate) fn new(file: std::fs::File) -> FsStaged {
-        FsStaged {
-            file: Arc::new(file),
-        }
-    }
+/// Reads a local staging file by offset.
+pub(crate) struct FsStaged {
+    file: Arc<std::fs::File>,
 }
 
 #[async_trait]
@@ -453,17 +512,9 @@ impl FillStore for FsStore {
             .root
             .join("uploads")
             .join(format!(".fill-{}", UploadId::new_random()));
-        let file = tokio::fs::File::create(&path).await?;
-        let reader = std::fs::File::open(&path)?;
         Ok(Box::new(FsFill {
             root: self.root.clone(),
-            path,
-            file,
-            reader: Arc::new(FsStaged {
-                file: Arc::new(reader),
-            }),
-            hasher: Algorithm::Sha256.hasher(),
-            written: 0,
+            staging: StagingFile::create(path)?,
         }))
     }
 }
@@ -471,67 +522,41 @@ impl FillStore for FsStore {
 #[async_trait]
 impl FillWriter for FsFill {
     async fn write(&mut self, data: &[u8]) -> Result<()> {
-        self.file.write_all(data).await?;
-        // tokio buffers writes; flush so readers see the bytes.
-        self.file.flush().await?;
-        self.hasher.update(data);
-        self.written += data.len() as u64;
-        Ok(())
+        self.staging.write(data)
     }
 
     fn written(&self) -> u64 {
-        self.written
+        self.staging.written()
     }
 
     fn staged(&self) -> Arc<dyn StagedReader> {
-        self.reader.clone()
+        self.staging.reader()
     }
 
-    async fn commit(mut self: Box<Self>, expected: &Digest) -> Result<u64> {
-        self.file.flush().await?;
-        self.file.sync_all().await?;
-        let computed = if expected.algorithm() == self.hasher.algorithm() {
-            self.hasher.clone().finish()
-        } else {
-            hash_file(&self.path, expected.algorithm()).await?.0
-        };
-        if &computed != expected {
-            let _ = tokio::fs::remove_file(&self.path).await;
-            return Err(StorageError::DigestMismatch {
-                expected: expected.clone(),
-                computed,
-            });
+    async fn commit(self: Box<Self>, expected: &Digest) -> Result<u64> {
+        if let Err(e) = self.staging.verify(expected).await {
+            let _ = tokio::fs::remove_file(&self.staging.path).await;
+            return Err(e);
         }
-        publish(&self.root, &self.path, expected).await?;
-        Ok(self.written)
+        self.staging.sync().await?;
+        publish(&self.root, &self.staging.path, expected).await?;
+        Ok(self.staging.written())
     }
 
     async fn abort(self: Box<Self>) {
-        let _ = tokio::fs::remove_file(&self.path).await;
+        let _ = tokio::fs::remove_file(&self.staging.path).await;
     }
 }
 
 #[async_trait]
 impl StagedReader for FsStaged {
+    /// A mapped window of the staging file (see [`super::window`]): no copy
+    /// into a buffer, and over plain TCP the waiters' bytes go out by
+    /// `sendfile` like a published blob's.
     async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
-        let file = self.file.clone();
-        let buf = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
-            use std::os::unix::fs::FileExt;
-            let mut buf = vec![0u8; len];
-            let mut filled = 0;
-            while filled < len {
-                let n = file.read_at(&mut buf[filled..], offset + filled as u64)?;
-                if n == 0 {
-                    break;
-                }
-                filled += n;
-            }
-            buf.truncate(filled);
-            Ok(buf)
-        })
-        .await
-        .map_err(io::Error::other)??;
-        Ok(Bytes::from(buf))
+        let size = self.file.metadata()?.len();
+        let len = size.saturating_sub(offset).min(len as u64) as usize;
+        Ok(super::window::map(&self.file, offset, len)?)
     }
 }
 

@@ -60,9 +60,8 @@ use object_store::{
     BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode,
     PutOptions, PutPayload, RetryConfig, WriteMultipart,
 };
-use tokio::io::AsyncWriteExt;
 
-use super::fs::FsStaged;
+use super::fs::StagingFile;
 use super::{
     BlobStore, BlobUrls, ByteStream, FillStore, FillWriter, Result, StagedReader, StorageError,
     UploadStore,
@@ -820,11 +819,7 @@ impl UploadStore for S3Store {
 /// commit.
 struct S3Fill {
     store: Arc<S3Store>,
-    path: PathBuf,
-    file: tokio::fs::File,
-    reader: Arc<FsStaged>,
-    hasher: Hasher,
-    written: u64,
+    staging: StagingFile,
 }
 
 /// The fill side of [`S3Store`]; needs the store in an `Arc`.
@@ -838,15 +833,9 @@ impl FillStore for S3Fills {
             .scratch
             .join("fills")
             .join(format!(".fill-{}", UploadId::new_random()));
-        let file = tokio::fs::File::create(&path).await?;
-        let reader = std::fs::File::open(&path)?;
         Ok(Box::new(S3Fill {
             store: self.0.clone(),
-            path,
-            file,
-            reader: Arc::new(FsStaged::new(reader)),
-            hasher: Algorithm::Sha256.hasher(),
-            written: 0,
+            staging: StagingFile::create(path)?,
         }))
     }
 }
@@ -854,57 +843,34 @@ impl FillStore for S3Fills {
 #[async_trait]
 impl FillWriter for S3Fill {
     async fn write(&mut self, data: &[u8]) -> Result<()> {
-        self.file.write_all(data).await?;
-        self.file.flush().await?;
-        self.hasher.update(data);
-        self.written += data.len() as u64;
-        Ok(())
+        self.staging.write(data)
     }
 
     fn written(&self) -> u64 {
-        self.written
+        self.staging.written()
     }
 
     fn staged(&self) -> Arc<dyn StagedReader> {
-        self.reader.clone()
+        self.staging.reader()
     }
 
-    async fn commit(mut self: Box<Self>, expected: &Digest) -> Result<u64> {
-        self.file.flush().await?;
-        let computed = if expected.algorithm() == self.hasher.algorithm() {
-            self.hasher.clone().finish()
-        } else {
-            let mut h = expected.algorithm().hasher();
-            let mut off = 0;
-            loop {
-                let chunk = self.reader.read_at(off, FILE_READ).await?;
-                if chunk.is_empty() {
-                    break;
-                }
-                off += chunk.len() as u64;
-                h.update(&chunk);
-            }
-            h.finish()
-        };
-        let outcome = if &computed != expected {
-            Err(StorageError::DigestMismatch {
-                expected: expected.clone(),
-                computed,
-            })
-        } else if self.store.stat(expected).await? == Some(self.written) {
-            Ok(self.written)
-        } else {
-            self.store
-                .upload_file(&self.path, expected)
+    async fn commit(self: Box<Self>, expected: &Digest) -> Result<u64> {
+        let size = self.staging.written();
+        let outcome = match self.staging.verify(expected).await {
+            Err(e) => Err(e),
+            Ok(()) if self.store.stat(expected).await? == Some(size) => Ok(size),
+            Ok(()) => self
+                .store
+                .upload_file(&self.staging.path, expected)
                 .await
-                .map(|()| self.written)
+                .map(|()| size),
         };
         // Readers keep their open handle; the name can go.
-        let _ = tokio::fs::remove_file(&self.path).await;
+        let _ = tokio::fs::remove_file(&self.staging.path).await;
         outcome
     }
 
     async fn abort(self: Box<Self>) {
-        let _ = tokio::fs::remove_file(&self.path).await;
+        let _ = tokio::fs::remove_file(&self.staging.path).await;
     }
 }

@@ -41,9 +41,8 @@ impl Drop for Window {
     }
 }
 
-/// `len` bytes of the published blob `file` at `offset`, as a mapped,
-/// registered window. `readahead` additionally asks the kernel to start
-/// reading the range (for the window after the one being sent).
+/// `len` bytes of `file` at `offset` (a published blob, or written bytes of
+/// a fill's staging file), as a mapped, registered window.
 pub fn map(file: &Arc<File>, offset: u64, len: usize) -> io::Result<Bytes> {
     let map = map_window(file, offset, len)?;
     if len > 0 {
@@ -75,12 +74,14 @@ pub fn lookup(bytes: &[u8]) -> Option<(Arc<File>, u64)> {
 /// page-aligned internally).
 #[allow(unsafe_code)]
 fn map_window(file: &File, offset: u64, len: usize) -> io::Result<memmap2::Mmap> {
-    // SAFETY: a mapping is undefined behaviour only if the file changes
-    // under it. Callers map published blobs only: content-addressed,
-    // written once through a staging file and renamed into place, never
-    // opened for writing, truncated or rewritten afterwards. Deletion
-    // (eviction, quarantine by rename) unlinks the name; the mapping keeps
-    // the inode.
+    // SAFETY: a mapping is undefined behaviour only if the mapped bytes
+    // change under it. Callers map either published blobs
+    // (content-addressed, written once through a staging file and renamed
+    // into place, never opened for writing, truncated or rewritten
+    // afterwards) or bytes of a fill's staging file below its current
+    // size (the fill only appends: written bytes are never rewritten, and
+    // the file is never truncated). Deletion (eviction, quarantine, an
+    // aborted fill) unlinks the name; the mapping keeps the inode.
     unsafe {
         memmap2::MmapOptions::new()
             .offset(offset)
