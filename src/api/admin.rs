@@ -215,13 +215,14 @@ impl App {
         })
     }
 
+    /// Replication and the jobs `query` selects.
+    fn replication_jobs(&self, query: &Query) -> Result<(&Replication, JobFilter), Box<Resp>> {
+        Ok((self.replication()?, job_filter(query)?))
+    }
+
     async fn replication_status(&self, query: &Query) -> Resp {
-        let rep = match self.replication() {
+        let (rep, filter) = match self.replication_jobs(query) {
             Ok(r) => r,
-            Err(resp) => return *resp,
-        };
-        let filter = match job_filter(query) {
-            Ok(f) => f,
             Err(resp) => return *resp,
         };
         let jobs = match rep
@@ -317,12 +318,8 @@ impl App {
     }
 
     async fn replication_retry(&self, query: &Query) -> Resp {
-        let rep = match self.replication() {
+        let (rep, filter) = match self.replication_jobs(query) {
             Ok(r) => r,
-            Err(resp) => return *resp,
-        };
-        let filter = match job_filter(query) {
-            Ok(f) => f,
             Err(resp) => return *resp,
         };
         match rep.retry(&filter).await {
