@@ -295,7 +295,7 @@ impl App {
             .sync
             .iter()
             .map(|e| {
-                let st = e.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let st = e.status().clone();
                 serde_json::json!({
                     "upstream": e.url,
                     "repositories": e.repositories.iter().map(|(up, local)| serde_json::json!({
