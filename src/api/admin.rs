@@ -215,13 +215,14 @@ impl App {
         })
     }
 
+    /// Replication and the jobs `query` selects.
+    fn replication_jobs(&self, query: &Query) -> Result<(&Replication, JobFilter), Box<Resp>> {
+        Ok((self.replication()?, job_filter(query)?))
+    }
+
     async fn replication_status(&self, query: &Query) -> Resp {
-        let rep = match self.replication() {
+        let (rep, filter) = match self.replication_jobs(query) {
             Ok(r) => r,
-            Err(resp) => return *resp,
-        };
-        let filter = match job_filter(query) {
-            Ok(f) => f,
             Err(resp) => return *resp,
         };
         let jobs = match rep
@@ -294,7 +295,7 @@ impl App {
             .sync
             .iter()
             .map(|e| {
-                let st = e.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let st = e.status().clone();
                 serde_json::json!({
                     "upstream": e.url,
                     "repositories": e.repositories.iter().map(|(up, local)| serde_json::json!({
@@ -317,12 +318,8 @@ impl App {
     }
 
     async fn replication_retry(&self, query: &Query) -> Resp {
-        let rep = match self.replication() {
+        let (rep, filter) = match self.replication_jobs(query) {
             Ok(r) => r,
-            Err(resp) => return *resp,
-        };
-        let filter = match job_filter(query) {
-            Ok(f) => f,
             Err(resp) => return *resp,
         };
         match rep.retry(&filter).await {

@@ -18,7 +18,7 @@ use crate::api::server::{self, ServerOptions};
 use crate::cache::budget::Budget;
 use crate::cache::{Cache, Rule, Rules};
 use crate::config::StorageKind;
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, CredentialsConfig, LogFormat};
 use crate::metrics::UpstreamMetrics;
 use crate::registry::Registry;
 use crate::replication::{Destination, Replication, Rule as ReplicationRule};
@@ -164,17 +164,13 @@ fn open_replication(
     let mut destinations = Vec::new();
     for (i, d) in rc.destinations.iter().enumerate() {
         let ctx = || format!("replication.destinations[{i}] ({})", d.name);
-        let credentials = match &d.credentials {
-            Some(c) => Some(Credentials {
-                username: c.username.clone(),
-                password: Secret::new(c.password().map_err(anyhow::Error::msg).with_context(ctx)?),
-            }),
-            None => None,
-        };
-        let mut settings = UpstreamSettings::new(d.url.parse().with_context(ctx)?);
-        settings.credentials = credentials;
-        settings.ca_file = d.ca_file.clone();
-        settings.metrics = upstream_metrics.clone();
+        let settings = client_settings(
+            &d.url,
+            d.credentials.as_ref(),
+            d.ca_file.as_ref(),
+            upstream_metrics,
+        )
+        .with_context(ctx)?;
         let client = UpstreamClient::new(settings).with_context(ctx)?;
         destinations.push(Destination {
             name: d.name.clone(),
@@ -213,6 +209,32 @@ fn open_replication(
     ))))
 }
 
+/// The client credentials of a configuration entry, the secret read.
+fn credentials(c: Option<&CredentialsConfig>) -> anyhow::Result<Option<Credentials>> {
+    c.map(|c| {
+        Ok(Credentials {
+            username: c.username.clone(),
+            password: Secret::new(c.password().map_err(anyhow::Error::msg)?),
+        })
+    })
+    .transpose()
+}
+
+/// Client settings (default timeouts) for a replication destination or a
+/// sync upstream.
+fn client_settings(
+    url: &str,
+    creds: Option<&CredentialsConfig>,
+    ca_file: Option<&PathBuf>,
+    metrics: &UpstreamMetrics,
+) -> anyhow::Result<UpstreamSettings> {
+    let mut settings = UpstreamSettings::new(url.parse()?);
+    settings.credentials = credentials(creds)?;
+    settings.ca_file = ca_file.cloned();
+    settings.metrics = metrics.clone();
+    Ok(settings)
+}
+
 /// Builds the `[[sync]]` entries.
 fn open_sync(
     config: &Config,
@@ -221,15 +243,13 @@ fn open_sync(
     let mut out = Vec::new();
     for (i, e) in config.sync.iter().enumerate() {
         let ctx = || format!("sync[{i}] ({})", e.upstream);
-        let mut settings = UpstreamSettings::new(e.upstream.parse().with_context(ctx)?);
-        if let Some(c) = &e.credentials {
-            settings.credentials = Some(Credentials {
-                username: c.username.clone(),
-                password: Secret::new(c.password().map_err(anyhow::Error::msg).with_context(ctx)?),
-            });
-        }
-        settings.ca_file = e.ca_file.clone();
-        settings.metrics = upstream_metrics.clone();
+        let settings = client_settings(
+            &e.upstream,
+            e.credentials.as_ref(),
+            e.ca_file.as_ref(),
+            upstream_metrics,
+        )
+        .with_context(ctx)?;
         let mut repositories = Vec::new();
         for r in &e.repositories {
             let local = match &e.local_prefix {
@@ -430,13 +450,7 @@ async fn open_registry(
     let mut rules = Vec::new();
     for (i, r) in config.pull_through.iter().enumerate() {
         let ctx = || format!("pull_through[{i}] ({})", r.prefix);
-        let credentials = match &r.credentials {
-            Some(c) => Some(Credentials {
-                username: c.username.clone(),
-                password: Secret::new(c.password().map_err(anyhow::Error::msg).with_context(ctx)?),
-            }),
-            None => None,
-        };
+        let credentials = credentials(r.credentials.as_ref()).with_context(ctx)?;
         let upstream = UpstreamClient::new(UpstreamSettings {
             url: r.upstream.parse().with_context(ctx)?,
             credentials,

@@ -715,18 +715,7 @@ impl Config {
                 p.parse::<crate::oci::RepoName>()
                     .map_err(|e| fail("upstream_prefix", e.to_string()))?;
             }
-            let uri: http::Uri = rule
-                .upstream
-                .parse()
-                .map_err(|e| fail("upstream", format!("not a URL: {e}")))?;
-            let scheme_ok = matches!(uri.scheme_str(), Some("http") | Some("https"));
-            let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
-            if !scheme_ok || uri.authority().is_none() || !path_ok {
-                return Err(fail(
-                    "upstream",
-                    "must be http(s)://host[:port] with no path".to_string(),
-                ));
-            }
+            check_upstream_url(&rule.upstream).map_err(|m| fail("upstream", m))?;
             if let Some(c) = &rule.credentials {
                 c.password().map_err(|m| fail("credentials", m))?;
             }
@@ -737,18 +726,7 @@ impl Config {
                 key: format!("sync[{i}].{k}"),
                 message: m,
             };
-            let uri: http::Uri = e
-                .upstream
-                .parse()
-                .map_err(|err| fail("upstream", format!("not a URL: {err}")))?;
-            let scheme_ok = matches!(uri.scheme_str(), Some("http") | Some("https"));
-            let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
-            if !scheme_ok || uri.authority().is_none() || !path_ok {
-                return Err(fail(
-                    "upstream",
-                    "must be http(s)://host[:port] with no path".to_string(),
-                ));
-            }
+            check_upstream_url(&e.upstream).map_err(|m| fail("upstream", m))?;
             if let Some(c) = &e.credentials {
                 c.password().map_err(|m| fail("credentials", m))?;
             }
@@ -795,6 +773,17 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// An upstream's base URL must be `http(s)://host[:port]` with no path.
+fn check_upstream_url(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http") | Some("https"));
+    let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
+    if !scheme_ok || uri.authority().is_none() || !path_ok {
+        return Err("must be http(s)://host[:port] with no path".to_string());
+    }
+    Ok(())
 }
 
 impl ReplicationConfig {
@@ -1049,6 +1038,12 @@ mod tests {
         )
     }
 
+    /// Asserts that `text` is refused with an error about `key`.
+    fn assert_refused(text: &str, key: &str) {
+        let e = load_str(text, &[]).unwrap_err().to_string();
+        assert!(e.starts_with(key), "{key}: {e}\n{text}");
+    }
+
     #[test]
     fn defaults() {
         let c = Config::load(None, Vec::new()).unwrap();
@@ -1136,18 +1131,12 @@ mod tests {
                 "pull_through[0]",
             ),
         ] {
-            let e = load_str(&format!("[[pull_through]]\n{body}\n"), &[])
-                .unwrap_err()
-                .to_string();
-            assert!(e.starts_with(key), "{e}");
+            assert_refused(&format!("[[pull_through]]\n{body}\n"), key);
         }
-        let e = load_str(
+        assert_refused(
             "[[pull_through]]\nprefix = \"a\"\nupstream = \"http://h\"\n[[pull_through]]\nprefix = \"a\"\nupstream = \"http://g\"\n",
-            &[],
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.starts_with("pull_through[1].prefix"), "{e}");
+            "pull_through[1].prefix",
+        );
     }
 
     const S3_OK: &str = "[storage]\ntype = \"s3\"\n[storage.s3]\nbucket = \"wharf\"\nendpoint = \"http://127.0.0.1:8333\"\n";
@@ -1406,8 +1395,7 @@ mod tests {
                 "replication.reconcile_interval",
             ),
         ] {
-            let e = load_str(&text, &[]).unwrap_err().to_string();
-            assert!(e.starts_with(key), "{key}: {e}\n{text}");
+            assert_refused(&text, key);
         }
     }
 
@@ -1450,19 +1438,13 @@ mod tests {
                 "sync[0]",
             ),
         ] {
-            let e = load_str(&format!("pull_through = []\n[[sync]]\n{body}\n"), &[])
-                .unwrap_err()
-                .to_string();
-            assert!(e.starts_with(key), "{key}: {e}");
+            assert_refused(&format!("pull_through = []\n[[sync]]\n{body}\n"), key);
         }
         // A local name inside a pull-through namespace is refused.
-        let e = load_str(
+        assert_refused(
             "[[sync]]\nupstream = \"https://x\"\nrepositories = [\"ghcr/app\"]\n",
-            &[],
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.starts_with("sync[0].repositories[0]"), "{e}");
+            "sync[0].repositories[0]",
+        );
     }
 
     #[test]

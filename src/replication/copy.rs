@@ -200,7 +200,8 @@ impl<'a> Copy<'a> {
             .map(|m| m.kind == crate::oci::manifest::ManifestKind::Index)
             .unwrap_or(false);
         if self.platforms.is_empty() || !is_index {
-            self.manifest(digest).await?;
+            self.manifest_with(digest, &media_type, body.clone())
+                .await?;
             return Ok((digest.clone(), media_type, body));
         }
         let mut index: serde_json::Value = serde_json::from_slice(&body)
@@ -217,7 +218,8 @@ impl<'a> Copy<'a> {
             )));
         }
         if kept.len() == entries.len() {
-            self.manifest(digest).await?;
+            self.manifest_with(digest, &media_type, body.clone())
+                .await?;
             return Ok((digest.clone(), media_type, body));
         }
         index["manifests"] = serde_json::Value::Array(kept.clone());
@@ -231,9 +233,7 @@ impl<'a> Copy<'a> {
                 .unwrap_or_default()
                 .parse()
                 .map_err(|e| CopyError::Permanent(format!("index {digest}: {e}")))?;
-            if !self.seen.contains(&child) {
-                self.manifest(&child).await?;
-            }
+            self.manifest(&child).await?;
         }
         let as_ref = Reference::Digest(filtered_digest.clone());
         if self
@@ -297,15 +297,26 @@ impl<'a> Copy<'a> {
         Ok(())
     }
 
-    /// Copies a manifest by digest with everything it needs first.
-    /// Returns its media type.
-    async fn manifest(&mut self, digest: &Digest) -> Result<String> {
+    /// Copies a manifest by digest with everything it needs first (once
+    /// per copy).
+    async fn manifest(&mut self, digest: &Digest) -> Result<()> {
         if self.seen.contains(digest) {
-            let (media_type, _) = self.source.manifest(self.source_repo, digest).await?;
-            return Ok(media_type);
+            return Ok(());
         }
-        self.seen.insert(digest.clone());
         let (media_type, body) = self.source.manifest(self.source_repo, digest).await?;
+        self.manifest_with(digest, &media_type, body).await
+    }
+
+    /// [`Copy::manifest`] of a manifest already read from the source.
+    async fn manifest_with(
+        &mut self,
+        digest: &Digest,
+        media_type: &str,
+        body: Bytes,
+    ) -> Result<()> {
+        if !self.seen.insert(digest.clone()) {
+            return Ok(());
+        }
         let as_ref = Reference::Digest(digest.clone());
         if self
             .target
@@ -314,9 +325,9 @@ impl<'a> Copy<'a> {
             .is_some()
         {
             // A registry holds a manifest only with its content.
-            return Ok(media_type);
+            return Ok(());
         }
-        let m = Manifest::parse(&body, Some(&media_type))
+        let m = Manifest::parse(&body, Some(media_type))
             .map_err(|e| CopyError::Permanent(format!("manifest {digest} at the source: {e}")))?;
         for blob in &m.blobs {
             if self.target.has_blob(self.target_repo, blob).await? {
@@ -331,15 +342,13 @@ impl<'a> Copy<'a> {
             self.out.bytes_sent += sent;
         }
         for child in &m.children {
-            if !self.seen.contains(child) {
-                Box::pin(self.manifest(child)).await?;
-            }
+            Box::pin(self.manifest(child)).await?;
         }
         self.target
-            .put_manifest(self.target_repo, &as_ref, &media_type, body)
+            .put_manifest(self.target_repo, &as_ref, media_type, body)
             .await?;
         self.out.manifests_sent += 1;
-        Ok(media_type)
+        Ok(())
     }
 }
 

@@ -84,7 +84,7 @@ impl Source for LocalSource {
     }
 }
 
-/// Another registry.
+/// Another registry, shared by every job of a destination.
 pub struct RemoteTarget {
     pub client: UpstreamClient,
     pub chunk_size: u64,
@@ -96,107 +96,9 @@ pub struct RemoteTarget {
 }
 
 impl RemoteTarget {
-    #[allow(clippy::too_many_arguments)]
-    async fn upload(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        size: u64,
-        source: &dyn Source,
-        source_repo: &RepoName,
-        mut location: String,
-        mut offset: u64,
-        cp: Option<&Checkpoints>,
-    ) -> Result<u64> {
-        let c = &self.client;
-        let what = format!("uploading blob {digest}");
-        let save = |location: &str| {
-            let at = UploadCheckpoint {
-                digest: digest.clone(),
-                location: location.to_string(),
-            };
-            async move {
-                if let Some(cp) = cp {
-                    (cp.save)(Some(at)).await;
-                }
-            }
-        };
-        save(&location).await;
-        let mut sent = 0u64;
-        let mut restarts = 0u32;
-        loop {
-            let mut failed = None;
-            while offset < size {
-                let len = self.chunk_size.min(size - offset);
-                let body = source.blob(source_repo, digest, offset, len).await?;
-                match c.upload_chunk(repo, &location, offset, len, body).await {
-                    Ok(next) => {
-                        location = next;
-                        offset += len;
-                        sent += len;
-                        (self.on_sent)(len);
-                        save(&location).await;
-                    }
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
-                }
-            }
-            let err = match failed {
-                None => match c.finish_upload(repo, &location, digest).await {
-                    Ok(()) => {
-                        if let Some(cp) = cp {
-                            (cp.save)(None).await;
-                        }
-                        return Ok(sent);
-                    }
-                    Err(e) => e,
-                },
-                Some(e) => e,
-            };
-            let err = CopyError::target(&what, err);
-            restarts += 1;
-            if restarts > MAX_BLOB_RESTARTS || matches!(err, CopyError::Permanent(_)) {
-                return Err(err);
-            }
-            tracing::debug!(%digest, error = %err, offset, "blob upload interrupted; resuming");
-            // Resume where the destination says the session is, or start
-            // a new session.
-            match c.upload_offset(repo, &location).await {
-                Ok(Some(n)) if n <= size && offset < size => offset = n,
-                Ok(_) | Err(_) => {
-                    c.cancel_upload(repo, &location).await;
-                    match c.start_upload(repo, None).await {
-                        Ok(UploadStart::Session(l)) => {
-                            location = l;
-                            save(&location).await;
-                        }
-                        Ok(UploadStart::Mounted) => return Ok(sent),
-                        Err(e) => return Err(CopyError::target(&what, e)),
-                    }
-                    offset = 0;
-                }
-            }
-        }
-    }
-}
-
-#[async_trait]
-impl Target for RemoteTarget {
-    async fn has_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
-        let present = self
-            .client
-            .blob_size_if_present(repo, digest)
-            .await
-            .map_err(|e| CopyError::target(&format!("checking blob {digest}"), e))?
-            .is_some();
-        if present {
-            self.known.insert(digest.clone(), repo.clone());
-        }
-        Ok(present)
-    }
-
+    /// Copies a blob: resumes the upload `cp` has for it if the destination
+    /// still knows the session, else mounts it from a repository where it
+    /// is known to be, else uploads it in a new session.
     async fn put_blob(
         &self,
         repo: &RepoName,
@@ -204,112 +106,13 @@ impl Target for RemoteTarget {
         size: u64,
         source: &dyn Source,
         source_repo: &RepoName,
-    ) -> Result<u64> {
-        self.put_blob_with(repo, digest, size, source, source_repo, None)
-            .await
-    }
-
-    async fn manifest_digest(
-        &self,
-        repo: &RepoName,
-        reference: &Reference,
-    ) -> Result<Option<Digest>> {
-        self.client
-            .manifest_digest_if_present(repo, reference)
-            .await
-            .map_err(|e| CopyError::target(&format!("checking manifest {reference}"), e))
-    }
-
-    async fn put_manifest(
-        &self,
-        repo: &RepoName,
-        reference: &Reference,
-        media_type: &str,
-        body: Bytes,
-    ) -> Result<()> {
-        self.client
-            .put_manifest(repo, reference, media_type, body)
-            .await
-            .map_err(|e| CopyError::target(&format!("pushing manifest {reference}"), e))?;
-        Ok(())
-    }
-}
-
-/// Where a job's blob upload stands: the checkpoint the job had when it
-/// started (resumed if it is for the blob being sent), and how to record
-/// a new one.
-pub struct Checkpoints {
-    pub resume: std::sync::Mutex<Option<UploadCheckpoint>>,
-    pub save: Box<dyn Fn(Option<UploadCheckpoint>) -> BoxFuture<'static, ()> + Send + Sync>,
-}
-
-/// The destination as seen by one job run: uploads are checkpointed in the
-/// job, and one interrupted by a crash resumes at the offset the
-/// destination reports.
-pub struct JobTarget<'a> {
-    pub remote: &'a RemoteTarget,
-    pub checkpoints: Checkpoints,
-}
-
-#[async_trait]
-impl Target for JobTarget<'_> {
-    async fn has_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
-        self.remote.has_blob(repo, digest).await
-    }
-
-    async fn put_blob(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        size: u64,
-        source: &dyn Source,
-        source_repo: &RepoName,
-    ) -> Result<u64> {
-        self.remote
-            .put_blob_with(
-                repo,
-                digest,
-                size,
-                source,
-                source_repo,
-                Some(&self.checkpoints),
-            )
-            .await
-    }
-
-    async fn manifest_digest(
-        &self,
-        repo: &RepoName,
-        reference: &Reference,
-    ) -> Result<Option<Digest>> {
-        self.remote.manifest_digest(repo, reference).await
-    }
-
-    async fn put_manifest(
-        &self,
-        repo: &RepoName,
-        reference: &Reference,
-        media_type: &str,
-        body: Bytes,
-    ) -> Result<()> {
-        self.remote
-            .put_manifest(repo, reference, media_type, body)
-            .await
-    }
-}
-
-impl RemoteTarget {
-    async fn put_blob_with(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        size: u64,
-        source: &dyn Source,
-        source_repo: &RepoName,
-        cp: Option<&Checkpoints>,
+        cp: &Checkpoints,
     ) -> Result<u64> {
         let resume = cp
-            .and_then(|cp| cp.resume.lock().unwrap_or_else(|e| e.into_inner()).take())
+            .resume
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
             .filter(|r| &r.digest == digest);
         if let Some(r) = resume
             && let Ok(Some(offset)) = self.client.upload_offset(repo, &r.location).await
@@ -346,6 +149,157 @@ impl RemoteTarget {
         };
         self.known.insert(digest.clone(), repo.clone());
         Ok(sent)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn upload(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+        source: &dyn Source,
+        source_repo: &RepoName,
+        mut location: String,
+        mut offset: u64,
+        cp: &Checkpoints,
+    ) -> Result<u64> {
+        let c = &self.client;
+        let what = format!("uploading blob {digest}");
+        let save = |location: &str| {
+            (cp.save)(Some(UploadCheckpoint {
+                digest: digest.clone(),
+                location: location.to_string(),
+            }))
+        };
+        save(&location).await;
+        let mut sent = 0u64;
+        let mut restarts = 0u32;
+        loop {
+            let mut failed = None;
+            while offset < size {
+                let len = self.chunk_size.min(size - offset);
+                let body = source.blob(source_repo, digest, offset, len).await?;
+                match c.upload_chunk(repo, &location, offset, len, body).await {
+                    Ok(next) => {
+                        location = next;
+                        offset += len;
+                        sent += len;
+                        (self.on_sent)(len);
+                        save(&location).await;
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            let err = match failed {
+                None => match c.finish_upload(repo, &location, digest).await {
+                    Ok(()) => {
+                        (cp.save)(None).await;
+                        return Ok(sent);
+                    }
+                    Err(e) => e,
+                },
+                Some(e) => e,
+            };
+            let err = CopyError::target(&what, err);
+            restarts += 1;
+            if restarts > MAX_BLOB_RESTARTS || matches!(err, CopyError::Permanent(_)) {
+                return Err(err);
+            }
+            tracing::debug!(%digest, error = %err, offset, "blob upload interrupted; resuming");
+            // Resume where the destination says the session is, or start
+            // a new session.
+            match c.upload_offset(repo, &location).await {
+                Ok(Some(n)) if n <= size && offset < size => offset = n,
+                Ok(_) | Err(_) => {
+                    c.cancel_upload(repo, &location).await;
+                    match c.start_upload(repo, None).await {
+                        Ok(UploadStart::Session(l)) => {
+                            location = l;
+                            save(&location).await;
+                        }
+                        Ok(UploadStart::Mounted) => return Ok(sent),
+                        Err(e) => return Err(CopyError::target(&what, e)),
+                    }
+                    offset = 0;
+                }
+            }
+        }
+    }
+}
+
+/// Where a job's blob upload stands: the checkpoint the job had when it
+/// started (resumed if it is for the blob being sent), and how to record
+/// a new one.
+pub struct Checkpoints {
+    pub resume: std::sync::Mutex<Option<UploadCheckpoint>>,
+    pub save: Box<dyn Fn(Option<UploadCheckpoint>) -> BoxFuture<'static, ()> + Send + Sync>,
+}
+
+/// The destination as seen by one job run: uploads are checkpointed in the
+/// job, and one interrupted by a crash resumes at the offset the
+/// destination reports.
+pub struct JobTarget<'a> {
+    pub remote: &'a RemoteTarget,
+    pub checkpoints: Checkpoints,
+}
+
+#[async_trait]
+impl Target for JobTarget<'_> {
+    async fn has_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        let present = self
+            .remote
+            .client
+            .blob_size_if_present(repo, digest)
+            .await
+            .map_err(|e| CopyError::target(&format!("checking blob {digest}"), e))?
+            .is_some();
+        if present {
+            self.remote.known.insert(digest.clone(), repo.clone());
+        }
+        Ok(present)
+    }
+
+    async fn put_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+        source: &dyn Source,
+        source_repo: &RepoName,
+    ) -> Result<u64> {
+        self.remote
+            .put_blob(repo, digest, size, source, source_repo, &self.checkpoints)
+            .await
+    }
+
+    async fn manifest_digest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<Option<Digest>> {
+        self.remote
+            .client
+            .manifest_digest_if_present(repo, reference)
+            .await
+            .map_err(|e| CopyError::target(&format!("checking manifest {reference}"), e))
+    }
+
+    async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        media_type: &str,
+        body: Bytes,
+    ) -> Result<()> {
+        self.remote
+            .client
+            .put_manifest(repo, reference, media_type, body)
+            .await
+            .map_err(|e| CopyError::target(&format!("pushing manifest {reference}"), e))?;
+        Ok(())
     }
 }
 

@@ -159,10 +159,16 @@ impl Replication {
         }
     }
 
-    /// Destinations of the rules matching a pushed (hosted) repository.
-    pub fn destinations_for(&self, repo: &RepoName) -> Vec<String> {
+    /// Destinations of the rules matching a pushed (hosted) repository,
+    /// or, when `pulled`, of the rules that replicate `repo` when it holds
+    /// content pulled through the cache (`include_pulled_through`).
+    pub fn destinations_for(&self, repo: &RepoName, pulled: bool) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
-        for rule in self.rules.iter().filter(|r| r.matches(repo)) {
+        for rule in self
+            .rules
+            .iter()
+            .filter(|r| (!pulled || r.include_pulled_through) && r.matches(repo))
+        {
             for d in &rule.destinations {
                 if !out.contains(d) {
                     out.push(d.clone());
@@ -172,22 +178,17 @@ impl Replication {
         out
     }
 
-    /// Destinations of the rules that replicate `repo` when it holds
-    /// content pulled through the cache (`include_pulled_through`).
-    pub fn destinations_for_pulled(&self, repo: &RepoName) -> Vec<String> {
-        let mut out: Vec<String> = Vec::new();
-        for rule in self
-            .rules
-            .iter()
-            .filter(|r| r.include_pulled_through && r.matches(repo))
-        {
-            for d in &rule.destinations {
-                if !out.contains(d) {
-                    out.push(d.clone());
-                }
-            }
-        }
-        out
+    /// One job key per destination of `repo` (see
+    /// [`Replication::destinations_for`]) for `reference`.
+    fn job_keys(&self, repo: &RepoName, reference: &Reference, pulled: bool) -> Vec<JobKey> {
+        self.destinations_for(repo, pulled)
+            .into_iter()
+            .map(|destination| JobKey {
+                destination,
+                repository: repo.clone(),
+                reference: reference.clone(),
+            })
+            .collect()
     }
 
     /// Enqueues `keys` durably and wakes the workers.
@@ -256,15 +257,7 @@ impl crate::cache::PullObserver for Replication {
             Some(t) => Reference::Tag(t.clone()),
             None => Reference::Digest(digest.clone()),
         };
-        let keys: Vec<JobKey> = self
-            .destinations_for_pulled(repo)
-            .into_iter()
-            .map(|destination| JobKey {
-                destination,
-                repository: repo.clone(),
-                reference: reference.clone(),
-            })
-            .collect();
+        let keys = self.job_keys(repo, &reference, true);
         if let Err(e) = self.enqueue(&keys).await {
             // Reconciliation picks it up later.
             tracing::warn!(repository = %repo, error = %e, "could not enqueue pulled-through content for replication");
@@ -280,15 +273,6 @@ impl PushObserver for Replication {
         reference: &Reference,
         _digest: &Digest,
     ) -> Result<(), StorageError> {
-        let keys: Vec<JobKey> = self
-            .destinations_for(repo)
-            .into_iter()
-            .map(|destination| JobKey {
-                destination,
-                repository: repo.clone(),
-                reference: reference.clone(),
-            })
-            .collect();
-        self.enqueue(&keys).await
+        self.enqueue(&self.job_keys(repo, reference, false)).await
     }
 }

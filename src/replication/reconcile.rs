@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::Replication;
 use crate::oci::{Reference, RepoName};
 use crate::registry::{MAX_PAGE, Registry};
-use crate::storage::jobs::{JobKey, JobState};
+use crate::storage::jobs::JobKey;
 
 /// One thing found missing or different.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -57,12 +57,12 @@ pub async fn reconcile(
         );
     }
     let mut plan = Plan::default();
+    // Only PENDING and RUNNING jobs are active.
     let active: HashSet<JobKey> = rep
         .jobs
         .active()
         .await?
         .into_iter()
-        .filter(|j| j.state == JobState::Pending || j.state == JobState::Running)
         .map(|j| j.key)
         .collect();
     let mut repos = Vec::new();

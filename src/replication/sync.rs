@@ -68,6 +68,13 @@ pub struct SyncEntry {
     pub status: std::sync::Mutex<SyncStatus>,
 }
 
+impl SyncEntry {
+    /// The entry's status, for reading or updating.
+    pub fn status(&self) -> std::sync::MutexGuard<'_, SyncStatus> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// What the passes of an entry did, for `/_wharf/sync/status`.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct SyncStatus {
@@ -99,7 +106,7 @@ pub async fn run(entry: Arc<SyncEntry>, registry: Registry, stop: CancellationTo
             () = stop.cancelled() => return,
         }
         {
-            let mut st = entry.status.lock().unwrap_or_else(|e| e.into_inner());
+            let mut st = entry.status();
             st.running = true;
             st.last_started_ms = Some(super::unix_ms());
         }
@@ -108,7 +115,7 @@ pub async fn run(entry: Arc<SyncEntry>, registry: Registry, stop: CancellationTo
             () = stop.cancelled() => return,
         };
         {
-            let mut st = entry.status.lock().unwrap_or_else(|e| e.into_inner());
+            let mut st = entry.status();
             st.running = false;
             st.passes += 1;
             st.last_finished_ms = Some(super::unix_ms());
@@ -139,11 +146,7 @@ pub async fn pass(entry: &SyncEntry, registry: &Registry) -> PassOutcome {
             Err(e) => {
                 out.failures += 1;
                 tracing::warn!(repository = %upstream_repo, error = %e, "sync could not list upstream tags");
-                entry
-                    .status
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .last_error = Some(format!("{upstream_repo}: listing tags: {e}"));
+                entry.status().last_error = Some(format!("{upstream_repo}: listing tags: {e}"));
                 continue;
             }
         };
@@ -185,11 +188,7 @@ pub async fn pass(entry: &SyncEntry, registry: &Registry) -> PassOutcome {
                 Err(e) => {
                     out.failures += 1;
                     tracing::warn!(repository = %local_repo, tag = %tag, error = %e, "sync of a tag failed");
-                    entry
-                        .status
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .last_error = Some(format!("{upstream_repo}:{tag}: {e}"));
+                    entry.status().last_error = Some(format!("{upstream_repo}:{tag}: {e}"));
                 }
             }
         }

@@ -78,12 +78,25 @@ pub fn spawn_wharf_with(server_extra: &str, extra_toml: &str) -> Wharf {
 
 /// Spawns wharf over an existing directory (restart after a crash).
 pub fn spawn_wharf_in(dir: tempfile::TempDir, server_extra: &str, extra_toml: &str) -> Wharf {
+    spawn_config_in(dir, "", "127.0.0.1:0", server_extra, extra_toml)
+}
+
+/// Writes `wharf.toml` in `dir` (`head`, then `[server]` on `listen` with
+/// `server_extra`, filesystem storage in `dir/data`, then `extra_toml`)
+/// and spawns wharf with it.
+pub fn spawn_config_in(
+    dir: tempfile::TempDir,
+    head: &str,
+    listen: &str,
+    server_extra: &str,
+    extra_toml: &str,
+) -> Wharf {
     let config = dir.path().join("wharf.toml");
     let data = dir.path().join("data");
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n\n[storage]\ntype = \"filesystem\"\npath = {:?}\n\n{extra_toml}\n",
+            "{head}\n[server]\nlisten = \"{listen}\"\n{server_extra}\n\n[storage]\ntype = \"filesystem\"\npath = {:?}\n\n{extra_toml}\n",
             data.display().to_string()
         ),
     )

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::http::{HttpClient, Method};
 use super::images::{OCI_INDEX, OCI_MANIFEST};
-use super::{Wharf, start};
+use super::{Wharf, spawn_config_in, start};
 
 /// Spawns wharf on 127.0.0.1:0 with no pull-through rules, a fresh data
 /// directory and `extra_toml` appended.
@@ -20,28 +20,12 @@ pub fn spawn_region(extra_toml: &str) -> Wharf {
 /// Like [`spawn_region`], over an existing directory and on `listen`.
 /// With `[[pull_through]]` tables in `extra_toml`, those are the rules.
 pub fn spawn_region_in(dir: tempfile::TempDir, listen: &str, extra_toml: &str) -> Wharf {
-    let config = dir.path().join("wharf.toml");
-    let data = dir.path().join("data");
     let no_rules = if extra_toml.contains("[[pull_through]]") {
         ""
     } else {
         "pull_through = []\n"
     };
-    std::fs::write(
-        &config,
-        format!(
-            "{no_rules}\n[server]\nlisten = \"{listen}\"\n\n[storage]\ntype = \"filesystem\"\npath = {:?}\n\n{extra_toml}\n",
-            data.display().to_string()
-        ),
-    )
-    .expect("write config");
-    let (child, addr) = start(&config, &[]);
-    Wharf {
-        child,
-        addr,
-        dir,
-        config,
-    }
+    spawn_config_in(dir, no_rules, listen, "", extra_toml)
 }
 
 /// Restarts a killed (or running: it is killed first) wharf over the same
