@@ -133,6 +133,46 @@ pub async fn blob_store_suite(blobs: Arc<dyn BlobStore>, uploads: Arc<dyn Upload
         "no blob before commit"
     );
 
+    // A request dropped mid-body (its connection gone, hyper drops the
+    // handler) leaves the session as it was: neither the bytes nor the
+    // running hash keep any of it, and the upload still commits.
+    {
+        let id = UploadId::new_random();
+        uploads.create(&id).await.unwrap();
+        let n = uploads
+            .append(&id, 0, None, stream_of(vec![&big[..1_000_000]]))
+            .await
+            .unwrap();
+        let stalled: ByteStream =
+            futures::stream::iter(vec![Ok(Bytes::from_static(b"never sent"))])
+                .chain(futures::stream::pending())
+                .boxed();
+        assert!(
+            tokio::time::timeout(
+                std::time::Duration::from_millis(200),
+                uploads.append(&id, n, None, stalled)
+            )
+            .await
+            .is_err(),
+            "a stalled body never completes"
+        );
+        assert_eq!(
+            uploads.size(&id).await.unwrap(),
+            n,
+            "a dropped chunk leaves nothing"
+        );
+        uploads
+            .append(&id, n, None, stream_of(vec![&big[1_000_000..]]))
+            .await
+            .unwrap();
+        assert_eq!(
+            uploads.commit(&id, &big_digest).await.unwrap(),
+            big.len() as u64,
+            "the upload commits after a dropped chunk"
+        );
+        assert!(blobs.delete(&big_digest).await.unwrap());
+    }
+
     // A commit with the wrong digest publishes nothing and ends the session.
     assert!(matches!(
         uploads.commit(&id, &wrong).await,

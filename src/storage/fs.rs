@@ -304,10 +304,15 @@ impl UploadStore for FsStore {
                 requested: offset,
             });
         }
-        let before = state.clone();
-        if state.hashed != current {
-            state.hasher = None;
-        }
+        // The running hash is advanced on a copy and stored only when the
+        // chunk is complete: a request dropped mid-body (its connection
+        // gone) must not leave bytes in the session's hash that never
+        // reached the file.
+        let mut hasher = if state.hashed == current {
+            state.hasher.clone()
+        } else {
+            None
+        };
         let mut out = tokio::io::BufWriter::with_capacity(WRITE_BUF, file);
         out.seek(io::SeekFrom::Start(current)).await?;
         let mut received = 0u64;
@@ -323,7 +328,7 @@ impl UploadStore for FsStore {
                         });
                     }
                 }
-                if let Some(h) = state.hasher.as_mut() {
+                if let Some(h) = hasher.as_mut() {
                     h.update(&chunk);
                 }
                 out.write_all(&chunk).await?;
@@ -343,16 +348,17 @@ impl UploadStore for FsStore {
         .await;
         match result {
             Ok(()) => {
+                state.hasher = hasher;
                 state.hashed = current + received;
                 Ok(current + received)
             }
             Err(e) => {
-                // All-or-nothing: cut the file back and restore the hash state.
+                // All-or-nothing: cut the file back (the hash state was
+                // never touched).
                 let _ = out.flush().await;
                 let file = out.into_inner();
                 file.set_len(current).await?;
                 file.sync_data().await?;
-                *state = before;
                 Err(e)
             }
         }
