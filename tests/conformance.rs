@@ -903,14 +903,13 @@ impl Suite {
             .map_err(|_| Fail::Fail(format!("request timed out after 60s: {method} {url}")))?;
             let code = resp.status.as_u16();
             let loc = resp.header("location").map(str::to_string);
-            if matches!(code, 301 | 302 | 303 | 307 | 308) && loc.is_some() {
-                let loc = loc.unwrap();
+            if let (301 | 302 | 303 | 307 | 308, Some(loc)) = (code, loc) {
                 url = if loc.starts_with("http://") || loc.starts_with("https://") {
                     loc
                 } else {
                     format!("{}{}", self.base, relative_location(&loc))
                 };
-                if matches!(code, 301 | 302 | 303) {
+                if matches!(code, 301..=303) {
                     if method != Method::GET && method != Method::HEAD {
                         method = Method::GET;
                     }

@@ -104,12 +104,15 @@ pub struct Cache {
     /// When each cached tag was last confirmed upstream.
     checked: Mutex<HashMap<(RepoName, Tag), Instant>>,
     /// One revalidation per tag at a time; others wait and look again.
-    revalidating: Mutex<HashMap<(RepoName, Tag), Arc<tokio::sync::Mutex<()>>>>,
+    revalidating: Mutex<HashMap<(RepoName, Tag), RevalidationLock>>,
     prefetch: bool,
     pub counters: CacheCounters,
     pub budget: Arc<Budget>,
     observer: Option<Arc<dyn PullObserver>>,
 }
+
+/// Held by the one revalidation of a tag in flight.
+type RevalidationLock = Arc<tokio::sync::Mutex<()>>;
 
 /// Told about every manifest the cache stores from upstream (replication
 /// rules with `include_pulled_through` enqueue here). Failures are the
@@ -496,10 +499,10 @@ impl Cache {
         if let Some(size) = self.linked_size(t, digest).await? {
             return Ok(size);
         }
-        if let Some(f) = self.fills.in_progress(digest) {
-            if let Some(total) = f.status().total {
-                return Ok(total);
-            }
+        if let Some(f) = self.fills.in_progress(digest)
+            && let Some(total) = f.status().total
+        {
+            return Ok(total);
         }
         self.upstream(t)
             .head_blob(&t.upstream, digest)

@@ -68,8 +68,7 @@ pub(super) fn client(server: &str) -> anyhow::Result<UpstreamClient> {
     let url = server
         .parse()
         .with_context(|| format!("--server {server:?} is not a URL"))?;
-    Ok(UpstreamClient::new(UpstreamSettings::new(url))
-        .with_context(|| format!("--server {server}"))?)
+    UpstreamClient::new(UpstreamSettings::new(url)).with_context(|| format!("--server {server}"))
 }
 
 /// The `message` of a spec JSON error body, or the body itself.

@@ -468,12 +468,12 @@ impl Registry {
             Reference::Tag(_) => Algorithm::Sha256,
         };
         let digest = Digest::of(algorithm, &body);
-        if let Reference::Digest(d) = reference {
-            if d != &digest {
-                return Err(RegistryError::DigestInvalid(format!(
-                    "manifest content hashes to {digest}, not {d}"
-                )));
-            }
+        if let Reference::Digest(d) = reference
+            && d != &digest
+        {
+            return Err(RegistryError::DigestInvalid(format!(
+                "manifest content hashes to {digest}, not {d}"
+            )));
         }
         for blob in &manifest.blobs {
             if !self.meta.blob_linked(repo, blob).await? || self.blobs.stat(blob).await?.is_none() {

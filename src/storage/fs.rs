@@ -320,26 +320,26 @@ impl UploadStore for FsStore {
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(StorageError::Body)?;
                 received += chunk.len() as u64;
-                if let Some(exp) = expected_len {
-                    if received > exp {
-                        return Err(StorageError::SizeMismatch {
-                            expected: exp,
-                            actual: received,
-                        });
-                    }
+                if let Some(exp) = expected_len
+                    && received > exp
+                {
+                    return Err(StorageError::SizeMismatch {
+                        expected: exp,
+                        actual: received,
+                    });
                 }
                 if let Some(h) = hasher.as_mut() {
                     h.update(&chunk);
                 }
                 out.write_all(&chunk).await?;
             }
-            if let Some(exp) = expected_len {
-                if received != exp {
-                    return Err(StorageError::SizeMismatch {
-                        expected: exp,
-                        actual: received,
-                    });
-                }
+            if let Some(exp) = expected_len
+                && received != exp
+            {
+                return Err(StorageError::SizeMismatch {
+                    expected: exp,
+                    actual: received,
+                });
             }
             out.flush().await?;
             out.get_ref().sync_data().await?;
@@ -566,6 +566,33 @@ impl StagedReader for FsStaged {
     }
 }
 
+/// Serves `range` of a published blob as mapped windows of [`MAP_WINDOW`]
+/// bytes (see [`super::window`]): over plain TCP the bytes go from the page
+/// cache to the socket by `sendfile`; otherwise with one copy (in the
+/// kernel's socket write) instead of a read into a buffer first. Each window
+/// is unmapped when hyper drops its chunk, so at most the windows in flight
+/// are mapped. The next window is announced to the kernel (`WillNeed`) so
+/// readahead runs ahead of the socket.
+fn mapped_stream(file: Arc<std::fs::File>, range: Range<u64>) -> ByteStream {
+    futures::stream::unfold(
+        (file, range.start, range.end),
+        |(file, pos, end)| async move {
+            if pos >= end {
+                return None;
+            }
+            let len = (end - pos).min(MAP_WINDOW) as usize;
+            let window = super::window::map(&file, pos, len);
+            let next_pos = pos + len as u64;
+            if window.is_ok() && next_pos < end {
+                let next = (end - next_pos).min(MAP_WINDOW) as usize;
+                super::window::will_need(&file, next_pos, next);
+            }
+            Some((window, (file, next_pos, end)))
+        },
+    )
+    .boxed()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -602,31 +629,4 @@ mod tests {
         assert_eq!(s.commit(&id, &d).await.unwrap(), data.len() as u64);
         assert_eq!(s.stat(&d).await.unwrap(), Some(data.len() as u64));
     }
-}
-
-/// Serves `range` of a published blob as mapped windows of [`MAP_WINDOW`]
-/// bytes (see [`super::window`]): over plain TCP the bytes go from the page
-/// cache to the socket by `sendfile`; otherwise with one copy (in the
-/// kernel's socket write) instead of a read into a buffer first. Each window
-/// is unmapped when hyper drops its chunk, so at most the windows in flight
-/// are mapped. The next window is announced to the kernel (`WillNeed`) so
-/// readahead runs ahead of the socket.
-fn mapped_stream(file: Arc<std::fs::File>, range: Range<u64>) -> ByteStream {
-    futures::stream::unfold(
-        (file, range.start, range.end),
-        |(file, pos, end)| async move {
-            if pos >= end {
-                return None;
-            }
-            let len = (end - pos).min(MAP_WINDOW) as usize;
-            let window = super::window::map(&file, pos, len);
-            let next_pos = pos + len as u64;
-            if window.is_ok() && next_pos < end {
-                let next = (end - next_pos).min(MAP_WINDOW) as usize;
-                super::window::will_need(&file, next_pos, next);
-            }
-            Some((window, (file, next_pos, end)))
-        },
-    )
-    .boxed()
 }

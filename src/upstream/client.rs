@@ -1141,11 +1141,10 @@ mod tests {
 
         #[test]
         fn content_range_never_panics(s in ".{0,64}|bytes [0-9*/ +-]{0,40}") {
-            if let Some((start, total)) = parse_content_range(&s) {
-                if let Some(total) = total {
+            if let Some((start, total)) = parse_content_range(&s)
+                && let Some(total) = total {
                     prop_assert!(start < total);
                 }
-            }
         }
     }
 
@@ -1270,7 +1269,7 @@ mod tests {
         #[test]
         fn link_next_anywhere(mut links in proptest::collection::vec(link(), 0..4), at in any::<proptest::sample::Index>()) {
             // One rel="next" link among any others is enough.
-            let next = format!("</v2/r/tags/list?n=2&last=b>; rel=\"next\"");
+            let next = "</v2/r/tags/list?n=2&last=b>; rel=\"next\"".to_string();
             let mut parts: Vec<String> = links.drain(..).map(|l| l.render()).collect();
             let i = at.index(parts.len() + 1);
             parts.insert(i, next);
