@@ -914,20 +914,7 @@ async fn cold_pulls_on_two_replicas_fetch_once_per_cluster() {
     let layer = common::cache::random_bytes(6 * 1024 * 1024, 21);
     let (_, ld, _) = common::cache::seed_image(&fake, "team/app", "v1", &layer);
     fake.fault(&ld, Fault::bytes_per_second(4 * 1024 * 1024));
-    let spawn = || {
-        let dir = tempfile::tempdir().unwrap();
-        let body = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n\n{}\n{}",
-            sw.storage_toml("pull", &dir.path().join("scratch")),
-            common::cache::rule("up", &fake, "")
-        );
-        spawn_wharf_config(
-            dir,
-            &body,
-            &[("S3_TEST_SECRET", common::seaweedfs::SECRET_KEY)],
-            &[],
-        )
-    };
+    let spawn = || sw.spawn_pull_through("pull", &common::cache::rule("up", &fake, ""));
     let (a, b) = (spawn(), spawn());
     let path = format!("/v2/up/team/app/blobs/{ld}");
     let mut tasks = Vec::new();
@@ -1106,20 +1093,7 @@ async fn fill_lease_taken_over_when_its_holder_dies() {
     let layer = common::cache::random_bytes(20 * 1024 * 1024, 33);
     let (_, ld, _) = common::cache::seed_image(&fake, "team/app", "v1", &layer);
     fake.fault(&ld, Fault::bytes_per_second(4 * 1024 * 1024));
-    let spawn = || {
-        let dir = tempfile::tempdir().unwrap();
-        let body = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n\n{}\n{}",
-            sw.storage_toml("takeover", &dir.path().join("scratch")),
-            common::cache::rule("up", &fake, "")
-        );
-        spawn_wharf_config(
-            dir,
-            &body,
-            &[("S3_TEST_SECRET", common::seaweedfs::SECRET_KEY)],
-            &[],
-        )
-    };
+    let spawn = || sw.spawn_pull_through("takeover", &common::cache::rule("up", &fake, ""));
     let (mut a, b) = (spawn(), spawn());
     let path = format!("/v2/up/team/app/blobs/{ld}");
     let ca = HttpClient::new(a.url());

@@ -31,17 +31,38 @@ const MAP_WINDOW: u64 = 1024 * 1024;
 /// Write buffer for staged uploads.
 const WRITE_BUF: usize = 1024 * 1024;
 
-/// In-memory sha256 state of an upload, valid while `hashed` equals the
-/// staged size. After a restart it is absent and commit re-reads the file.
+/// In-memory hash state of an upload in this process, valid while `hashed`
+/// equals the staged size. After a restart it is absent and commit reads the
+/// staged bytes again (shared with the S3 backend).
 #[derive(Clone, Default)]
-struct HashState {
-    hasher: Option<Hasher>,
-    hashed: u64,
+pub(crate) struct HashState {
+    pub(crate) hasher: Option<Hasher>,
+    pub(crate) hashed: u64,
+}
+
+/// The hash state of every upload session this process has seen, each
+/// behind its own lock (which also orders a session's appends and commit).
+#[derive(Default)]
+pub(crate) struct Sessions(Mutex<HashMap<UploadId, Arc<tokio::sync::Mutex<HashState>>>>);
+
+impl Sessions {
+    pub(crate) fn get(&self, id: &UploadId) -> Arc<tokio::sync::Mutex<HashState>> {
+        self.0
+            .lock()
+            .expect("sessions lock")
+            .entry(id.clone())
+            .or_default()
+            .clone()
+    }
+
+    pub(crate) fn forget(&self, id: &UploadId) {
+        self.0.lock().expect("sessions lock").remove(id);
+    }
 }
 
 pub struct FsStore {
     root: PathBuf,
-    sessions: Mutex<HashMap<UploadId, Arc<tokio::sync::Mutex<HashState>>>>,
+    sessions: Sessions,
 }
 
 fn not_found_is(e: io::Error) -> StorageError {
@@ -100,7 +121,7 @@ impl FsStore {
         }
         Ok(FsStore {
             root,
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Sessions::default(),
         })
     }
 
@@ -117,16 +138,11 @@ impl FsStore {
     }
 
     fn session(&self, id: &UploadId) -> Arc<tokio::sync::Mutex<HashState>> {
-        self.sessions
-            .lock()
-            .expect("sessions lock")
-            .entry(id.clone())
-            .or_default()
-            .clone()
+        self.sessions.get(id)
     }
 
     fn forget(&self, id: &UploadId) {
-        self.sessions.lock().expect("sessions lock").remove(id);
+        self.sessions.forget(id);
     }
 
     /// Moves a fully written, fsynced staging file into place as `digest`.

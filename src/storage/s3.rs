@@ -47,7 +47,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -61,7 +61,7 @@ use object_store::{
     PutOptions, PutPayload, RetryConfig, WriteMultipart,
 };
 
-use super::fs::StagingFile;
+use super::fs::{HashState, Sessions, StagingFile};
 use super::{
     BlobStore, BlobUrls, ByteStream, FillStore, FillWriter, Result, StagedReader, StorageError,
     UploadStore,
@@ -226,14 +226,6 @@ impl BlobUrls for S3Urls {
     }
 }
 
-/// In-memory sha256 state of an upload on this replica, valid while
-/// `hashed` equals the session's size.
-#[derive(Clone, Default)]
-struct HashState {
-    hasher: Option<Hasher>,
-    hashed: u64,
-}
-
 /// One accepted chunk of an upload session.
 #[derive(Debug, Clone)]
 struct Part {
@@ -255,7 +247,8 @@ pub struct S3Store {
     keys: Keys,
     /// Local scratch directory (fill staging files).
     scratch: PathBuf,
-    sessions: Mutex<HashMap<UploadId, Arc<tokio::sync::Mutex<HashState>>>>,
+    /// Hash state of the sessions whose bytes arrived at this replica.
+    sessions: Sessions,
 }
 
 impl S3Store {
@@ -271,7 +264,7 @@ impl S3Store {
             store,
             keys: Keys::new(prefix),
             scratch,
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Sessions::default(),
         })
     }
 
@@ -288,16 +281,11 @@ impl S3Store {
     }
 
     fn session_state(&self, id: &UploadId) -> Arc<tokio::sync::Mutex<HashState>> {
-        self.sessions
-            .lock()
-            .expect("sessions lock")
-            .entry(id.clone())
-            .or_default()
-            .clone()
+        self.sessions.get(id)
     }
 
     fn forget(&self, id: &UploadId) {
-        self.sessions.lock().expect("sessions lock").remove(id);
+        self.sessions.forget(id);
     }
 
     /// Reads the session's objects. `NotFound` without a session marker.

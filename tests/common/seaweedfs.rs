@@ -232,6 +232,19 @@ impl SeaweedFs {
     }
 }
 
+impl SeaweedFs {
+    /// Spawns a wharf replica over this bucket under `prefix` with the
+    /// pull-through rules `rules_toml`.
+    pub fn spawn_pull_through(&self, prefix: &str, rules_toml: &str) -> super::Wharf {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let body = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n{}\n{rules_toml}",
+            self.storage_toml(prefix, &dir.path().join("scratch")),
+        );
+        super::spawn_wharf_config(dir, &body, &[("S3_TEST_SECRET", SECRET_KEY)], &[])
+    }
+}
+
 impl Drop for SeaweedFs {
     fn drop(&mut self) {
         let _ = self.child.kill();
