@@ -668,96 +668,14 @@ fn fails_to_start(body: &str, env: &[(&str, &str)], remove: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// A private CA and a server certificate for 127.0.0.1 signed by it:
-/// `(ca.pem, cert.pem, key.pem)`.
-fn private_ca(
-    dir: &std::path::Path,
-) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let openssl = common::require_tool("openssl");
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    for args in [
-        [
-            &["req", "-x509"][..],
-            &ec[..],
-            &[
-                "-subj",
-                "/CN=wharf test CA",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "1",
-            ][..],
-        ]
-        .concat(),
-        [
-            &["req"][..],
-            &ec[..],
-            &[
-                "-subj",
-                "/CN=127.0.0.1",
-                "-keyout",
-                "key.pem",
-                "-out",
-                "req.csr",
-            ][..],
-        ]
-        .concat(),
-        vec![
-            "x509",
-            "-req",
-            "-in",
-            "req.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "cert.pem",
-            "-days",
-            "1",
-            "-extfile",
-            "ext.cnf",
-        ],
-    ] {
-        let out = std::process::Command::new(&openssl)
-            .current_dir(dir)
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    (
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-    )
-}
-
 /// This machine kind sets `AWS_CA_BUNDLE` (Distribution's S3 driver panics
 /// on it). wharf starts with it set and unset, and honours it as the AWS
 /// SDKs do: an extra CA bundle for the endpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_with_and_without_aws_ca_bundle() {
     let certs = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = private_ca(certs.path());
+    let common::fake_upstream::TestPki { ca, cert, key } =
+        common::fake_upstream::TestPki::generate(certs.path());
     let sw = SeaweedFs::start_with_tls(Some((&cert, &key))).await;
     let cert_s = ca.display().to_string();
     let with = [("AWS_CA_BUNDLE", cert_s.as_str())];

@@ -16,6 +16,19 @@ use tokio::net::TcpStream;
 
 use crate::storage::window;
 
+/// Slices shorter than this are written as memory, without looking them
+/// up: headers and manifests never pay for the window registry's lock, and
+/// a short tail of a window is copied as cheaply as it is sent.
+const SENDFILE_MIN: usize = 16 * 1024;
+
+/// The file and offset behind `buf` when it is worth a `sendfile`.
+fn file_backed(buf: &[u8]) -> Option<(std::sync::Arc<std::fs::File>, u64)> {
+    if buf.len() < SENDFILE_MIN {
+        return None;
+    }
+    window::lookup(buf)
+}
+
 pub struct SendfileStream {
     tcp: TcpStream,
 }
@@ -67,7 +80,7 @@ impl AsyncWrite for SendfileStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match window::lookup(buf) {
+        match file_backed(buf) {
             Some((file, offset)) => self.poll_sendfile(cx, &file, offset, buf.len()),
             None => Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf),
         }
@@ -85,12 +98,12 @@ impl AsyncWrite for SendfileStream {
         let Some(first) = bufs.iter().position(|b| !b.is_empty()) else {
             return Poll::Ready(Ok(0));
         };
-        if let Some((file, offset)) = window::lookup(&bufs[first]) {
+        if let Some((file, offset)) = file_backed(&bufs[first]) {
             return self.poll_sendfile(cx, &file, offset, bufs[first].len());
         }
         let plain = bufs[first..]
             .iter()
-            .position(|b| window::lookup(b).is_some())
+            .position(|b| file_backed(b).is_some())
             .map_or(bufs.len(), |i| first + i);
         Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, &bufs[first..plain])
     }
