@@ -6,10 +6,12 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::seaweedfs::SeaweedFs;
 use wharf::storage::conformance;
 use wharf::storage::s3::{S3Fills, S3Store};
+use wharf::storage::s3jobs::S3Jobs;
 use wharf::storage::s3meta::S3Meta;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -22,7 +24,34 @@ async fn storage_conformance_on_seaweedfs() {
     );
     conformance::blob_store_suite(store.clone(), store.clone()).await;
     conformance::fill_store_suite(Arc::new(S3Fills(store.clone())), store.clone()).await;
-    conformance::meta_store_suite(Arc::new(S3Meta::new(client, "conformance"))).await;
+    conformance::meta_store_suite(Arc::new(S3Meta::new(client.clone(), "conformance"))).await;
+    let jobs = S3Jobs::new(S3Meta::new(client, "conformance"), Duration::from_secs(30));
+    conformance::job_store_suite(Arc::new(jobs)).await;
+}
+
+/// The replication queue in the bucket, as two replicas see it: one run
+/// at a time, leases renewed and taken over when they end, no enqueue lost
+/// to a concurrent finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_queue_shared_by_two_replicas_on_seaweedfs() {
+    let sw = SeaweedFs::start().await;
+    let x = S3Jobs::new(
+        S3Meta::new(sw.object_store(), "shared"),
+        Duration::from_secs(1),
+    );
+    let y = S3Jobs::new(
+        S3Meta::new(sw.object_store(), "shared"),
+        Duration::from_secs(1),
+    );
+    assert_ne!(
+        x.holder(),
+        y.holder(),
+        "every replica has its own holder id"
+    );
+    conformance::shared_job_store_suite(|ttl| {
+        Arc::new(S3Jobs::new(S3Meta::new(sw.object_store(), "shared"), ttl))
+    })
+    .await;
 }
 
 fn stream_of(chunks: Vec<Vec<u8>>) -> wharf::storage::ByteStream {

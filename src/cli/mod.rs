@@ -23,9 +23,10 @@ use crate::metrics::UpstreamMetrics;
 use crate::registry::Registry;
 use crate::replication::{Destination, Replication, Rule as ReplicationRule};
 use crate::storage::fs::FsStore;
-use crate::storage::jobs::RedbJobs;
+use crate::storage::jobs::{JobStore, RedbJobs};
 use crate::storage::meta::RedbMeta;
 use crate::storage::s3::{S3Fills, S3Options, S3Store, S3Urls};
+use crate::storage::s3jobs::S3Jobs;
 use crate::storage::s3meta::S3Meta;
 use crate::storage::{BlobStore, FillStore, MetaStore, UploadStore};
 use crate::upstream::{Credentials, Secret, UpstreamClient, UpstreamSettings};
@@ -136,31 +137,32 @@ fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Builds replication from the configuration, with its queue in the
-/// metadata database. `None` without rules.
+/// Where the replication queue lives: the metadata database, or the
+/// bucket (shared by every replica).
+enum JobsAt {
+    Database(Arc<redb::Database>),
+    Bucket(Arc<dyn object_store::ObjectStore>, String),
+}
+
+/// Builds replication from the configuration, with its queue where the
+/// metadata is. `None` without rules.
 fn open_replication(
     config: &Config,
-    jobs_db: Option<Arc<redb::Database>>,
+    jobs_at: JobsAt,
     upstream_metrics: &UpstreamMetrics,
 ) -> anyhow::Result<Option<Arc<Replication>>> {
     let rc = &config.replication;
     if rc.rules.is_empty() {
         return Ok(None);
     }
-    // Over S3 each replica keeps the queue of the pushes it acknowledged in
-    // a local database; reconciliation repairs what a lost replica left.
-    let jobs_db =
-        match jobs_db {
-            Some(db) => db,
-            None => {
-                let path = config.storage.path.join("replication.redb");
-                std::fs::create_dir_all(&config.storage.path)
-                    .with_context(|| format!("creating {}", config.storage.path.display()))?;
-                Arc::new(redb::Database::create(&path).with_context(|| {
-                    format!("opening the replication queue at {}", path.display())
-                })?)
-            }
-        };
+    let jobs: Arc<dyn JobStore> = match jobs_at {
+        JobsAt::Database(db) => {
+            Arc::new(RedbJobs::open(db).context("opening the replication queue")?)
+        }
+        JobsAt::Bucket(client, prefix) => {
+            Arc::new(S3Jobs::new(S3Meta::new(client, &prefix), rc.job_lease))
+        }
+    };
     let mut destinations = Vec::new();
     for (i, d) in rc.destinations.iter().enumerate() {
         let ctx = || format!("replication.destinations[{i}] ({})", d.name);
@@ -200,11 +202,10 @@ fn open_replication(
             include_pulled_through: r.include_pulled_through,
         })
         .collect();
-    let jobs = RedbJobs::open(jobs_db).context("opening the replication queue")?;
     Ok(Some(Arc::new(Replication::new(
         destinations,
         rules,
-        Arc::new(jobs),
+        jobs,
         rc.reconcile_interval,
     ))))
 }
@@ -297,9 +298,8 @@ struct Stores {
     hot: Option<crate::storage::hot::HotMetrics>,
     /// Presigned URLs for redirected blob GETs, with their lifetime.
     redirects: Option<(Arc<dyn crate::storage::BlobUrls>, std::time::Duration)>,
-    /// The embedded database the replication queue shares, when the
-    /// metadata lives in one.
-    jobs_db: Option<Arc<redb::Database>>,
+    /// Where the replication queue lives.
+    jobs_at: JobsAt,
     /// Where the data lives, for the logs.
     location: String,
 }
@@ -376,12 +376,12 @@ fn open_stores(config: &Config) -> anyhow::Result<Stores> {
                 fills: Arc::new(S3Fills(store)),
                 meta: Arc::new(S3Meta::new(client.clone(), &opts.prefix)),
                 leases: Some(Arc::new(crate::storage::s3lease::S3Leases::new(
-                    client,
+                    client.clone(),
                     &opts.prefix,
                 ))),
                 hot,
                 redirects,
-                jobs_db: None,
+                jobs_at: JobsAt::Bucket(client, opts.prefix.clone()),
                 location: format!("s3://{}/{}", s3.bucket, s3.prefix),
             })
         }
@@ -397,7 +397,7 @@ fn open_stores(config: &Config) -> anyhow::Result<Stores> {
                 blobs: store.clone(),
                 uploads: store.clone(),
                 fills: store,
-                jobs_db: Some(meta.database()),
+                jobs_at: JobsAt::Database(meta.database()),
                 meta,
                 leases: None,
                 hot: None,
@@ -423,7 +423,7 @@ async fn open_registry(
         redirects,
         hot,
         leases,
-        jobs_db,
+        jobs_at,
         ..
     } = open_stores(config)?;
     if config.storage.kind == StorageKind::S3 {
@@ -433,7 +433,7 @@ async fn open_registry(
             .await
             .context("storage.s3: the bucket does not answer")?;
     }
-    let replication = open_replication(config, jobs_db, upstream_metrics)?;
+    let replication = open_replication(config, jobs_at, upstream_metrics)?;
     let mut registry = Registry::new(blobs.clone(), uploads, meta.clone());
     if let Some(r) = &replication {
         registry = registry.with_observer(r.clone());

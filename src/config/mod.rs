@@ -81,6 +81,12 @@ pub struct ReplicationConfig {
     /// runs it on demand).
     #[serde(default = "default_reconcile_interval", with = "humantime_serde")]
     pub reconcile_interval: Duration,
+    /// With S3 storage, where the queue is shared by every replica: how
+    /// long a replica's hold on a running job lasts unless renewed (it is
+    /// renewed at a third of that). A lost replica's jobs are taken over by
+    /// another one this long after it stopped renewing.
+    #[serde(default = "default_job_lease", with = "humantime_serde")]
+    pub job_lease: Duration,
 }
 
 impl Default for ReplicationConfig {
@@ -89,6 +95,7 @@ impl Default for ReplicationConfig {
             destinations: Vec::new(),
             rules: Vec::new(),
             reconcile_interval: default_reconcile_interval(),
+            job_lease: default_job_lease(),
         }
     }
 }
@@ -163,6 +170,9 @@ pub struct RepositoryFilter {
 
 fn default_reconcile_interval() -> Duration {
     Duration::from_secs(3600)
+}
+fn default_job_lease() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_max_concurrency() -> usize {
     4
@@ -572,6 +582,7 @@ pub const ENV_OVERRIDES: &[&str] = &[
     "cache.fill_wait_timeout",
     "cache.fill_max_age",
     "replication.reconcile_interval",
+    "replication.job_lease",
 ];
 
 /// Overridable keys whose value is a boolean.
@@ -788,6 +799,12 @@ fn check_upstream_url(url: &str) -> Result<(), String> {
 
 impl ReplicationConfig {
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.job_lease < Duration::from_secs(3) {
+            return Err(ConfigError::Invalid {
+                key: "replication.job_lease".into(),
+                message: "must be at least 3s (it is renewed every third of it)".into(),
+            });
+        }
         let mut names = std::collections::HashSet::new();
         for (i, d) in self.destinations.iter().enumerate() {
             let fail = |k: &str, m: String| ConfigError::Invalid {
@@ -1393,6 +1410,10 @@ mod tests {
             (
                 "[replication]\nreconcile_interval = \"soon\"\n".to_string(),
                 "replication.reconcile_interval",
+            ),
+            (
+                "[replication]\njob_lease = \"1s\"\n".to_string(),
+                "replication.job_lease",
             ),
         ] {
             assert_refused(&text, key);

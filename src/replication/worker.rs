@@ -2,9 +2,13 @@
 //! concurrency limit, and one task per running job.
 //!
 //! Timing is on tokio's clock (backoff, pauses); only the timestamps kept
-//! in the durable queue (enqueue time, for status and lag) are wall-clock.
+//! in the durable queue (enqueue time, for status and lag, and the leases
+//! of a queue shared through the bucket) are wall-clock.
 //! After a restart every job is due at once: jobs cut short by a crash
-//! (still RUNNING in the queue) run again.
+//! (still RUNNING in the queue) run again. In a queue shared by several
+//! replicas a run holds a lease that its task renews; the scheduler looks
+//! again when another replica's lease ends, so a lost replica's jobs are
+//! taken over, and a run whose lease was taken stops.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -103,8 +107,16 @@ async fn schedule(
         }
     };
     record_queue(rep, &active);
+    let now_ms = unix_ms();
     for job in active {
-        if job.state != JobState::Pending || lock(&shared.in_flight).contains(&job.key) {
+        if lock(&shared.in_flight).contains(&job.key) {
+            continue;
+        }
+        if !job.runnable(now_ms) {
+            // Held by another replica: look again when its lease ends.
+            if let Some(until) = job.lease_until_ms {
+                next = next.min(now + Duration::from_millis(until.saturating_sub(now_ms) + 100));
+            }
             continue;
         }
         let Some(dest) = rep.destinations.get(&job.key.destination).cloned() else {
@@ -169,6 +181,26 @@ fn record_queue(rep: &Replication, active: &[Job]) {
     }
 }
 
+/// Renews this replica's lease of a running job until the queue says it
+/// is no longer ours (another replica took it over after the lease ran
+/// out); never returns while the lease holds. Pending forever without
+/// leases.
+async fn hold_lease(rep: &Replication, key: &JobKey) {
+    let Some(ttl) = rep.jobs.lease_ttl() else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        match rep.jobs.renew(key, unix_ms()).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            // The store may be back before the lease ends; if not, the
+            // next renewal says so.
+            Err(e) => tracing::warn!(error = %e, "renewing a replication job's lease failed"),
+        }
+    }
+}
+
 async fn run_job(shared: &Shared, dest: &Destination, job: Job, stop: &CancellationToken) {
     let rep = &shared.rep;
     let key = job.key.clone();
@@ -180,6 +212,15 @@ async fn run_job(shared: &Shared, dest: &Destination, job: Job, stop: &Cancellat
             return;
         }
     };
+    if job.state == JobState::Running {
+        tracing::info!(
+            destination = %dest.name,
+            repository = %key.repository,
+            reference = %key.reference,
+            previous_holder = job.holder.as_deref().unwrap_or("-"),
+            "took over a replication job whose lease had ended"
+        );
+    }
     let labels = ReplicationMetrics::labels(&dest.name);
     let result = match dest.repository(&key.repository) {
         Err(e) => Err(CopyError::Permanent(e)),
@@ -203,7 +244,26 @@ async fn run_job(shared: &Shared, dest: &Destination, job: Job, stop: &Cancellat
             let copy = Copy::new(&shared.source, &key.repository, &target, &target_repo);
             tokio::select! {
                 r = copy.run(&key.reference) => r,
-                () = stop.cancelled() => return,
+                () = stop.cancelled() => {
+                    if rep.jobs.lease_ttl().is_some() {
+                        // A shared queue: hand the job back now rather than
+                        // when the lease ends.
+                        let outcome = Outcome::Wait {
+                            error: "the replica running it shut down".into(),
+                        };
+                        let _ = rep.jobs.finish(&key, started.seq, outcome, unix_ms()).await;
+                    }
+                    return;
+                }
+                () = hold_lease(rep, &key) => {
+                    tracing::warn!(
+                        destination = %dest.name,
+                        repository = %key.repository,
+                        reference = %key.reference,
+                        "lost the lease of a replication job to another replica; stopping this run"
+                    );
+                    return;
+                }
             }
         }
     };

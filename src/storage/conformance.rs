@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::StreamExt;
 
+use super::jobs::{Job, JobFilter, JobKey, JobState, JobStore, Outcome, UploadCheckpoint};
 use super::{
     BlobStore, ByteStream, CacheEntry, FillStore, ManifestRecord, MetaStore, RepoKind,
     StorageError, UploadRecord, UploadStore,
@@ -493,4 +494,289 @@ pub async fn fill_store_suite(fills: Arc<dyn FillStore>, blobs: Arc<dyn BlobStor
         blobs.stat(&Digest::sha256_of(b"abandoned")).await.unwrap(),
         None
     );
+}
+
+fn job_key(dest: &str, repo: &str, reference: &str) -> JobKey {
+    JobKey {
+        destination: dest.into(),
+        repository: repo.parse().unwrap(),
+        reference: reference.parse().unwrap(),
+    }
+}
+
+/// Runs the replication queue's contract against one backend (an empty
+/// queue).
+pub async fn job_store_suite(q: Arc<dyn JobStore>) {
+    let a = job_key("eu", "prod/app", "1");
+    q.enqueue(&[a.clone(), a.clone()], 10).await.unwrap();
+    let active = q.active().await.unwrap();
+    assert_eq!(active.len(), 1, "one job per key");
+    assert_eq!(active[0].state, JobState::Pending);
+    assert_eq!(active[0].key, a);
+
+    // A run, and a push in the middle of it.
+    let run = q.start(&a, None, 11).await.unwrap().unwrap();
+    assert_eq!(run.state, JobState::Running);
+    assert!(
+        q.start(&a, None, 11).await.unwrap().is_none(),
+        "one run at a time"
+    );
+    assert!(q.renew(&a, 11).await.unwrap(), "the runner holds its job");
+    q.enqueue(std::slice::from_ref(&a), 12).await.unwrap();
+    let j = q
+        .finish(&a, run.seq, Outcome::Complete { digest: None }, 13)
+        .await
+        .unwrap();
+    assert_eq!(j.state, JobState::Pending, "the newer request runs again");
+    assert_eq!(j.enqueued_ms, 10, "lag counts from the oldest request");
+    assert_eq!(q.active().await.unwrap().len(), 1);
+
+    let run = q.start(&a, None, 14).await.unwrap().unwrap();
+    let j = q
+        .finish(
+            &a,
+            run.seq,
+            Outcome::Retry {
+                error: "down".into(),
+            },
+            15,
+        )
+        .await
+        .unwrap();
+    assert_eq!((j.state, j.attempts), (JobState::Pending, 1));
+    let run = q.start(&a, None, 16).await.unwrap().unwrap();
+    let at = UploadCheckpoint {
+        digest: Digest::sha256_of(b"layer"),
+        location: "/v2/prod/app/blobs/uploads/x?_state=1".into(),
+    };
+    q.checkpoint(&a, Some(at.clone())).await.unwrap();
+    assert_eq!(q.get(&a).await.unwrap().unwrap().upload, Some(at));
+    let j = q
+        .finish(
+            &a,
+            run.seq,
+            Outcome::Failed {
+                error: "denied".into(),
+            },
+            18,
+        )
+        .await
+        .unwrap();
+    assert_eq!((j.state, j.attempts), (JobState::Failed, 2));
+    assert_eq!(j.error.as_deref(), Some("denied"));
+    assert_eq!(j.upload, None, "an ended job keeps no checkpoint");
+    assert!(q.active().await.unwrap().is_empty());
+    let other = JobFilter {
+        destination: Some("us".into()),
+        ..Default::default()
+    };
+    assert_eq!(q.retry_failed(&other, 19).await.unwrap(), 0);
+    assert_eq!(q.retry_failed(&JobFilter::default(), 19).await.unwrap(), 1);
+    let run = q.start(&a, None, 20).await.unwrap().unwrap();
+    assert_eq!(run.attempts, 0, "a retried job starts afresh");
+    let d = Digest::sha256_of(b"m");
+    let j = q
+        .finish(
+            &a,
+            run.seq,
+            Outcome::Complete {
+                digest: Some(d.clone()),
+            },
+            21,
+        )
+        .await
+        .unwrap();
+    assert_eq!((j.state, j.digest), (JobState::Complete, Some(d.clone())));
+    assert!(q.active().await.unwrap().is_empty());
+
+    // Several keys: a digest reference, another destination and repository;
+    // listings in key order.
+    let b = job_key("eu", "prod/app", d.as_str());
+    let c = job_key("us", "prod/other", "latest");
+    q.enqueue(&[c.clone(), b.clone()], 30).await.unwrap();
+    let active: Vec<JobKey> = q
+        .active()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.key)
+        .collect();
+    assert_eq!(active, vec![a.clone(), b.clone(), c.clone()][1..].to_vec());
+    let all: Vec<JobKey> = q
+        .list(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.key)
+        .collect();
+    let mut want = vec![a.clone(), b.clone(), c.clone()];
+    want.sort_by_key(|k| {
+        (
+            k.destination.clone(),
+            k.repository.to_string(),
+            k.reference.to_string(),
+        )
+    });
+    assert_eq!(all, want);
+    let of_app = q.list(Some(&"prod/app".parse().unwrap())).await.unwrap();
+    assert_eq!(of_app.len(), 2);
+    assert!(
+        q.list(Some(&"prod".parse().unwrap()))
+            .await
+            .unwrap()
+            .is_empty(),
+        "a repository's jobs are not its parent's"
+    );
+    assert_eq!(q.get(&b).await.unwrap().unwrap().key, b);
+    assert_eq!(q.get(&job_key("eu", "nope", "1")).await.unwrap(), None);
+}
+
+/// Runs the contract of a queue shared by replicas: `replica(ttl)` opens
+/// one more replica's handle on one queue (empty at first), whose leases
+/// last `ttl`.
+pub async fn shared_job_store_suite(replica: impl Fn(std::time::Duration) -> Arc<dyn JobStore>) {
+    // Leases long enough to outlast the race below (a store may take
+    // seconds to settle concurrent conditional writes to one object).
+    let long = std::time::Duration::from_secs(120);
+    let (x, y) = (replica(long), replica(long));
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    assert_eq!(x.lease_ttl(), Some(long));
+    let k = job_key("eu", "prod/shared", "1");
+    x.enqueue(std::slice::from_ref(&k), now()).await.unwrap();
+    assert_eq!(y.active().await.unwrap().len(), 1, "one queue for both");
+
+    // Both replicas race to start it, many times over: one run.
+    let tries = (0..16).map(|i| {
+        let q = if i % 2 == 0 { x.clone() } else { y.clone() };
+        let k = k.clone();
+        async move { (i % 2, q.start(&k, None, now()).await.unwrap()) }
+    });
+    let won: Vec<(usize, Job)> = futures::future::join_all(tries)
+        .await
+        .into_iter()
+        .filter_map(|(who, j)| j.map(|j| (who, j)))
+        .collect();
+    assert_eq!(won.len(), 1, "exactly one replica runs the job");
+    let (holder, other) = if won[0].0 == 0 {
+        (x.clone(), y.clone())
+    } else {
+        (y.clone(), x.clone())
+    };
+    let run = won[0].1.clone();
+    assert_eq!(run.state, JobState::Running);
+    assert!(run.holder.is_some());
+
+    // The other replica can neither take, renew, checkpoint nor end it.
+    assert!(other.start(&k, None, now()).await.unwrap().is_none());
+    assert!(!other.renew(&k, now()).await.unwrap());
+    let at = UploadCheckpoint {
+        digest: Digest::sha256_of(b"l"),
+        location: "/v2/x/blobs/uploads/1".into(),
+    };
+    other.checkpoint(&k, Some(at.clone())).await.unwrap();
+    let j = other
+        .finish(&k, run.seq, Outcome::Complete { digest: None }, now())
+        .await
+        .unwrap();
+    assert_eq!(j.state, JobState::Running, "a non-holder ended the job");
+    assert_eq!(j.upload, None, "a non-holder wrote a checkpoint");
+    assert!(holder.renew(&k, now()).await.unwrap());
+    let j = holder
+        .finish(&k, run.seq, Outcome::Complete { digest: None }, now())
+        .await
+        .unwrap();
+    assert_eq!(j.state, JobState::Complete);
+
+    // Short leases, on two other replicas.
+    let ttl = std::time::Duration::from_secs(2);
+    let (holder, other) = (replica(ttl), replica(ttl));
+    let k = job_key("eu", "prod/shared", "2");
+    other
+        .enqueue(std::slice::from_ref(&k), now())
+        .await
+        .unwrap();
+    let run = holder.start(&k, None, now()).await.unwrap().unwrap();
+
+    // Renewed, the lease outlives its first term.
+    holder.checkpoint(&k, Some(at.clone())).await.unwrap();
+    tokio::time::sleep(ttl / 2).await;
+    assert!(holder.renew(&k, now()).await.unwrap());
+    tokio::time::sleep(ttl * 3 / 4).await;
+    assert!(
+        other.start(&k, None, now()).await.unwrap().is_none(),
+        "a renewed lease was taken over"
+    );
+
+    // The holder is lost (stops renewing): once its lease ends, the other
+    // replica takes the job over, with its checkpoint.
+    tokio::time::sleep(ttl + std::time::Duration::from_millis(200)).await;
+    let taken = other
+        .start(&k, None, now())
+        .await
+        .unwrap()
+        .expect("take over");
+    assert_eq!(
+        taken.upload,
+        Some(at),
+        "the checkpoint survives the takeover"
+    );
+    assert_eq!(taken.seq, run.seq);
+    assert_ne!(taken.holder, run.holder);
+    assert!(
+        !holder.renew(&k, now()).await.unwrap(),
+        "the old holder must stop"
+    );
+    let j = holder
+        .finish(
+            &k,
+            run.seq,
+            Outcome::Failed {
+                error: "late".into(),
+            },
+            now(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        j.state,
+        JobState::Running,
+        "the old holder's outcome counted"
+    );
+    let j = other
+        .finish(&k, taken.seq, Outcome::Complete { digest: None }, now())
+        .await
+        .unwrap();
+    assert_eq!(j.state, JobState::Complete);
+    assert!(x.active().await.unwrap().is_empty());
+    assert!(y.active().await.unwrap().is_empty());
+
+    // Enqueues racing with the end of a run are never lost.
+    for round in 0..5 {
+        let k = job_key("eu", "prod/race", &format!("r{round}"));
+        x.enqueue(std::slice::from_ref(&k), now()).await.unwrap();
+        let run = x.start(&k, None, now()).await.unwrap().unwrap();
+        let (fin, enq) = tokio::join!(
+            x.finish(&k, run.seq, Outcome::Complete { digest: None }, now()),
+            y.enqueue(std::slice::from_ref(&k), now())
+        );
+        fin.unwrap();
+        enq.unwrap();
+        let active = y.active().await.unwrap();
+        assert!(
+            active
+                .iter()
+                .any(|j| j.key == k && j.state == JobState::Pending),
+            "round {round}: the enqueue during the finish was lost: {active:?}"
+        );
+        let run = y.start(&k, None, now()).await.unwrap().unwrap();
+        y.finish(&k, run.seq, Outcome::Complete { digest: None }, now())
+            .await
+            .unwrap();
+    }
+    assert!(x.active().await.unwrap().is_empty());
 }

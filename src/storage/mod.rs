@@ -15,6 +15,7 @@ pub mod hot;
 pub mod jobs;
 pub mod meta;
 pub mod s3;
+pub mod s3jobs;
 pub mod s3lease;
 pub mod s3meta;
 pub mod window;

@@ -58,7 +58,7 @@ fn meta_err(e: impl std::fmt::Display) -> StorageError {
     StorageError::Meta(e.to_string())
 }
 
-fn enc_repo(repo: &str) -> String {
+pub(crate) fn enc_repo(repo: &str) -> String {
     repo.replace('/', "!")
 }
 
@@ -114,7 +114,7 @@ impl S3Meta {
         }
     }
 
-    fn key(&self, rel: &str) -> Path {
+    pub(crate) fn key(&self, rel: &str) -> Path {
         self.keys.path(&format!("meta/{rel}"))
     }
 
@@ -126,7 +126,7 @@ impl S3Meta {
         self.key(&format!("tags/{}/{tag}", enc_repo(repo.as_str())))
     }
 
-    async fn get(&self, key: &Path) -> Result<Option<Bytes>> {
+    pub(crate) async fn get(&self, key: &Path) -> Result<Option<Bytes>> {
         match self.store.get(key).await {
             Ok(r) => Ok(Some(r.bytes().await.map_err(os_err)?)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -156,7 +156,7 @@ impl S3Meta {
         }
     }
 
-    async fn put(&self, key: &Path, body: impl Into<Bytes>) -> Result<()> {
+    pub(crate) async fn put(&self, key: &Path, body: impl Into<Bytes>) -> Result<()> {
         self.store
             .put(key, PutPayload::from(body.into()))
             .await
@@ -178,7 +178,7 @@ impl S3Meta {
     }
 
     /// Deletes `key`; returns whether it existed.
-    async fn remove(&self, key: &Path) -> Result<bool> {
+    pub(crate) async fn remove(&self, key: &Path) -> Result<bool> {
         if !self.exists(key).await? {
             return Ok(false);
         }
@@ -190,7 +190,7 @@ impl S3Meta {
 
     /// Every object under `rel/` (relative to `meta/`), with its name
     /// relative to that prefix.
-    async fn list(&self, rel: &str) -> Result<Vec<(String, ObjectMeta)>> {
+    pub(crate) async fn list(&self, rel: &str) -> Result<Vec<(String, ObjectMeta)>> {
         let dir = self.key(rel);
         let base = format!("{}/", dir.as_ref());
         let objects: Vec<ObjectMeta> = self
@@ -211,7 +211,7 @@ impl S3Meta {
     }
 
     /// Reads the bodies of `objects` (concurrently, in order).
-    async fn bodies(&self, objects: Vec<ObjectMeta>) -> Result<Vec<Bytes>> {
+    pub(crate) async fn bodies(&self, objects: Vec<ObjectMeta>) -> Result<Vec<Bytes>> {
         futures::stream::iter(objects)
             .map(|o| async move { self.get(&o.location).await })
             .buffered(READ_CONCURRENCY)
@@ -223,7 +223,7 @@ impl S3Meta {
     /// Compare-and-swap on `key`: `f` maps the current body (`None` when
     /// absent) to the new one (`None`: leave it, and return `Ok(false)`).
     /// Retried until the write lands on the version `f` saw.
-    async fn update<F>(&self, key: &Path, mut f: F) -> Result<bool>
+    pub(crate) async fn update<F>(&self, key: &Path, mut f: F) -> Result<bool>
     where
         F: FnMut(Option<&[u8]>) -> Result<Option<Vec<u8>>> + Send,
     {
