@@ -13,8 +13,8 @@ use common::cache::random_bytes;
 use common::distribution::Distribution;
 use common::http::HttpClient;
 use common::replication::{
-    NO_RECONCILE, all, blob_digest, destination, manifest, push_image, push_index, push_referrer,
-    restart, rule, spawn_region, status, wait_for,
+    NO_RECONCILE, all, blob_digest, destination, manifest, metric, push_image, push_index,
+    push_referrer, restart, rule, spawn_region, status, wait_for,
 };
 use common::wharf_bin;
 
@@ -51,16 +51,6 @@ fn cli(args: &[&str], server: &str) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// A counter or gauge of `/metrics` for destination `dest`.
-async fn metric(c: &HttpClient, name: &str, dest: &str) -> u64 {
-    let text = String::from_utf8(c.get("/metrics").await.body.to_vec()).unwrap();
-    let prefix = format!("{name}{{destination=\"{dest}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

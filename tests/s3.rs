@@ -1088,3 +1088,86 @@ async fn fill_lease_taken_over_when_its_holder_dies() {
         "B fetched only what A had not published: {resumed}"
     );
 }
+
+/// Replication over S3: the queue lives in the bucket, shared by the
+/// replicas. The replica that acknowledged a push runs its job alone; when
+/// it is killed in the middle of the copy, another replica takes the job
+/// over once the lease ends, resumes the upload where it stood at the
+/// destination, and completes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_job_taken_over_when_its_replica_is_lost() {
+    use common::replication::{
+        all, blob_digest, destination, manifest, metric, push_image, rule, spawn_region, status,
+        wait_for,
+    };
+    let sw = SeaweedFs::start().await;
+    let d = spawn_region("");
+    let replication = format!(
+        "\n[replication]\nreconcile_interval = \"0s\"\njob_lease = \"3s\"\n{}{}",
+        destination("d", &d.url(), "chunk_size = \"64KiB\""),
+        rule(&["prod/"], &["d"]),
+    );
+    let mut a = sw.spawn_wharf("rep", &replication, &[], &[]);
+    let b = sw.spawn_wharf("rep", &replication, &[], &[]);
+    let (ca, cb, cd) = (
+        HttpClient::new(a.url()),
+        HttpClient::new(b.url()),
+        HttpClient::new(d.url()),
+    );
+    let size = 32 << 20;
+    let big = common::cache::random_bytes(size, 43);
+    let img = push_image(&ca, "prod/big", Some("1"), &[big], "amd64").await;
+
+    // A copies; B sees the same queue and leaves the job to A.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let sent = loop {
+        let n = metric(&ca, "wharf_replication_bytes_sent_total", "d").await;
+        if n >= 1 << 20 {
+            break n;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replication never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let seen = status(&cb, "").await;
+    let jobs = seen["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 1, "B does not see A's job: {seen}");
+    assert_eq!(jobs[0]["status"], "IN_PROGRESS");
+    assert!(jobs[0]["running"].as_bool().unwrap());
+    a.kill9();
+    assert!(
+        sent < size as u64,
+        "the copy ended before the kill ({sent} bytes)"
+    );
+    assert_eq!(
+        metric(&cb, "wharf_replication_bytes_sent_total", "d").await,
+        0,
+        "B copied while A held the job"
+    );
+    assert!(manifest(&cd, "prod/big", "1").await.is_none());
+
+    // B takes it over after the lease ends and completes it.
+    let jobs = wait_for(&cb, Duration::from_secs(90), "the job taken over", |j| {
+        all(j, 1, "COMPLETE")
+    })
+    .await;
+    assert_eq!(jobs[0]["digest"], img.digest.as_str());
+    let (digest, body) = manifest(&cd, "prod/big", "1").await.unwrap();
+    assert_eq!((digest, body), (img.digest.clone(), img.manifest.clone()));
+    for blob in &img.blobs {
+        assert_eq!(
+            blob_digest(&cd, "prod/big", blob).await.as_deref(),
+            Some(blob.as_str())
+        );
+    }
+    // B resumed A's upload from the checkpoint in the bucket (which may
+    // trail the kill by a chunk) instead of sending the layer again.
+    let after = metric(&cb, "wharf_replication_bytes_sent_total", "d").await;
+    assert!(after > 0, "B sent nothing");
+    assert!(
+        after + sent <= size as u64 + (64 << 10) + 4096,
+        "B resent the layer from the start: {sent} bytes by A, {after} by B"
+    );
+}

@@ -240,3 +240,13 @@ pub async fn blob_digest(c: &HttpClient, repo: &str, digest: &str) -> Option<Str
     assert_eq!(r.status, 200, "blob {repo}@{digest}: {r:?}");
     Some(super::sha256(&r.body))
 }
+
+/// A counter or gauge of `/metrics` for destination `dest`.
+pub async fn metric(c: &HttpClient, name: &str, dest: &str) -> u64 {
+    let text = String::from_utf8(c.get("/metrics").await.body.to_vec()).unwrap();
+    let prefix = format!("{name}{{destination=\"{dest}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        .unwrap_or(0)
+}
