@@ -397,3 +397,183 @@ async fn tags_are_fresh_for_tag_ttl_then_revalidated_with_head() {
     );
     stop.cancel();
 }
+
+/// The fill's store, with publication held until the test opens a gate
+/// (an fsync of a large blob can take seconds), or failing.
+mod gated {
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+    use tokio::sync::Semaphore;
+    use wharf::oci::Digest;
+    use wharf::storage::{FillStore, FillWriter, Result, StagedReader, StorageError};
+
+    pub struct GatedStore {
+        pub inner: Arc<dyn FillStore>,
+        /// `commit` waits for a permit.
+        pub gate: Arc<Semaphore>,
+        pub fail: bool,
+    }
+
+    struct GatedWriter {
+        inner: Box<dyn FillWriter>,
+        gate: Arc<Semaphore>,
+        fail: bool,
+    }
+
+    #[async_trait]
+    impl FillStore for GatedStore {
+        async fn begin_fill(&self) -> Result<Box<dyn FillWriter>> {
+            Ok(Box::new(GatedWriter {
+                inner: self.inner.begin_fill().await?,
+                gate: self.gate.clone(),
+                fail: self.fail,
+            }))
+        }
+    }
+
+    #[async_trait]
+    impl FillWriter for GatedWriter {
+        async fn write(&mut self, data: &[u8]) -> Result<()> {
+            self.inner.write(data).await
+        }
+        fn written(&self) -> u64 {
+            self.inner.written()
+        }
+        fn staged(&self) -> Arc<dyn StagedReader> {
+            self.inner.staged()
+        }
+        async fn verify(&self, expected: &Digest) -> Result<()> {
+            self.inner.verify(expected).await
+        }
+        async fn commit(self: Box<Self>, expected: &Digest) -> Result<u64> {
+            let _permit = self.gate.acquire().await.expect("gate");
+            if self.fail {
+                self.inner.abort().await;
+                return Err(StorageError::Meta("disk full".into()));
+            }
+            self.inner.commit(expected).await
+        }
+        async fn abort(self: Box<Self>) {
+            self.inner.abort().await
+        }
+    }
+}
+
+/// A cold pull's client gets its whole, verified body without waiting for
+/// the blob to be made durable and published; a request meanwhile is served
+/// from the verified bytes (a hit, no upstream request); and a publication
+/// that fails after verification leaves the clients' bodies whole, stores
+/// nothing, and the next pull fetches again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_get_verified_bytes_before_the_blob_is_published() {
+    use futures::StreamExt;
+    use wharf::cache::budget::Budget;
+    use wharf::cache::fill::{Fills, Phase};
+    use wharf::storage::fs::FsStore;
+    use wharf::storage::meta::RedbMeta;
+    use wharf::storage::{BlobStore, FillStore, MetaStore};
+    use wharf::upstream::{UpstreamClient, UpstreamSettings};
+
+    let fake = FakeUpstream::start();
+    let layer = random_bytes(3 * 1024 * 1024, 77);
+    let digest = fake.add_blob("lib/app", layer.clone());
+    let path = format!("/v2/lib/app/blobs/{digest}");
+    let upstream = UpstreamClient::new(UpstreamSettings::new(fake.url().parse().unwrap())).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FsStore::open(dir.path()).unwrap());
+    let meta: Arc<dyn MetaStore> = Arc::new(RedbMeta::open(&dir.path().join("meta.redb")).unwrap());
+    let repo: wharf::oci::RepoName = "up/lib/app".parse().unwrap();
+    let upstream_repo: wharf::oci::RepoName = "lib/app".parse().unwrap();
+    let fills_with = |fail: bool, gate: Arc<tokio::sync::Semaphore>| {
+        let meta = meta.clone();
+        let store = store.clone();
+        async move {
+            let budget = Budget::open(u64::MAX, store.clone(), meta.clone())
+                .await
+                .unwrap();
+            let gated: Arc<dyn FillStore> = Arc::new(gated::GatedStore {
+                inner: store,
+                gate,
+                fail,
+            });
+            Arc::new(Fills::new(
+                gated,
+                meta,
+                budget,
+                Duration::from_secs(10),
+                Duration::from_secs(600),
+                tokio_util::sync::CancellationToken::new(),
+            ))
+        }
+    };
+    let read_all = |s: wharf::storage::ByteStream| async move {
+        let mut body = Vec::new();
+        let mut s = s;
+        while let Some(chunk) = s.next().await {
+            body.extend_from_slice(&chunk.expect("a clean body"));
+        }
+        body
+    };
+
+    // Publication held: the client still gets every byte, verified.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let fills = fills_with(false, gate.clone()).await;
+    let fill = fills
+        .join_or_start(&digest, &upstream, &upstream_repo, &repo)
+        .await
+        .unwrap();
+    let body = tokio::time::timeout(
+        Duration::from_secs(10),
+        read_all(fills.stream(fill.clone(), 0, None)),
+    )
+    .await
+    .expect("the body waited for publication");
+    assert_eq!(body.len(), layer.len());
+    assert_eq!(common::sha256(&body), digest.to_string());
+    assert_eq!(fill.status().phase, Phase::Verified);
+    assert_eq!(store.stat(&digest).await.unwrap(), None, "published early");
+    // A second client meanwhile joins the verified fill: no upstream GET.
+    let again = fills.join(&digest, &repo).expect("the fill takes waiters");
+    let body = read_all(fills.stream(again, 0, None)).await;
+    assert_eq!(common::sha256(&body), digest.to_string());
+    assert_eq!(fake.count("GET", &path), 1);
+
+    // Published once the gate opens: stored, linked, budgeted.
+    gate.add_permits(1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fills.in_progress(&digest).is_some() {
+        assert!(Instant::now() < deadline, "never published");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(fill.status().phase, Phase::Done);
+    assert_eq!(store.stat(&digest).await.unwrap(), Some(layer.len() as u64));
+    assert!(meta.blob_linked(&repo, &digest).await.unwrap());
+
+    // A publication that fails after verification: whole bodies, nothing
+    // stored, and the next pull fetches again.
+    let other = random_bytes(2 * 1024 * 1024, 78);
+    let d2 = fake.add_blob("lib/app", other.clone());
+    let gate = Arc::new(tokio::sync::Semaphore::new(1));
+    let fills = fills_with(true, gate).await;
+    let fill = fills
+        .join_or_start(&d2, &upstream, &upstream_repo, &repo)
+        .await
+        .unwrap();
+    let body = read_all(fills.stream(fill.clone(), 0, None)).await;
+    assert_eq!(common::sha256(&body), d2.to_string());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fills.in_progress(&d2).is_some() {
+        assert!(Instant::now() < deadline, "the fill never ended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(store.stat(&d2).await.unwrap(), None);
+    assert!(!meta.blob_linked(&repo, &d2).await.unwrap());
+    assert_eq!(fills.counters.failed.get(), 1, "the failure is counted");
+    let fill = fills
+        .join_or_start(&d2, &upstream, &upstream_repo, &repo)
+        .await
+        .unwrap();
+    read_all(fills.stream(fill, 0, None)).await;
+    assert_eq!(fake.count("GET", &format!("/v2/lib/app/blobs/{d2}")), 2);
+}

@@ -55,7 +55,8 @@ async fn wait_for_stats(http: &HttpClient, what: &str, done: impl Fn(&Value) -> 
     let deadline = Instant::now() + DEADLINE;
     loop {
         let s = stats(http).await;
-        if done(&s) {
+        // Only once every fill is published (see `settled`).
+        if s["fills"]["in_progress"] == json!(0) && done(&s) {
             return s;
         }
         assert!(
@@ -64,6 +65,13 @@ async fn wait_for_stats(http: &HttpClient, what: &str, done: impl Fn(&Value) -> 
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The stats once no fill is in progress. A client gets a pulled blob's
+/// bytes as soon as they are verified; the cache counts the blob (budget,
+/// stats) once it is durable and published, a moment later.
+async fn settled(http: &HttpClient) -> Value {
+    wait_for_stats(http, "fills published", |_| true).await
 }
 
 /// Whether the budget holds (`size_bytes <= max_size_bytes`).
@@ -241,7 +249,7 @@ async fn lru_eviction_keeps_the_budget_and_never_touches_pushed_content() {
 
     pull(&http, "up/a", a).await;
     pull(&http, "up/b", b).await;
-    let s = stats(&http).await;
+    let s = settled(&http).await;
     assert_eq!(s["budget"]["size_bytes"], json!(2 * MIB));
     assert_eq!(s["evictions"], json!(0));
     // a is used again: b is now the least recently used.
@@ -508,6 +516,7 @@ async fn metrics_health_and_stats_report_the_cache() {
     assert_eq!(get_manifest(&http, "up/app", "v1").await, md);
     get_blob(&http, "up/app", &ld).await; // cold: a miss
     get_blob(&http, "up/app", &ld).await; // warm: a hit
+    settled(&http).await;
     let upstream_requests = fake.total();
 
     let text = metrics(&http).await;

@@ -2,12 +2,14 @@
 //! and from however many repositories. The fetch runs detached from every
 //! client, appends to a staged blob while hashing, and advances a watermark;
 //! every waiter streams from the staged bytes up to the watermark as it
-//! grows. At the end the digest is verified: match → atomic publish; mismatch
-//! → nothing published, and every waiter's stream ends in an error (its
-//! response is aborted, never cleanly ended).
+//! grows. At the end the digest is verified: match → the waiters get their
+//! last bytes at once, then the blob is made durable and published atomically
+//! (the fill takes new waiters until it is); mismatch → nothing published,
+//! and every waiter's stream ends in an error (its response is aborted,
+//! never cleanly ended).
 //!
-//! Explicit states (after pingora's cache lock): connecting, streaming, done,
-//! failed; a waiter also gives up on a wait timeout (no progress), a fill
+//! Explicit states (after pingora's cache lock): connecting, streaming,
+//! verified, done, failed; a waiter also gives up on a wait timeout (no progress), a fill
 //! older than the age timeout takes no new waiters, and a fill whose task
 //! vanished (its status sender dropped without a final state) is reported
 //! as abandoned and replaced by the next request.
@@ -62,8 +64,20 @@ pub enum FillFailure {
 pub enum Phase {
     Connecting,
     Streaming,
+    /// Every byte is staged and matches the digest: waiters may finish;
+    /// the blob is being made durable and published.
+    Verified,
+    /// Published (or, after `Verified`, publishing failed: the waiters
+    /// keep their verified bytes, the next request fetches again).
     Done,
     Failed(FillFailure),
+}
+
+impl Phase {
+    /// Whether the staged bytes are complete and verified.
+    pub fn complete(&self) -> bool {
+        matches!(self, Phase::Verified | Phase::Done)
+    }
 }
 
 /// What every waiter observes.
@@ -167,9 +181,7 @@ impl Fills {
         upstream_repo: &RepoName,
         local: &RepoName,
     ) -> Result<Arc<Fill>, crate::storage::StorageError> {
-        if let Some(f) = self.joinable(digest) {
-            bump(&self.counters.coalesced, 1);
-            f.add_repo(local);
+        if let Some(f) = self.join(digest, local) {
             return Ok(f);
         }
         let writer = self.store.begin_fill().await?;
@@ -221,12 +233,19 @@ impl Fills {
         Ok(fill)
     }
 
-    fn joinable(&self, digest: &Digest) -> Option<Arc<Fill>> {
-        let active = self.active.lock().expect("fills lock");
-        active
-            .get(digest)
-            .filter(|f| f.joinable(self.max_age))
-            .cloned()
+    /// Joins the fill running for `digest`, if there is one that takes
+    /// new waiters; `local` is linked to the blob when it is published.
+    pub fn join(&self, digest: &Digest, local: &RepoName) -> Option<Arc<Fill>> {
+        let f = {
+            let active = self.active.lock().expect("fills lock");
+            active
+                .get(digest)
+                .filter(|f| f.joinable(self.max_age))
+                .cloned()?
+        };
+        bump(&self.counters.coalesced, 1);
+        f.add_repo(local);
+        Some(f)
     }
 
     /// A stream of the blob's bytes `start..end` (end = the blob's end when
@@ -254,7 +273,7 @@ impl Fills {
                         (None, Some(t)) => t,
                         (None, None) => u64::MAX,
                     };
-                    let done = st.phase == Phase::Done;
+                    let done = st.phase.complete();
                     if done && pos >= limit.min(st.written) {
                         return None;
                     }
@@ -281,7 +300,7 @@ impl Fills {
                         Ok(Err(_)) => {
                             // Sender gone without a final state: check once more.
                             let st = rx.borrow().clone();
-                            if matches!(st.phase, Phase::Done | Phase::Failed(_)) {
+                            if st.phase.complete() || matches!(st.phase, Phase::Failed(_)) {
                                 continue;
                             }
                             return Some((
@@ -314,7 +333,7 @@ impl Fills {
                 match (&st.phase, st.total) {
                     (Phase::Failed(f), _) => return Err(f.clone()),
                     (_, Some(t)) => return Ok(t),
-                    (Phase::Done, None) => return Ok(st.written),
+                    (p, None) if p.complete() => return Ok(st.written),
                     _ => {}
                 }
             }
@@ -352,10 +371,17 @@ impl Fill {
         }
     }
 
+    /// Whether the blob was asked for through `repo` (the fill links it
+    /// there once published).
+    pub fn serves(&self, repo: &RepoName) -> bool {
+        self.repos.lock().expect("repos lock").contains(repo)
+    }
+
     fn joinable(&self, max_age: Duration) -> bool {
         let st = self.status.borrow();
-        let alive =
-            self.status.has_changed().is_ok() || matches!(st.phase, Phase::Done | Phase::Failed(_));
+        let alive = self.status.has_changed().is_ok()
+            || st.phase.complete()
+            || matches!(st.phase, Phase::Failed(_));
         let failed = matches!(st.phase, Phase::Failed(_));
         alive && !failed && self.started.elapsed() < max_age
     }
@@ -384,25 +410,12 @@ impl FillTask {
             None => self.fetch(&mut *writer, fills, None).await,
             Some(c) => self.fetch_clustered(c, &mut *writer, fills).await,
         };
+        // Verified bytes are released to the waiters at once: making them
+        // durable and publishing them (an fsync of the whole blob, or an
+        // upload to the bucket) happens after, off the clients' path.
         let outcome = match outcome {
-            Ok(()) => match writer.commit(&self.digest).await {
-                Ok(size) => {
-                    let repos = fill.repos.lock().expect("repos lock").clone();
-                    let mut linked = fills.budget.add(&self.digest, size).await;
-                    for r in &repos {
-                        if let Err(e) = fills.meta.mark_cached(r).await {
-                            linked = Err(e);
-                            break;
-                        }
-                        if let Err(e) = fills.meta.link_blob(r, &self.digest).await {
-                            linked = Err(e);
-                            break;
-                        }
-                    }
-                    linked.map_err(|e| {
-                        FillFailure::Failed(format!("recording the blob failed: {e}").into())
-                    })
-                }
+            Ok(()) => match writer.verify(&self.digest).await {
+                Ok(()) => Ok(()),
                 Err(crate::storage::StorageError::DigestMismatch { computed, .. }) => {
                     bump(&fills.counters.corrupt, 1);
                     tracing::error!(
@@ -415,9 +428,16 @@ impl FillTask {
                     ))
                 }
                 Err(e) => Err(FillFailure::Failed(
-                    format!("storing the blob failed: {e}").into(),
+                    format!("verifying the blob failed: {e}").into(),
                 )),
             },
+            Err(f) => Err(f),
+        };
+        let outcome = match outcome {
+            Ok(()) => {
+                self.tx.send_modify(|s| s.phase = Phase::Verified);
+                self.publish(writer, fills, fill).await
+            }
             Err(f) => {
                 writer.abort().await;
                 Err(f)
@@ -437,9 +457,41 @@ impl FillTask {
             Err(f) => {
                 bump(&fills.counters.failed, 1);
                 tracing::warn!(digest = %self.digest, repo = %self.repo, failure = ?f, "fill failed");
-                self.tx.send_modify(|s| s.phase = Phase::Failed(f));
+                // After verification the waiters keep their bytes: only a
+                // failure before it ends their responses in an error.
+                if self.tx.borrow().phase != Phase::Verified {
+                    self.tx.send_modify(|s| s.phase = Phase::Failed(f));
+                }
             }
         }
+    }
+
+    /// Makes the verified blob durable, publishes it, counts it in the
+    /// budget and links it into the repositories that asked for it.
+    async fn publish(
+        &self,
+        writer: Box<dyn crate::storage::FillWriter>,
+        fills: &Fills,
+        fill: &Fill,
+    ) -> Result<(), FillFailure> {
+        let size = writer
+            .commit(&self.digest)
+            .await
+            .map_err(|e| FillFailure::Failed(format!("storing the blob failed: {e}").into()))?;
+        let mut recorded = fills.budget.add(&self.digest, size).await;
+        // Repositories only join the list; one that joins while these are
+        // linked is linked too.
+        for i in 0.. {
+            let Some(r) = fill.repos.lock().expect("repos lock").get(i).cloned() else {
+                break;
+            };
+            let linked = match fills.meta.mark_cached(&r).await {
+                Ok(()) => fills.meta.link_blob(&r, &self.digest).await,
+                Err(e) => Err(e),
+            };
+            recorded = recorded.and(linked);
+        }
+        recorded.map_err(|e| FillFailure::Failed(format!("recording the blob failed: {e}").into()))
     }
 
     /// Streams the blob from upstream into `writer`, resuming with Range

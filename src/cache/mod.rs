@@ -499,10 +499,19 @@ impl Cache {
         if let Some(size) = self.linked_size(t, digest).await? {
             return Ok(size);
         }
-        if let Some(f) = self.fills.in_progress(digest)
-            && let Some(total) = f.status().total
-        {
-            return Ok(total);
+        match self.fills.in_progress(digest) {
+            Some(f) => {
+                if let Some(total) = f.status().total {
+                    return Ok(total);
+                }
+            }
+            None => {
+                // A fill that ended since the lookup above has published
+                // and linked the blob.
+                if let Some(size) = self.linked_size(t, digest).await? {
+                    return Ok(size);
+                }
+            }
         }
         self.upstream(t)
             .head_blob(&t.upstream, digest)
@@ -515,6 +524,15 @@ impl Cache {
             return Ok(None);
         };
         if self.meta.blob_linked(&t.local, digest).await? {
+            return Ok(Some(size));
+        }
+        // Just published by a fill for this repository, which links it
+        // next.
+        if self
+            .fills
+            .in_progress(digest)
+            .is_some_and(|f| f.serves(&t.local))
+        {
             return Ok(Some(size));
         }
         // Stored through another repository: serve it here only if
@@ -539,11 +557,30 @@ impl Cache {
             self.counters.hit(&metrics::BLOB);
             return Ok(CachedBlob::Stored { size, hold });
         }
-        self.counters.miss(&metrics::BLOB);
-        let fill = self
-            .fills
-            .join_or_start(digest, self.upstream(t), &t.upstream, &t.local)
-            .await?;
+        let fill = match self.fills.join(digest, &t.local) {
+            Some(fill) => {
+                // A fill whose bytes are all here and verified (it is being
+                // published) serves this request locally: a hit.
+                if fill.status().phase.complete() {
+                    self.counters.hit(&metrics::BLOB);
+                } else {
+                    self.counters.miss(&metrics::BLOB);
+                }
+                fill
+            }
+            None => {
+                // No fill is running: one that ended since the lookup above
+                // has published and linked the blob.
+                if let Some(size) = self.linked_size(t, digest).await? {
+                    self.counters.hit(&metrics::BLOB);
+                    return Ok(CachedBlob::Stored { size, hold });
+                }
+                self.counters.miss(&metrics::BLOB);
+                self.fills
+                    .join_or_start(digest, self.upstream(t), &t.upstream, &t.local)
+                    .await?
+            }
+        };
         match self.fills.wait_started(&fill).await {
             Ok(size) => Ok(CachedBlob::Filling { size, fill, hold }),
             Err(FillFailure::NotFound) => Err(self.upstream_err(t, UpstreamError::NotFound)),

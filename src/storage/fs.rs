@@ -555,6 +555,10 @@ impl FillWriter for FsFill {
         self.staging.reader()
     }
 
+    async fn verify(&self, expected: &Digest) -> Result<()> {
+        self.staging.verify(expected).await
+    }
+
     async fn commit(self: Box<Self>, expected: &Digest) -> Result<u64> {
         if let Err(e) = self.staging.verify(expected).await {
             let _ = tokio::fs::remove_file(&self.staging.path).await;

@@ -140,6 +140,9 @@ pub trait FillWriter: Send + Sync {
     /// A reader of the staged bytes, valid as long as it is held, including
     /// after `commit` or `abort`.
     fn staged(&self) -> Arc<dyn StagedReader>;
+    /// Checks the bytes written against `expected` (a `DigestMismatch`
+    /// otherwise), without making them durable or publishing them.
+    async fn verify(&self, expected: &Digest) -> Result<()>;
     /// Makes the bytes durable, verifies them against `expected` and
     /// publishes them. Nothing is published on a mismatch.
     async fn commit(self: Box<Self>, expected: &Digest) -> Result<u64>;

@@ -842,6 +842,10 @@ impl FillWriter for S3Fill {
         self.staging.reader()
     }
 
+    async fn verify(&self, expected: &Digest) -> Result<()> {
+        self.staging.verify(expected).await
+    }
+
     async fn commit(self: Box<Self>, expected: &Digest) -> Result<u64> {
         let size = self.staging.written();
         let outcome = match self.staging.verify(expected).await {
