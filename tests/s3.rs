@@ -1136,6 +1136,7 @@ async fn replication_job_taken_over_when_its_replica_is_lost() {
     assert_eq!(jobs.len(), 1, "B does not see A's job: {seen}");
     assert_eq!(jobs[0]["status"], "IN_PROGRESS");
     assert!(jobs[0]["running"].as_bool().unwrap());
+    assert!(jobs[0]["holder"].is_string(), "no holder shown: {seen}");
     a.kill9();
     assert!(
         sent < size as u64,

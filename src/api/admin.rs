@@ -261,6 +261,8 @@ impl App {
                     "digest": j.digest.as_ref().map(|d| d.as_str()),
                     "status": status_name(j.state),
                     "running": j.state == JobState::Running,
+                    // With a queue shared by replicas: which one runs it.
+                    "holder": j.holder,
                     "attempts": j.attempts,
                     "failure_reason": reason,
                     "enqueued_at": ms_to_rfc3339(j.enqueued_ms),
