@@ -263,6 +263,10 @@ impl App {
                     "running": j.state == JobState::Running,
                     // With a queue shared by replicas: which one runs it.
                     "holder": j.holder,
+                    "next_attempt_at": j
+                        .not_before_ms
+                        .filter(|_| j.state == JobState::Pending)
+                        .map(ms_to_rfc3339),
                     "attempts": j.attempts,
                     "failure_reason": reason,
                     "enqueued_at": ms_to_rfc3339(j.enqueued_ms),

@@ -67,8 +67,9 @@ pub enum Phase {
     /// Every byte is staged and matches the digest: waiters may finish;
     /// the blob is being made durable and published.
     Verified,
-    /// Published (or, after `Verified`, publishing failed: the waiters
-    /// keep their verified bytes, the next request fetches again).
+    /// Published. (When publishing fails after `Verified`, the phase
+    /// stays `Verified`: the waiters keep their verified bytes, and the
+    /// next request, finding no fill, fetches again.)
     Done,
     Failed(FillFailure),
 }

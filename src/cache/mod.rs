@@ -526,12 +526,12 @@ impl Cache {
         if self.meta.blob_linked(&t.local, digest).await? {
             return Ok(Some(size));
         }
-        // Just published by a fill for this repository, which links it
-        // next.
+        // Just published by a verified fill for this repository, which
+        // links it next.
         if self
             .fills
             .in_progress(digest)
-            .is_some_and(|f| f.serves(&t.local))
+            .is_some_and(|f| f.status().phase.complete() && f.serves(&t.local))
         {
             return Ok(Some(size));
         }

@@ -1,9 +1,10 @@
 //! The workers: a scheduler that starts due jobs within each destination's
 //! concurrency limit, and one task per running job.
 //!
-//! Timing is on tokio's clock (backoff, pauses); only the timestamps kept
-//! in the durable queue (enqueue time, for status and lag, and the leases
-//! of a queue shared through the bucket) are wall-clock.
+//! A destination's pause is on tokio's clock; the timestamps kept in the
+//! durable queue are wall-clock: enqueue time (status and lag), a job's
+//! backoff (so that every replica of a shared queue honours it, and it
+//! survives a restart) and the leases of a queue shared through the bucket.
 //! After a restart every job is due at once: jobs cut short by a crash
 //! (still RUNNING in the queue) run again. In a queue shared by several
 //! replicas a run holds a lease that its task renews; the scheduler looks
@@ -33,8 +34,6 @@ struct Shared {
     source: LocalSource,
     targets: HashMap<String, Arc<RemoteTarget>>,
     in_flight: Mutex<HashSet<JobKey>>,
-    /// Jobs waiting for their backoff.
-    not_before: Mutex<HashMap<JobKey, Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -73,7 +72,6 @@ pub async fn run(rep: Arc<Replication>, registry: Registry, stop: CancellationTo
         source: LocalSource { registry },
         targets,
         in_flight: Mutex::new(HashSet::new()),
-        not_before: Mutex::new(HashMap::new()),
     });
     let mut tasks = tokio::task::JoinSet::new();
     loop {
@@ -85,8 +83,9 @@ pub async fn run(rep: Arc<Replication>, registry: Registry, stop: CancellationTo
             () = stop.cancelled() => break,
         }
     }
-    // Running jobs see `stop` and end; they stay RUNNING in the queue and
-    // run again after the next start.
+    // Running jobs see `stop` and end; they stay RUNNING in a queue of one
+    // process and run again after the next start (a shared queue gets them
+    // back as PENDING at once).
     while tasks.join_next().await.is_some() {}
 }
 
@@ -113,8 +112,13 @@ async fn schedule(
             continue;
         }
         if !job.runnable(now_ms) {
-            // Held by another replica: look again when its lease ends.
-            if let Some(until) = job.lease_until_ms {
+            // Backing off, or held by another replica: look again when the
+            // backoff or the lease ends.
+            let until = match job.state {
+                JobState::Pending => job.not_before_ms,
+                _ => job.lease_until_ms,
+            };
+            if let Some(until) = until {
                 next = next.min(now + Duration::from_millis(until.saturating_sub(now_ms) + 100));
             }
             continue;
@@ -124,18 +128,9 @@ async fn schedule(
                 "destination {:?} is no longer configured",
                 job.key.destination
             );
-            let _ = rep
-                .jobs
-                .finish(&job.key, job.seq, Outcome::Failed { error }, unix_ms())
-                .await;
+            let _ = rep.jobs.fail_pending(&job.key, error, unix_ms()).await;
             continue;
         };
-        if let Some(t) = lock(&shared.not_before).get(&job.key).copied()
-            && t > now
-        {
-            next = next.min(t);
-            continue;
-        }
         let paused_until = lock(&rep.paused).get(&dest.name).map(|p| p.0);
         if let Some(t) = paused_until
             && t > now
@@ -189,14 +184,20 @@ async fn hold_lease(rep: &Replication, key: &JobKey) {
     let Some(ttl) = rep.jobs.lease_ttl() else {
         return std::future::pending().await;
     };
+    // Renewed at a third of its lifetime; a run that could not renew it
+    // for two thirds stops before another replica may take the job over.
+    let mut renewed = Instant::now();
     loop {
         tokio::time::sleep(ttl / 3).await;
         match rep.jobs.renew(key, unix_ms()).await {
-            Ok(true) => {}
+            Ok(true) => renewed = Instant::now(),
             Ok(false) => return,
-            // The store may be back before the lease ends; if not, the
-            // next renewal says so.
-            Err(e) => tracing::warn!(error = %e, "renewing a replication job's lease failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "renewing a replication job's lease failed");
+                if renewed.elapsed() >= ttl * 2 / 3 {
+                    return;
+                }
+            }
         }
     }
 }
@@ -250,6 +251,7 @@ async fn run_job(shared: &Shared, dest: &Destination, job: Job, stop: &Cancellat
                         // when the lease ends.
                         let outcome = Outcome::Wait {
                             error: "the replica running it shut down".into(),
+                            not_before_ms: unix_ms(),
                         };
                         let _ = rep.jobs.finish(&key, started.seq, outcome, unix_ms()).await;
                     }
@@ -270,7 +272,6 @@ async fn run_job(shared: &Shared, dest: &Destination, job: Job, stop: &Cancellat
     let outcome = match result {
         Ok(copied) => {
             lock(&rep.paused).remove(&dest.name);
-            lock(&shared.not_before).remove(&key);
             if !copied.superseded {
                 rep.metrics.completed.get_or_create(&labels).inc();
             }
@@ -291,6 +292,7 @@ async fn run_job(shared: &Shared, dest: &Destination, job: Job, stop: &Cancellat
                 // job; this covers any other way).
                 Outcome::Wait {
                     error: "the tag moved during the copy; copying its new target".into(),
+                    not_before_ms: unix_ms(),
                 }
             } else {
                 Outcome::Complete {
@@ -307,7 +309,10 @@ async fn run_job(shared: &Shared, dest: &Destination, job: Job, stop: &Cancellat
                     let streak = paused.get(&dest.name).map_or(0, |p| p.1);
                     let delay = backoff_between(streak, dest.retry_initial, dest.retry_max);
                     paused.insert(dest.name.clone(), (now + delay, streak + 1, error.clone()));
-                    Outcome::Wait { error }
+                    Outcome::Wait {
+                        error,
+                        not_before_ms: unix_ms() + delay.as_millis() as u64,
+                    }
                 }
                 CopyError::Permanent(error) => Outcome::Failed { error },
                 CopyError::Retry(error) if started.attempts + 1 >= dest.max_attempts => {
@@ -318,8 +323,10 @@ async fn run_job(shared: &Shared, dest: &Destination, job: Job, stop: &Cancellat
                 CopyError::Retry(error) => {
                     let delay =
                         backoff_between(started.attempts, dest.retry_initial, dest.retry_max);
-                    lock(&shared.not_before).insert(key.clone(), now + delay);
-                    Outcome::Retry { error }
+                    Outcome::Retry {
+                        error,
+                        not_before_ms: unix_ms() + delay.as_millis() as u64,
+                    }
                 }
             };
             tracing::warn!(

@@ -538,12 +538,18 @@ pub async fn job_store_suite(q: Arc<dyn JobStore>) {
             run.seq,
             Outcome::Retry {
                 error: "down".into(),
+                not_before_ms: 16,
             },
             15,
         )
         .await
         .unwrap();
     assert_eq!((j.state, j.attempts), (JobState::Pending, 1));
+    assert_eq!(j.not_before_ms, Some(16));
+    assert!(
+        q.start(&a, None, 15).await.unwrap().is_none(),
+        "started during its backoff"
+    );
     let run = q.start(&a, None, 16).await.unwrap().unwrap();
     let at = UploadCheckpoint {
         digest: Digest::sha256_of(b"layer"),
@@ -629,6 +635,25 @@ pub async fn job_store_suite(q: Arc<dyn JobStore>) {
     );
     assert_eq!(q.get(&b).await.unwrap().unwrap().key, b);
     assert_eq!(q.get(&job_key("eu", "nope", "1")).await.unwrap(), None);
+
+    // Given up without a run (its destination is gone): only a pending job.
+    q.fail_pending(&c, "no destination".into(), 40)
+        .await
+        .unwrap();
+    let j = q.get(&c).await.unwrap().unwrap();
+    assert_eq!(
+        (j.state, j.error.as_deref()),
+        (JobState::Failed, Some("no destination"))
+    );
+    let run = q.start(&b, None, 41).await.unwrap().unwrap();
+    q.fail_pending(&b, "no destination".into(), 42)
+        .await
+        .unwrap();
+    assert_eq!(q.get(&b).await.unwrap().unwrap().state, JobState::Running);
+    q.finish(&b, run.seq, Outcome::Complete { digest: None }, 43)
+        .await
+        .unwrap();
+    assert!(q.active().await.unwrap().is_empty());
 }
 
 /// Runs the contract of a queue shared by replicas: `replica(ttl)` opens
@@ -752,10 +777,64 @@ pub async fn shared_job_store_suite(replica: impl Fn(std::time::Duration) -> Arc
         .await
         .unwrap();
     assert_eq!(j.state, JobState::Complete);
+    let j = holder
+        .finish(
+            &k,
+            run.seq,
+            Outcome::Failed {
+                error: "late".into(),
+            },
+            now(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        j.state,
+        JobState::Complete,
+        "a late outcome undid the new run's"
+    );
     assert!(x.active().await.unwrap().is_empty());
     assert!(y.active().await.unwrap().is_empty());
 
-    // Enqueues racing with the end of a run are never lost.
+    // A backoff recorded by one replica holds for the other.
+    let k = job_key("eu", "prod/backoff", "1");
+    x.enqueue(std::slice::from_ref(&k), now()).await.unwrap();
+    let run = x.start(&k, None, now()).await.unwrap().unwrap();
+    let until = now() + 60_000;
+    x.finish(
+        &k,
+        run.seq,
+        Outcome::Retry {
+            error: "503".into(),
+            not_before_ms: until,
+        },
+        now(),
+    )
+    .await
+    .unwrap();
+    assert!(y.start(&k, None, now()).await.unwrap().is_none());
+    let run = y.start(&k, None, until).await.unwrap().unwrap();
+    y.finish(&k, run.seq, Outcome::Complete { digest: None }, until)
+        .await
+        .unwrap();
+
+    // Enqueues racing with the scheduler's reading of the markers, and with
+    // the end of a run, are never lost.
+    for round in 0..5 {
+        let k = job_key("eu", "prod/new", &format!("n{round}"));
+        let (enq, act) = tokio::join!(x.enqueue(std::slice::from_ref(&k), now()), y.active());
+        enq.unwrap();
+        act.unwrap();
+        let active = y.active().await.unwrap();
+        assert!(
+            active.iter().any(|j| j.key == k),
+            "round {round}: a new job lost its marker: {active:?}"
+        );
+        let run = y.start(&k, None, now()).await.unwrap().unwrap();
+        y.finish(&k, run.seq, Outcome::Complete { digest: None }, now())
+            .await
+            .unwrap();
+    }
     for round in 0..5 {
         let k = job_key("eu", "prod/race", &format!("r{round}"));
         x.enqueue(std::slice::from_ref(&k), now()).await.unwrap();

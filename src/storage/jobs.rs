@@ -74,14 +74,17 @@ pub struct Job {
     /// whose lease has ended (its replica was lost) can be taken over.
     /// `None`: held until the process restarts (a queue of one process).
     pub lease_until_ms: Option<u64>,
+    /// Unix ms before which it waits (backoff after a failed attempt, or a
+    /// destination that is down), whichever replica looks at it.
+    pub not_before_ms: Option<u64>,
 }
 
 impl Job {
-    /// Whether a worker may start it now: PENDING, or RUNNING under a lease
-    /// that has ended.
+    /// Whether a worker may start it now: PENDING and past its backoff, or
+    /// RUNNING under a lease that has ended.
     pub fn runnable(&self, now_ms: u64) -> bool {
         match self.state {
-            JobState::Pending => true,
+            JobState::Pending => self.not_before_ms.is_none_or(|t| t <= now_ms),
             JobState::Running => self.lease_until_ms.is_some_and(|t| t < now_ms),
             JobState::Complete | JobState::Failed => false,
         }
@@ -120,6 +123,7 @@ impl Job {
                 upload: None,
                 holder: None,
                 lease_until_ms: None,
+                not_before_ms: None,
             },
         }
     }
@@ -152,6 +156,12 @@ impl Job {
         self.updated_ms = now_ms;
         self.holder = None;
         self.lease_until_ms = None;
+        self.not_before_ms = match &outcome {
+            Outcome::Retry { not_before_ms, .. } | Outcome::Wait { not_before_ms, .. } => {
+                Some(*not_before_ms)
+            }
+            Outcome::Complete { .. } | Outcome::Failed { .. } => None,
+        };
         if self.seq != seq {
             // Re-enqueued during the run: run again for the newer request.
             self.state = JobState::Pending;
@@ -168,12 +178,12 @@ impl Job {
                 self.error = None;
                 self.attempts = 0;
             }
-            Outcome::Retry { error } => {
+            Outcome::Retry { error, .. } => {
                 self.state = JobState::Pending;
                 self.attempts += 1;
                 self.error = Some(error);
             }
-            Outcome::Wait { error } => {
+            Outcome::Wait { error, .. } => {
                 self.state = JobState::Pending;
                 self.error = Some(error);
             }
@@ -187,9 +197,23 @@ impl Job {
         self
     }
 
+    /// PENDING → FAILED without a run; `None` when not pending.
+    pub(crate) fn given_up(mut self, error: String, now_ms: u64) -> Option<Job> {
+        if self.state != JobState::Pending {
+            return None;
+        }
+        self.state = JobState::Failed;
+        self.upload = None;
+        self.not_before_ms = None;
+        self.error = Some(error);
+        self.updated_ms = now_ms;
+        Some(self)
+    }
+
     /// FAILED → PENDING with no attempts spent.
     pub(crate) fn retried(mut self, now_ms: u64) -> Job {
         self.state = JobState::Pending;
+        self.not_before_ms = None;
         self.attempts = 0;
         self.enqueued_ms = now_ms;
         self.updated_ms = now_ms;
@@ -232,14 +256,16 @@ pub enum Outcome {
     Complete {
         digest: Option<Digest>,
     },
-    /// Try again later; counts an attempt.
+    /// Try again from `not_before_ms` (Unix ms); counts an attempt.
     Retry {
         error: String,
+        not_before_ms: u64,
     },
-    /// Try again later without counting an attempt (the destination was
-    /// down; the job is not at fault).
+    /// Try again from `not_before_ms` without counting an attempt (the
+    /// destination was down; the job is not at fault).
     Wait {
         error: String,
+        not_before_ms: u64,
     },
     /// Give up.
     Failed {
@@ -286,6 +312,9 @@ pub trait JobStore: Send + Sync + 'static {
     /// Ends the run that started at `seq` with `outcome` (see the trait's
     /// contract for a job re-enqueued meanwhile). Returns the job.
     async fn finish(&self, key: &JobKey, seq: u64, outcome: Outcome, now_ms: u64) -> Result<Job>;
+    /// PENDING → FAILED with `error`, without a run (its destination is no
+    /// longer configured). Other jobs are left as they are.
+    async fn fail_pending(&self, key: &JobKey, error: String, now_ms: u64) -> Result<()>;
     /// Records (or clears) the blob upload a running job has in progress.
     async fn checkpoint(&self, key: &JobKey, upload: Option<UploadCheckpoint>) -> Result<()>;
     /// Extends this replica's lease of a running job; `false` when it no
@@ -318,6 +347,8 @@ struct Stored {
     holder: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     lease_until_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    not_before_ms: Option<u64>,
 }
 
 impl Stored {
@@ -333,6 +364,7 @@ impl Stored {
             upload: job.upload.clone(),
             holder: job.holder.clone(),
             lease_until_ms: job.lease_until_ms,
+            not_before_ms: job.not_before_ms,
         }
     }
 
@@ -349,6 +381,7 @@ impl Stored {
             upload: self.upload,
             holder: self.holder,
             lease_until_ms: self.lease_until_ms,
+            not_before_ms: self.not_before_ms,
         }
     }
 }
@@ -580,6 +613,17 @@ impl JobStore for RedbJobs {
 
     async fn renew(&self, _key: &JobKey, _now_ms: u64) -> Result<bool> {
         Ok(true)
+    }
+
+    async fn fail_pending(&self, key: &JobKey, error: String, now_ms: u64) -> Result<()> {
+        let k = key.encode();
+        self.run(move |txn| {
+            if let Some(job) = get_job(txn, &k)?.and_then(|j| j.given_up(error, now_ms)) {
+                put_job(txn, &job)?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn recover(&self) -> Result<usize> {

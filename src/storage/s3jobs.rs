@@ -129,13 +129,30 @@ impl S3Jobs {
     /// Removes the marker of a job that ended, unless it became active
     /// meanwhile (see the module's doc).
     async fn retire_marker(&self, key: &JobKey) -> Result<()> {
-        self.meta.remove(&self.marker_key(key)).await?;
-        if let Some(job) = self.read(key).await?
-            && matches!(job.state, JobState::Pending | JobState::Running)
-        {
-            self.put_marker(key).await?;
+        self.retire_marker_named(&rel(key)).await
+    }
+
+    /// [`retire_marker`](S3Jobs::retire_marker) by the job's relative name:
+    /// delete the marker, then read the job again and put the marker back
+    /// if it is active, or if the job cannot be read (a stray marker is
+    /// harmless, a missing one strands the job).
+    async fn retire_marker_named(&self, name: &str) -> Result<()> {
+        let marker = self.meta.key(&format!("jobs-active/{name}"));
+        self.meta.remove(&marker).await?;
+        let job = match self.meta.get(&self.meta.key(&format!("jobs/{name}"))).await {
+            Ok(b) => b.map(|b| JobDocument::decode(&b)).transpose(),
+            Err(e) => Err(e),
+        };
+        match job {
+            Ok(Some(j)) if matches!(j.state, JobState::Pending | JobState::Running) => {
+                self.meta.put(&marker, Vec::new()).await
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.meta.put(&marker, Vec::new()).await?;
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     /// Every job under `rel` (relative to `meta/`), in key order.
@@ -208,14 +225,10 @@ impl JobStore for S3Jobs {
                 Some(j) if matches!(j.state, JobState::Pending | JobState::Running) => {
                     active.push(j)
                 }
-                Some(j) => self.retire_marker(&j.key).await?,
-                // An enqueue that stopped before writing its job (it was not
-                // acknowledged); one still under way writes its marker again.
-                None => {
-                    self.meta
-                        .remove(&self.meta.key(&format!("jobs-active/{name}")))
-                        .await?;
-                }
+                // An ended job, or an enqueue that has written its marker
+                // and not yet its job (or stopped there, unacknowledged):
+                // retired only if the job is still not active afterwards.
+                _ => self.retire_marker_named(&name).await?,
             }
         }
         active.sort_by(|a, b| key_order(&a.key).cmp(&key_order(&b.key)));
@@ -261,6 +274,7 @@ impl JobStore for S3Jobs {
             .change(key, |cur| {
                 let job = cur.ok_or(StorageError::NotFound)?;
                 if job.state != JobState::Running || job.holder.as_deref() != Some(&self.holder) {
+                    // Only the run that holds the job ends it.
                     // Taken over (or ended) by another replica: its run
                     // decides.
                     current = Some(job);
@@ -280,6 +294,18 @@ impl JobStore for S3Jobs {
             (None, Some(job)) => Ok(job),
             (None, None) => Err(StorageError::NotFound),
         }
+    }
+
+    async fn fail_pending(&self, key: &JobKey, error: String, now_ms: u64) -> Result<()> {
+        let failed = self
+            .change(key, |cur| {
+                Ok(cur.and_then(|j| j.given_up(error.clone(), now_ms)))
+            })
+            .await?;
+        if failed.is_some() {
+            self.retire_marker(key).await?;
+        }
+        Ok(())
     }
 
     async fn checkpoint(&self, key: &JobKey, upload: Option<UploadCheckpoint>) -> Result<()> {
