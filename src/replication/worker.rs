@@ -22,7 +22,7 @@ use super::copy::{Copy, CopyError};
 use super::endpoints::{Checkpoints, JobTarget, LocalSource, RemoteTarget};
 use super::{Destination, Replication, ReplicationMetrics, unix_ms};
 use crate::registry::Registry;
-use crate::storage::jobs::{Job, JobKey, JobState, Outcome};
+use crate::storage::jobs::{Job, JobKey, JobState, JobStore, Outcome};
 use crate::upstream::retry::backoff_between;
 
 /// The scheduler looks at the queue at least this often (it is also woken
@@ -180,8 +180,8 @@ fn record_queue(rep: &Replication, active: &[Job]) {
 /// is no longer ours (another replica took it over after the lease ran
 /// out); never returns while the lease holds. Pending forever without
 /// leases.
-async fn hold_lease(rep: &Replication, key: &JobKey) {
-    let Some(ttl) = rep.jobs.lease_ttl() else {
+async fn hold_lease(jobs: &dyn JobStore, key: &JobKey) {
+    let Some(ttl) = jobs.lease_ttl() else {
         return std::future::pending().await;
     };
     // Renewed at a third of its lifetime; a run that could not renew it
@@ -189,7 +189,7 @@ async fn hold_lease(rep: &Replication, key: &JobKey) {
     let mut renewed = Instant::now();
     loop {
         tokio::time::sleep(ttl / 3).await;
-        match rep.jobs.renew(key, unix_ms()).await {
+        match jobs.renew(key, unix_ms()).await {
             Ok(true) => renewed = Instant::now(),
             Ok(false) => return,
             Err(e) => {
@@ -257,7 +257,7 @@ async fn run_job(shared: &Shared, dest: &Destination, job: Job, stop: &Cancellat
                     }
                     return;
                 }
-                () = hold_lease(rep, &key) => {
+                () = hold_lease(&*rep.jobs, &key) => {
                     tracing::warn!(
                         destination = %dest.name,
                         repository = %key.repository,
@@ -341,5 +341,86 @@ async fn run_job(shared: &Shared, dest: &Destination, job: Job, stop: &Cancellat
     };
     if let Err(e) = rep.jobs.finish(&key, started.seq, outcome, unix_ms()).await {
         tracing::error!(error = %e, "recording a replication outcome failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::oci::{Digest, RepoName};
+    use crate::storage::jobs::{JobFilter, UploadCheckpoint};
+    use crate::storage::{Result, StorageError};
+
+    /// A shared queue whose bucket no longer answers this replica's
+    /// renewals (only `lease_ttl` and `renew` are called).
+    struct Unreachable {
+        renewals: AtomicU32,
+    }
+
+    #[async_trait]
+    impl JobStore for Unreachable {
+        fn lease_ttl(&self) -> Option<Duration> {
+            Some(Duration::from_secs(30))
+        }
+        async fn renew(&self, _: &JobKey, _: u64) -> Result<bool> {
+            self.renewals.fetch_add(1, Ordering::SeqCst);
+            Err(StorageError::Meta("connection refused".into()))
+        }
+        async fn enqueue(&self, _: &[JobKey], _: u64) -> Result<()> {
+            unreachable!()
+        }
+        async fn active(&self) -> Result<Vec<Job>> {
+            unreachable!()
+        }
+        async fn list(&self, _: Option<&RepoName>) -> Result<Vec<Job>> {
+            unreachable!()
+        }
+        async fn get(&self, _: &JobKey) -> Result<Option<Job>> {
+            unreachable!()
+        }
+        async fn start(&self, _: &JobKey, _: Option<&Digest>, _: u64) -> Result<Option<Job>> {
+            unreachable!()
+        }
+        async fn finish(&self, _: &JobKey, _: u64, _: Outcome, _: u64) -> Result<Job> {
+            unreachable!()
+        }
+        async fn fail_pending(&self, _: &JobKey, _: String, _: u64) -> Result<()> {
+            unreachable!()
+        }
+        async fn checkpoint(&self, _: &JobKey, _: Option<UploadCheckpoint>) -> Result<()> {
+            unreachable!()
+        }
+        async fn recover(&self) -> Result<usize> {
+            unreachable!()
+        }
+        async fn retry_failed(&self, _: &JobFilter, _: u64) -> Result<usize> {
+            unreachable!()
+        }
+    }
+
+    /// A run whose renewals fail gives the job up before its lease ends
+    /// (another replica may take it over then), not when the bucket
+    /// answers again.
+    #[tokio::test(start_paused = true)]
+    async fn a_run_that_cannot_renew_stops_before_its_lease_ends() {
+        let jobs = Unreachable {
+            renewals: AtomicU32::new(0),
+        };
+        let key = JobKey {
+            destination: "eu".into(),
+            repository: "prod/app".parse().unwrap(),
+            reference: "1".parse().unwrap(),
+        };
+        let t0 = Instant::now();
+        tokio::time::timeout(Duration::from_secs(30), hold_lease(&jobs, &key))
+            .await
+            .expect("still running when the lease ended");
+        let held = t0.elapsed();
+        assert!(held >= Duration::from_secs(20), "gave up after {held:?}");
+        assert_eq!(jobs.renewals.load(Ordering::SeqCst), 2);
     }
 }

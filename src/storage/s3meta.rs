@@ -104,13 +104,21 @@ struct Versioned {
 pub struct S3Meta {
     store: Arc<dyn ObjectStore>,
     keys: Keys,
+    /// Compare-and-swaps of one key from this process take turns (by key
+    /// hash): they would only race each other, and a store's conditional
+    /// writes are then contended by one writer per replica.
+    turns: Box<[tokio::sync::Mutex<()>]>,
 }
+
+/// Stripes of [`S3Meta::turns`].
+const TURNS: usize = 64;
 
 impl S3Meta {
     pub fn new(store: Arc<dyn ObjectStore>, prefix: &str) -> S3Meta {
         S3Meta {
             store,
             keys: Keys::new(prefix),
+            turns: (0..TURNS).map(|_| tokio::sync::Mutex::new(())).collect(),
         }
     }
 
@@ -227,6 +235,13 @@ impl S3Meta {
     where
         F: FnMut(Option<&[u8]>) -> Result<Option<Vec<u8>>> + Send,
     {
+        let stripe = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            key.as_ref().hash(&mut h);
+            h.finish() as usize % TURNS
+        };
+        let _turn = self.turns[stripe].lock().await;
         for attempt in 0..CAS_ATTEMPTS {
             let current = self.get_versioned(key).await?;
             let Some(new) = f(current.as_ref().map(|v| &v.body[..]))? else {
