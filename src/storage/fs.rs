@@ -459,6 +459,10 @@ pub(crate) struct StagingFile {
     reader: Arc<FsStaged>,
     hasher: Hasher,
     written: u64,
+    /// The digest the bytes were last verified against, and how many
+    /// bytes that was: a fill verifies before it commits, and a digest of
+    /// another algorithm than the running hash costs a read of the file.
+    verified: std::sync::Mutex<Option<(Digest, u64)>>,
 }
 
 impl StagingFile {
@@ -473,6 +477,7 @@ impl StagingFile {
             }),
             hasher: Algorithm::Sha256.hasher(),
             written: 0,
+            verified: std::sync::Mutex::new(None),
         })
     }
 
@@ -498,6 +503,16 @@ impl StagingFile {
     /// Fails with `DigestMismatch` unless the bytes written hash to
     /// `expected`.
     pub(crate) async fn verify(&self, expected: &Digest) -> Result<()> {
+        let done = (expected.clone(), self.written);
+        if self
+            .verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            == Some(&done)
+        {
+            return Ok(());
+        }
         let computed = if expected.algorithm() == self.hasher.algorithm() {
             self.hasher.clone().finish()
         } else {
@@ -509,6 +524,7 @@ impl StagingFile {
                 computed,
             });
         }
+        *self.verified.lock().unwrap_or_else(|e| e.into_inner()) = Some(done);
         Ok(())
     }
 

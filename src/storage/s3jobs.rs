@@ -97,7 +97,16 @@ impl S3Jobs {
     }
 
     async fn read(&self, key: &JobKey) -> Result<Option<Job>> {
-        match self.meta.get(&self.job_key(key)).await? {
+        self.read_named(&rel(key)).await
+    }
+
+    /// The job named `name` (relative to `jobs/`).
+    async fn read_named(&self, name: &str) -> Result<Option<Job>> {
+        match self
+            .meta
+            .get(&self.meta.key(&format!("jobs/{name}")))
+            .await?
+        {
             Some(b) => Ok(Some(JobDocument::decode(&b)?)),
             None => Ok(None),
         }
@@ -139,11 +148,7 @@ impl S3Jobs {
     async fn retire_marker_named(&self, name: &str) -> Result<()> {
         let marker = self.meta.key(&format!("jobs-active/{name}"));
         self.meta.remove(&marker).await?;
-        let job = match self.meta.get(&self.meta.key(&format!("jobs/{name}"))).await {
-            Ok(b) => b.map(|b| JobDocument::decode(&b)).transpose(),
-            Err(e) => Err(e),
-        };
-        match job {
+        match self.read_named(name).await {
             Ok(Some(j)) if matches!(j.state, JobState::Pending | JobState::Running) => {
                 self.meta.put(&marker, Vec::new()).await
             }
@@ -204,14 +209,7 @@ impl JobStore for S3Jobs {
         let found: Vec<(String, Option<Job>)> = futures::stream::iter(markers)
             .map(|(name, _)| async move {
                 // A marker is named as the job it marks.
-                let job = match self
-                    .meta
-                    .get(&self.meta.key(&format!("jobs/{name}")))
-                    .await?
-                {
-                    Some(b) => Some(JobDocument::decode(&b)?),
-                    None => None,
-                };
+                let job = self.read_named(&name).await?;
                 Ok::<_, StorageError>((name, job))
             })
             .buffered(CONCURRENCY)
