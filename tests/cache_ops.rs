@@ -904,3 +904,54 @@ async fn cache_warm_pulls_the_chosen_platforms_once() {
         get_blob(&http, "up/multi", d).await;
     }
 }
+
+/// Hosted repositories win whatever the query: a mirror read (`?ns=`, as
+/// containerd sends) of a pushed repository is served from what was pushed,
+/// never revalidated against upstream. Under the ROOT rule a cached
+/// repository's local name is the repository's own, so such a read once
+/// moved the pushed tag to upstream's digest, and deleted it when upstream
+/// answered 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_reads_never_change_a_hosted_tag() {
+    use common::replication::push_image;
+    let fake = FakeUpstream::start();
+    // Upstream holds other content under the same name and tag.
+    let (upstream_v1, _, _) = seed_image(&fake, "team/app", "v1", b"upstream layer");
+    let w = common::spawn_wharf(&rule("ROOT", &fake, "tag_ttl = \"0s\""));
+    let http = HttpClient::new(w.url());
+    let v1 = push_image(&http, "team/app", Some("v1"), &[b"pushed".to_vec()], "amd64").await;
+    // And a tag upstream does not have (it answers 404 for it).
+    let only = push_image(&http, "team/app", Some("only-here"), &[b"mine".to_vec()], "arm64").await;
+    assert_ne!(v1.digest, upstream_v1);
+    let before = fake.total();
+    let ns = fake.host();
+    for _ in 0..2 {
+        for (tag, want) in [("v1", &v1.digest), ("only-here", &only.digest)] {
+            for method in [Method::GET, Method::HEAD] {
+                let path = format!("/v2/team/app/manifests/{tag}?ns={ns}");
+                let r = http.send(method.clone(), &path, &[], Bytes::new()).await;
+                assert_eq!(r.status, StatusCode::OK, "{method} {path}: {r:?}");
+                assert_eq!(
+                    r.header("docker-content-digest"),
+                    Some(want.as_str()),
+                    "{method} {path} answers what was pushed"
+                );
+            }
+        }
+        let path = format!("/v2/team/app/blobs/{}?ns={ns}", v1.blobs[1]);
+        assert_eq!(&http.get(&path).await.body[..], b"pushed");
+    }
+    for (tag, want) in [("v1", &v1.digest), ("only-here", &only.digest)] {
+        let r = http.get(&format!("/v2/team/app/manifests/{tag}")).await;
+        assert_eq!(r.status, StatusCode::OK, "the hosted tag {tag} is still there");
+        assert_eq!(r.header("docker-content-digest"), Some(want.as_str()));
+    }
+    let r = http.get("/v2/team/app/tags/list").await;
+    let tags: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(tags["tags"], json!(["only-here", "v1"]));
+    assert_eq!(
+        fake.total(),
+        before,
+        "reads of a hosted repository never reach upstream"
+    );
+}

@@ -391,8 +391,10 @@ mod tests {
         let d = Digest::sha256_of(&data);
         s.store.put(&d, data.into()).await.unwrap();
         let repo: RepoName = "up/app".parse().unwrap();
-        s.meta.mark_cached(&repo).await.unwrap();
-        s.meta.link_blob(&repo, &d).await.unwrap();
+        s.meta
+            .link_blob(&repo, crate::storage::RepoKind::Cached, &d)
+            .await
+            .unwrap();
         budget.add(&d, n as u64).await.unwrap();
         d
     }
@@ -436,7 +438,11 @@ mod tests {
         let pinned = cached(&s, &b, 3, 100).await;
         // A push links the third into a hosted repository.
         s.meta
-            .link_blob(&"mine/app".parse().unwrap(), &pinned)
+            .link_blob(
+                &"mine/app".parse().unwrap(),
+                crate::storage::RepoKind::Hosted,
+                &pinned,
+            )
             .await
             .unwrap();
         let hold = b.hold(&held).await;

@@ -29,7 +29,9 @@ use prometheus_client::metrics::counter::Counter;
 
 use super::budget::Budget;
 use crate::oci::{Digest, RepoName};
-use crate::storage::{ByteStream, FillLeases, FillStore, LeaseState, MetaStore, StagedReader};
+use crate::storage::{
+    ByteStream, FillLeases, FillStore, LeaseState, MetaStore, RepoKind, StagedReader,
+};
 use crate::upstream::{UpstreamClient, UpstreamError};
 
 /// How many times a fill resumes (with a Range request) after the upstream
@@ -486,10 +488,10 @@ impl FillTask {
             let Some(r) = fill.repos.lock().expect("repos lock").get(i).cloned() else {
                 break;
             };
-            let linked = match fills.meta.mark_cached(&r).await {
-                Ok(()) => fills.meta.link_blob(&r, &self.digest).await,
-                Err(e) => Err(e),
-            };
+            let linked = fills
+                .meta
+                .link_blob(&r, RepoKind::Cached, &self.digest)
+                .await;
             recorded = recorded.and(linked);
         }
         recorded.map_err(|e| FillFailure::Failed(format!("recording the blob failed: {e}").into()))

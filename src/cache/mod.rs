@@ -21,7 +21,7 @@ use prometheus_client::metrics::family::Family;
 use crate::metrics::{self, KindLabels};
 use crate::oci::manifest::{Descriptor, Manifest, ManifestKind};
 use crate::oci::{Digest, Reference, RepoName, Tag};
-use crate::storage::{BlobStore, FillStore, ManifestRecord, MetaStore, StorageError};
+use crate::storage::{BlobStore, FillStore, ManifestRecord, MetaStore, RepoKind, StorageError};
 use crate::upstream::{UpstreamClient, UpstreamError};
 use budget::{Budget, Hold};
 use fill::{Fill, FillFailure, Fills};
@@ -266,7 +266,6 @@ impl Cache {
             .map_err(|e| CacheError::Fill(format!("upstream sent an invalid manifest: {e}")))?;
         let size = body.len() as u64;
         self.blobs.put(digest, body).await?;
-        self.meta.mark_cached(&t.local).await?;
         let record = ManifestRecord {
             media_type: parsed.media_type.to_string(),
             size,
@@ -280,7 +279,14 @@ impl Cache {
             annotations: parsed.annotations.clone(),
         });
         self.meta
-            .put_manifest(&t.local, digest, &record, tag, referrer.as_ref())
+            .put_manifest(
+                &t.local,
+                RepoKind::Cached,
+                digest,
+                &record,
+                tag,
+                referrer.as_ref(),
+            )
             .await?;
         if let Some(tag) = tag {
             self.mark_checked(t, tag).await;
@@ -412,7 +418,7 @@ impl Cache {
             }
             (Err(UpstreamError::NotFound), _) => {
                 // Gone upstream: stop serving the tag.
-                let _ = self.meta.delete_tag(&t.local, tag).await;
+                let _ = self.meta.delete_tag(&t.local, RepoKind::Cached, tag).await;
                 Err(self.upstream_err(t, UpstreamError::NotFound))
             }
             (Err(e), Some(c)) => {
@@ -539,8 +545,9 @@ impl Cache {
         // upstream confirms this repository has it.
         match self.upstream(t).head_blob(&t.upstream, digest).await {
             Ok(_) => {
-                self.meta.mark_cached(&t.local).await?;
-                self.meta.link_blob(&t.local, digest).await?;
+                self.meta
+                    .link_blob(&t.local, RepoKind::Cached, digest)
+                    .await?;
                 Ok(Some(size))
             }
             Err(UpstreamError::NotFound) => Err(self.upstream_err(t, UpstreamError::NotFound)),

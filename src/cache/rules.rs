@@ -86,8 +86,13 @@ pub struct Rules(pub Vec<Rule>);
 
 impl Rules {
     /// Routes a read. `hosted` says whether `repo` is a known hosted
-    /// repository (hosted repositories always win over ROOT).
+    /// repository: hosted repositories always win, over ROOT and over a
+    /// mirror request's `?ns=` (pushes under a prefix are refused, so no
+    /// prefixed name is ever hosted).
     pub fn route(&self, repo: &RepoName, ns: Option<&str>, hosted: bool) -> Routed {
+        if hosted {
+            return Routed::Hosted;
+        }
         if let Some(ns) = ns {
             return self
                 .0
@@ -99,9 +104,6 @@ impl Rules {
         }
         if let Some(t) = self.by_prefix(repo) {
             return Routed::Cached(t);
-        }
-        if hosted {
-            return Routed::Hosted;
         }
         match self.0.iter().position(|r| r.prefix.is_none()) {
             Some(i) => self.0[i]

@@ -15,8 +15,8 @@ use crate::oci::{
     Algorithm, ByteRange, Digest, MediaType, Reference, RepoName, Tag, UploadId, UploadRange,
 };
 use crate::storage::{
-    BlobStore, BlobUrls, ByteStream, ManifestRecord, MetaStore, StorageError, UploadRecord,
-    UploadStore,
+    BlobStore, BlobUrls, ByteStream, ManifestRecord, MetaStore, RepoKind, StorageError,
+    UploadRecord, UploadStore,
 };
 use crate::upstream::UpstreamError;
 
@@ -81,6 +81,8 @@ impl From<StorageError> for RegistryError {
     fn from(e: StorageError) -> Self {
         match e {
             StorageError::Body(e) => RegistryError::Body(e),
+            // A write of the wrong kind of content: refused, nothing written.
+            e @ StorageError::WrongKind { .. } => RegistryError::Denied(e.to_string()),
             other => RegistryError::Storage(other),
         }
     }
@@ -253,7 +255,7 @@ impl Registry {
 
     /// Whether `repo` holds content pulled through the cache.
     pub async fn is_cached(&self, repo: &RepoName) -> Result<bool> {
-        Ok(self.meta.repository(repo).await? == Some(crate::storage::RepoKind::Cached))
+        Ok(self.meta.repository(repo).await? == Some(RepoKind::Cached))
     }
 
     /// Reports the counters of a hot tier in front of the blob store.
@@ -291,7 +293,7 @@ impl Registry {
         let kind = self.meta.repository(repo).await?;
         Ok(cache
             .rules()
-            .route(repo, ns, kind == Some(crate::storage::RepoKind::Hosted)))
+            .route(repo, ns, kind == Some(RepoKind::Hosted)))
     }
 
     async fn cached(
@@ -331,7 +333,7 @@ impl Registry {
                 rule.upstream.host()
             )));
         }
-        if self.meta.repository(repo).await? == Some(crate::storage::RepoKind::Cached) {
+        if self.meta.repository(repo).await? == Some(RepoKind::Cached) {
             return Err(RegistryError::Denied(format!(
                 "{repo} holds content pulled through the cache; push to another repository"
             )));
@@ -479,7 +481,7 @@ impl Registry {
             if !self.meta.blob_linked(repo, blob).await? || self.blobs.stat(blob).await?.is_none() {
                 if blob.as_str() == EMPTY_JSON_DIGEST {
                     self.blobs.put(blob, Bytes::from_static(b"{}")).await?;
-                    self.meta.link_blob(repo, blob).await?;
+                    self.meta.link_blob(repo, RepoKind::Hosted, blob).await?;
                     continue;
                 }
                 return Err(RegistryError::ManifestBlobUnknown(blob.clone()));
@@ -510,7 +512,14 @@ impl Registry {
             Reference::Digest(_) => None,
         };
         self.meta
-            .put_manifest(repo, &digest, &record, tag, referrer.as_ref())
+            .put_manifest(
+                repo,
+                RepoKind::Hosted,
+                &digest,
+                &record,
+                tag,
+                referrer.as_ref(),
+            )
             .await?;
         if let Some(o) = &self.observer {
             o.manifest_pushed(repo, reference, &digest).await?;
@@ -531,8 +540,12 @@ impl Registry {
     ) -> Result<()> {
         self.check_push(repo, ns).await?;
         let found = match reference {
-            Reference::Tag(t) => self.meta.delete_tag(repo, t).await?,
-            Reference::Digest(d) => self.meta.delete_manifest(repo, d).await?,
+            Reference::Tag(t) => self.meta.delete_tag(repo, RepoKind::Hosted, t).await?,
+            Reference::Digest(d) => {
+                self.meta
+                    .delete_manifest(repo, RepoKind::Hosted, d)
+                    .await?
+            }
         };
         if found {
             Ok(())
@@ -667,7 +680,7 @@ impl Registry {
         ns: Option<&str>,
     ) -> Result<()> {
         self.check_push(repo, ns).await?;
-        if self.meta.unlink_blob(repo, digest).await? {
+        if self.meta.unlink_blob(repo, RepoKind::Hosted, digest).await? {
             Ok(())
         } else {
             Err(RegistryError::BlobUnknown)
@@ -802,7 +815,7 @@ impl Registry {
         self.end_session(id).await;
         match result {
             Ok(_) => {
-                self.meta.link_blob(repo, digest).await?;
+                self.meta.link_blob(repo, RepoKind::Hosted, digest).await?;
                 self.unbudget(digest).await?;
                 Ok(())
             }
@@ -858,7 +871,7 @@ impl Registry {
             if self.meta.blob_linked(from, digest).await?
                 && self.blobs.stat(digest).await?.is_some()
             {
-                self.meta.link_blob(repo, digest).await?;
+                self.meta.link_blob(repo, RepoKind::Hosted, digest).await?;
                 self.unbudget(digest).await?;
                 return Ok(MountOutcome::Mounted);
             }

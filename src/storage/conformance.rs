@@ -249,21 +249,21 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
     );
     assert_eq!(meta.repository(&repo).await.unwrap(), None);
     let cached: RepoName = "suite/cached".parse().unwrap();
-    meta.mark_cached(&cached).await.unwrap();
-    meta.link_blob(&cached, &d1).await.unwrap();
+    meta.link_blob(&cached, RepoKind::Cached, &d1)
+        .await
+        .unwrap();
     assert_eq!(
         meta.repository(&cached).await.unwrap(),
         Some(RepoKind::Cached),
-        "a link keeps the kind"
+        "the first write gives the kind"
     );
     assert!(!meta.blob_linked(&repo, &d1).await.unwrap());
-    meta.link_blob(&repo, &d1).await.unwrap();
+    meta.link_blob(&repo, RepoKind::Hosted, &d1).await.unwrap();
     assert!(meta.blob_linked(&repo, &d1).await.unwrap());
     assert_eq!(
         meta.repository(&repo).await.unwrap(),
         Some(RepoKind::Hosted)
     );
-    meta.mark_cached(&repo).await.unwrap();
     assert_eq!(
         meta.repository(&repo).await.unwrap(),
         Some(RepoKind::Hosted),
@@ -274,8 +274,8 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
         "links are per repository"
     );
     assert_eq!(meta.tags(&repo, None, 100).await.unwrap(), Some(vec![]));
-    assert!(meta.unlink_blob(&repo, &d1).await.unwrap());
-    assert!(!meta.unlink_blob(&repo, &d1).await.unwrap());
+    assert!(meta.unlink_blob(&repo, RepoKind::Hosted, &d1).await.unwrap());
+    assert!(!meta.unlink_blob(&repo, RepoKind::Hosted, &d1).await.unwrap());
 
     // Manifests, tags and pagination.
     let rec = |subject: Option<Digest>| ManifestRecord {
@@ -289,7 +289,7 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
         .collect();
     for t in &tags {
         let tag: Tag = t.parse().unwrap();
-        meta.put_manifest(&repo, &d1, &rec(None), Some(&tag), None)
+        meta.put_manifest(&repo, RepoKind::Hosted, &d1, &rec(None), Some(&tag), None)
             .await
             .unwrap();
     }
@@ -339,13 +339,47 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
         None
     );
 
+    // Content of one kind never goes into a repository of the other: the
+    // write is refused and changes nothing.
+    let wrong = |r: Result<bool, StorageError>| {
+        assert!(
+            matches!(r, Err(StorageError::WrongKind { .. })),
+            "a write of the other kind is refused: {r:?}"
+        )
+    };
+    wrong(
+        meta.put_manifest(&repo, RepoKind::Cached, &d2, &rec(None), Some(&a), None)
+            .await
+            .map(|()| true),
+    );
+    wrong(meta.delete_tag(&repo, RepoKind::Cached, &a).await);
+    wrong(meta.delete_manifest(&repo, RepoKind::Cached, &d1).await);
+    wrong(meta.link_blob(&repo, RepoKind::Cached, &d2).await.map(|()| true));
+    wrong(meta.unlink_blob(&cached, RepoKind::Hosted, &d1).await);
+    wrong(
+        meta.put_manifest(&cached, RepoKind::Hosted, &d2, &rec(None), Some(&a), None)
+            .await
+            .map(|()| true),
+    );
+    assert_eq!(
+        meta.resolve_tag(&repo, &a).await.unwrap(),
+        Some(d1.clone()),
+        "a refused write leaves the tag"
+    );
+    assert_eq!(meta.manifest(&repo, &d2).await.unwrap(), None);
+    assert!(!meta.blob_linked(&repo, &d2).await.unwrap());
+    assert!(meta.blob_linked(&cached, &d1).await.unwrap());
+    assert_eq!(meta.resolve_tag(&cached, &a).await.unwrap(), None);
+    assert_eq!(meta.repository(&repo).await.unwrap(), Some(RepoKind::Hosted));
+    assert_eq!(meta.repository(&cached).await.unwrap(), Some(RepoKind::Cached));
+
     // Retag moves the tag.
-    meta.put_manifest(&repo, &d2, &rec(None), Some(&a), None)
+    meta.put_manifest(&repo, RepoKind::Hosted, &d2, &rec(None), Some(&a), None)
         .await
         .unwrap();
     assert_eq!(meta.resolve_tag(&repo, &a).await.unwrap(), Some(d2.clone()));
-    assert!(meta.delete_tag(&repo, &a).await.unwrap());
-    assert!(!meta.delete_tag(&repo, &a).await.unwrap());
+    assert!(meta.delete_tag(&repo, RepoKind::Hosted, &a).await.unwrap());
+    assert!(!meta.delete_tag(&repo, RepoKind::Hosted, &a).await.unwrap());
     assert_eq!(
         meta.manifest(&repo, &d2).await.unwrap(),
         Some(rec(None)),
@@ -353,8 +387,8 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
     );
 
     // Deleting a manifest removes the tags pointing at it.
-    assert!(meta.delete_manifest(&repo, &d1).await.unwrap());
-    assert!(!meta.delete_manifest(&repo, &d1).await.unwrap());
+    assert!(meta.delete_manifest(&repo, RepoKind::Hosted, &d1).await.unwrap());
+    assert!(!meta.delete_manifest(&repo, RepoKind::Hosted, &d1).await.unwrap());
     assert_eq!(
         meta.tags(&repo, None, 100).await.unwrap().unwrap(),
         Vec::<String>::new()
@@ -369,7 +403,7 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
         artifact_type: Some("application/x.sig".into()),
         annotations: Default::default(),
     };
-    meta.put_manifest(&repo, &sig, &rec(Some(d2.clone())), None, Some(&desc))
+    meta.put_manifest(&repo, RepoKind::Hosted, &sig, &rec(Some(d2.clone())), None, Some(&desc))
         .await
         .unwrap();
     assert_eq!(
@@ -378,13 +412,13 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
     );
     assert!(meta.referrers(&other, &d2).await.unwrap().is_empty());
     assert!(meta.referrers(&repo, &d1).await.unwrap().is_empty());
-    assert!(meta.delete_manifest(&repo, &sig).await.unwrap());
+    assert!(meta.delete_manifest(&repo, RepoKind::Hosted, &sig).await.unwrap());
     assert!(meta.referrers(&repo, &d2).await.unwrap().is_empty());
 
     // Catalog.
-    meta.link_blob(&other, &d1).await.unwrap();
+    meta.link_blob(&other, RepoKind::Hosted, &d1).await.unwrap();
     let extra: RepoName = "suite/a".parse().unwrap();
-    meta.link_blob(&extra, &d1).await.unwrap();
+    meta.link_blob(&extra, RepoKind::Hosted, &d1).await.unwrap();
     let repos = meta.repositories(None, 100).await.unwrap();
     let ours: Vec<&String> = repos.iter().filter(|r| r.starts_with("suite/")).collect();
     assert_eq!(
@@ -412,7 +446,7 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
     // Pins: a link into a hosted repository pins the blob; a link into a
     // cached one does not.
     let d3 = Digest::sha256_of(b"cached only");
-    meta.link_blob(&cached, &d3).await.unwrap();
+    meta.link_blob(&cached, RepoKind::Cached, &d3).await.unwrap();
     assert!(
         !meta.blob_pinned(&d3).await.unwrap(),
         "cached links do not pin"

@@ -113,14 +113,47 @@ fn write<T>(db: &Database, f: impl FnOnce(&redb::WriteTransaction) -> Result<T>)
     Ok(out)
 }
 
-/// Records a repository with `kind` unless it is already known (a
-/// repository keeps the kind it was created with).
+fn kind_of(v: u8) -> RepoKind {
+    if v == RepoKind::Cached as u8 {
+        RepoKind::Cached
+    } else {
+        RepoKind::Hosted
+    }
+}
+
+/// Creates `repo` with `kind` unless it exists; refuses a repository of the
+/// other kind (the caller's transaction then writes nothing).
 fn ensure_repo(txn: &redb::WriteTransaction, repo: &str, kind: RepoKind) -> Result<()> {
     let mut t = txn.open_table(REPOS).map_err(meta_err)?;
-    if t.get(repo).map_err(meta_err)?.is_none() {
-        t.insert(repo, kind as u8).map_err(meta_err)?;
+    let existing = t.get(repo).map_err(meta_err)?.map(|v| kind_of(v.value()));
+    match existing {
+        None => {
+            t.insert(repo, kind as u8).map_err(meta_err)?;
+            Ok(())
+        }
+        Some(k) => check_kind(repo, k, kind),
     }
-    Ok(())
+}
+
+/// Refuses a write of `kind` into an existing repository of another kind;
+/// an unknown repository passes (there is nothing to change in it).
+fn require_kind(txn: &redb::WriteTransaction, repo: &str, kind: RepoKind) -> Result<()> {
+    let t = txn.open_table(REPOS).map_err(meta_err)?;
+    match t.get(repo).map_err(meta_err)?.map(|v| kind_of(v.value())) {
+        Some(k) => check_kind(repo, k, kind),
+        None => Ok(()),
+    }
+}
+
+fn check_kind(repo: &str, existing: RepoKind, kind: RepoKind) -> Result<()> {
+    if existing == kind {
+        Ok(())
+    } else {
+        Err(StorageError::WrongKind {
+            repo: repo.to_string(),
+            kind: existing,
+        })
+    }
 }
 
 #[async_trait]
@@ -130,35 +163,18 @@ impl MetaStore for RedbMeta {
         self.read(move |db| {
             let txn = db.begin_read().map_err(meta_err)?;
             let t = txn.open_table(REPOS).map_err(meta_err)?;
-            Ok(t.get(repo.as_str()).map_err(meta_err)?.map(|v| {
-                if v.value() == RepoKind::Cached as u8 {
-                    RepoKind::Cached
-                } else {
-                    RepoKind::Hosted
-                }
-            }))
+            Ok(t.get(repo.as_str()).map_err(meta_err)?.map(|v| kind_of(v.value())))
         })
         .await
     }
 
-    async fn mark_cached(&self, repo: &RepoName) -> Result<()> {
-        let repo = repo.to_string();
-        self.run(move |db| write(db, |txn| ensure_repo(txn, &repo, RepoKind::Cached)))
-            .await
-    }
-
-    async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+    async fn link_blob(&self, repo: &RepoName, kind: RepoKind, digest: &Digest) -> Result<()> {
         let (repo, k) = (repo.to_string(), key(repo.as_str(), digest.as_str()));
         let digest = digest.to_string();
         self.run(move |db| {
             write(db, |txn| {
-                ensure_repo(txn, &repo, RepoKind::Hosted)?;
-                let hosted = txn
-                    .open_table(REPOS)
-                    .map_err(meta_err)?
-                    .get(repo.as_str())
-                    .map_err(meta_err)?
-                    .is_some_and(|v| v.value() == RepoKind::Hosted as u8);
+                ensure_repo(txn, &repo, kind)?;
+                let hosted = kind == RepoKind::Hosted;
                 txn.open_table(LINKS)
                     .map_err(meta_err)?
                     .insert(k.as_str(), 1)
@@ -185,10 +201,11 @@ impl MetaStore for RedbMeta {
         .await
     }
 
-    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
-        let k = key(repo.as_str(), digest.as_str());
+    async fn unlink_blob(&self, repo: &RepoName, kind: RepoKind, digest: &Digest) -> Result<bool> {
+        let (repo, k) = (repo.to_string(), key(repo.as_str(), digest.as_str()));
         self.run(move |db| {
             write(db, |txn| {
+                require_kind(txn, &repo, kind)?;
                 let mut t = txn.open_table(LINKS).map_err(meta_err)?;
                 Ok(t.remove(k.as_str()).map_err(meta_err)?.is_some())
             })
@@ -199,6 +216,7 @@ impl MetaStore for RedbMeta {
     async fn put_manifest(
         &self,
         repo: &RepoName,
+        kind: RepoKind,
         digest: &Digest,
         record: &ManifestRecord,
         tag: Option<&Tag>,
@@ -217,7 +235,7 @@ impl MetaStore for RedbMeta {
         let tag = tag.map(|t| key(&repo, t.as_str()));
         self.run(move |db| {
             write(db, |txn| {
-                ensure_repo(txn, &repo, RepoKind::Hosted)?;
+                ensure_repo(txn, &repo, kind)?;
                 txn.open_table(MANIFESTS)
                     .map_err(meta_err)?
                     .insert(key(&repo, &digest).as_str(), record.as_slice())
@@ -286,11 +304,17 @@ impl MetaStore for RedbMeta {
         .await
     }
 
-    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+    async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        kind: RepoKind,
+        digest: &Digest,
+    ) -> Result<bool> {
         let repo = repo.to_string();
         let digest = digest.to_string();
         self.run(move |db| {
             write(db, |txn| {
+                require_kind(txn, &repo, kind)?;
                 let mut manifests = txn.open_table(MANIFESTS).map_err(meta_err)?;
                 let Some(old) = manifests
                     .remove(key(&repo, &digest).as_str())
@@ -354,10 +378,11 @@ impl MetaStore for RedbMeta {
         .await
     }
 
-    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool> {
-        let k = key(repo.as_str(), tag.as_str());
+    async fn delete_tag(&self, repo: &RepoName, kind: RepoKind, tag: &Tag) -> Result<bool> {
+        let (repo, k) = (repo.to_string(), key(repo.as_str(), tag.as_str()));
         self.run(move |db| {
             write(db, |txn| {
+                require_kind(txn, &repo, kind)?;
                 let mut t = txn.open_table(TAGS).map_err(meta_err)?;
                 Ok(t.remove(k.as_str()).map_err(meta_err)?.is_some())
             })
@@ -586,7 +611,7 @@ mod tests {
         let d = Digest::sha256_of(b"x");
         {
             let m = RedbMeta::open(&path).unwrap();
-            m.link_blob(&repo, &d).await.unwrap();
+            m.link_blob(&repo, RepoKind::Hosted, &d).await.unwrap();
         }
         let m = RedbMeta::open(&path).unwrap();
         assert!(m.blob_linked(&repo, &d).await.unwrap());

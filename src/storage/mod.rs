@@ -51,6 +51,10 @@ pub enum StorageError {
     Io(#[from] io::Error),
     #[error("metadata store error: {0}")]
     Meta(String),
+    /// A write of one kind of content (pushed or pulled through) into a
+    /// repository of the other kind. Nothing was written.
+    #[error("repository {repo} holds {} content; it takes no {} writes", .kind.describe(), .kind.other().describe())]
+    WrongKind { repo: String, kind: RepoKind },
 }
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
@@ -235,30 +239,53 @@ pub enum RepoKind {
     Cached = 2,
 }
 
+impl RepoKind {
+    pub fn describe(self) -> &'static str {
+        match self {
+            RepoKind::Hosted => "pushed",
+            RepoKind::Cached => "pulled-through",
+        }
+    }
+
+    pub fn other(self) -> RepoKind {
+        match self {
+            RepoKind::Hosted => RepoKind::Cached,
+            RepoKind::Cached => RepoKind::Hosted,
+        }
+    }
+}
+
 /// Repositories, tags, blob links, manifests, referrers and upload sessions.
 ///
 /// Contract: every mutating call is atomic and durable when it returns Ok;
 /// listings are in lexical (byte) order.
+///
+/// Every call that changes a repository's content names the kind of content
+/// it writes (`RepoKind`): the first such write creates the repository with
+/// that kind, which never changes, and a write of the other kind fails with
+/// `StorageError::WrongKind` and changes nothing, checked in the same
+/// transaction (or, over a bucket, against the repository's create-once
+/// record). So the cache can never write into a repository holding pushed
+/// content, whatever routed it there, and a push never into a cached one.
 #[async_trait]
 pub trait MetaStore: Send + Sync + 'static {
     /// The kind of a known repository.
     async fn repository(&self, repo: &RepoName) -> Result<Option<RepoKind>>;
-    /// Records `repo` as a cache repository unless it already exists.
-    /// `link_blob` and `put_manifest` create unknown repositories as hosted.
-    async fn mark_cached(&self, repo: &RepoName) -> Result<()>;
-    /// Makes `digest` readable through `repo` (creating the repository).
-    /// Linking into a hosted repository also pins the blob, in the same
-    /// transaction: the cache budget never evicts a pinned blob.
-    async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()>;
+    /// Makes `digest` readable through `repo` (creating the repository with
+    /// `kind`). Linking into a hosted repository also pins the blob, in the
+    /// same transaction: the cache budget never evicts a pinned blob.
+    async fn link_blob(&self, repo: &RepoName, kind: RepoKind, digest: &Digest) -> Result<()>;
     async fn blob_linked(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
     /// Returns whether a link existed.
-    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
+    async fn unlink_blob(&self, repo: &RepoName, kind: RepoKind, digest: &Digest) -> Result<bool>;
 
-    /// Records a manifest in `repo`, optionally points `tag` at it, and
-    /// indexes it as a referrer of its subject — all in one transaction.
+    /// Records a manifest in `repo` (created with `kind`), optionally points
+    /// `tag` at it, and indexes it as a referrer of its subject — all in one
+    /// transaction.
     async fn put_manifest(
         &self,
         repo: &RepoName,
+        kind: RepoKind,
         digest: &Digest,
         record: &ManifestRecord,
         tag: Option<&Tag>,
@@ -283,12 +310,13 @@ pub trait MetaStore: Send + Sync + 'static {
         Ok(self.manifest(repo, &digest).await?.map(|r| (digest, r)))
     }
     /// Removes a manifest, every tag pointing at it and its referrer entry.
-    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
+    async fn delete_manifest(&self, repo: &RepoName, kind: RepoKind, digest: &Digest)
+    -> Result<bool>;
     async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>>;
     /// When a cached tag was last confirmed upstream (Unix seconds).
     async fn tag_checked(&self, repo: &RepoName, tag: &Tag) -> Result<Option<u64>>;
     async fn set_tag_checked(&self, repo: &RepoName, tag: &Tag, unix_secs: u64) -> Result<()>;
-    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool>;
+    async fn delete_tag(&self, repo: &RepoName, kind: RepoKind, tag: &Tag) -> Result<bool>;
     /// Up to `n` tags after `last`; `None` if the repository is unknown.
     async fn tags(
         &self,

@@ -80,6 +80,27 @@ struct RepoRecord {
     kind: String,
 }
 
+impl RepoRecord {
+    fn kind(&self) -> RepoKind {
+        if self.kind == "cached" {
+            RepoKind::Cached
+        } else {
+            RepoKind::Hosted
+        }
+    }
+}
+
+fn check_kind(repo: &str, existing: RepoKind, kind: RepoKind) -> Result<()> {
+    if existing == kind {
+        Ok(())
+    } else {
+        Err(StorageError::WrongKind {
+            repo: repo.to_string(),
+            kind: existing,
+        })
+    }
+}
+
 /// What a tag object holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TagRecord {
@@ -108,6 +129,9 @@ pub struct S3Meta {
     /// hash): they would only race each other, and a store's conditional
     /// writes are then contended by one writer per replica.
     turns: Box<[tokio::sync::Mutex<()>]>,
+    /// Kinds of repositories seen: a repository's record is created once
+    /// and never changed or removed, so what was read stays true.
+    kinds: std::sync::Mutex<std::collections::HashMap<String, RepoKind>>,
 }
 
 /// Stripes of [`S3Meta::turns`].
@@ -119,6 +143,7 @@ impl S3Meta {
             store,
             keys: Keys::new(prefix),
             turns: (0..TURNS).map(|_| tokio::sync::Mutex::new(())).collect(),
+            kinds: Default::default(),
         }
     }
 
@@ -274,8 +299,11 @@ impl S3Meta {
     }
 
     /// Creates the repository with `kind` unless it exists (its kind never
-    /// changes).
+    /// changes); refuses a repository of the other kind.
     async fn ensure_repo(&self, repo: &str, kind: RepoKind) -> Result<()> {
+        if let Some(k) = self.known_kind(repo) {
+            return check_kind(repo, k, kind);
+        }
         let rec = RepoRecord {
             kind: match kind {
                 RepoKind::Hosted => "hosted",
@@ -293,11 +321,46 @@ impl S3Meta {
             .put_opts(&self.repo_key(repo), PutPayload::from(body), opts)
             .await
         {
-            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+            Ok(_) => {
+                self.remember_kind(repo, kind);
+                Ok(())
+            }
             // Some stores answer a lost create race with 412.
-            Err(object_store::Error::Precondition { .. }) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => self.require_kind(repo, kind).await,
             Err(e) => Err(os_err(e)),
         }
+    }
+
+    /// Refuses a write of `kind` into an existing repository of the other
+    /// kind; an unknown repository passes. The record is created once and
+    /// never changed, so a kind read once stays true.
+    async fn require_kind(&self, repo: &str, kind: RepoKind) -> Result<()> {
+        if let Some(k) = self.known_kind(repo) {
+            return check_kind(repo, k, kind);
+        }
+        let rec: Option<RepoRecord> = self.get_json(&self.repo_key(repo)).await?;
+        match rec {
+            Some(r) => {
+                let k = r.kind();
+                self.remember_kind(repo, k);
+                check_kind(repo, k, kind)
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn known_kind(&self, repo: &str) -> Option<RepoKind> {
+        self.kinds.lock().expect("kinds lock").get(repo).copied()
+    }
+
+    fn remember_kind(&self, repo: &str, kind: RepoKind) {
+        let mut kinds = self.kinds.lock().expect("kinds lock");
+        // Bounded: a forgotten kind is read again from the bucket.
+        if kinds.len() >= 65_536 {
+            kinds.clear();
+        }
+        kinds.insert(repo.to_string(), kind);
     }
 
     /// The record of a tag, tombstones read as absent.
@@ -351,23 +414,20 @@ impl S3Meta {
 #[async_trait]
 impl MetaStore for S3Meta {
     async fn repository(&self, repo: &RepoName) -> Result<Option<RepoKind>> {
+        if let Some(k) = self.known_kind(repo.as_str()) {
+            return Ok(Some(k));
+        }
         let rec: Option<RepoRecord> = self.get_json(&self.repo_key(repo.as_str())).await?;
         Ok(rec.map(|r| {
-            if r.kind == "cached" {
-                RepoKind::Cached
-            } else {
-                RepoKind::Hosted
-            }
+            let k = r.kind();
+            self.remember_kind(repo.as_str(), k);
+            k
         }))
     }
 
-    async fn mark_cached(&self, repo: &RepoName) -> Result<()> {
-        self.ensure_repo(repo.as_str(), RepoKind::Cached).await
-    }
-
-    async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
-        self.ensure_repo(repo.as_str(), RepoKind::Hosted).await?;
-        if self.repository(repo).await? == Some(RepoKind::Hosted) {
+    async fn link_blob(&self, repo: &RepoName, kind: RepoKind, digest: &Digest) -> Result<()> {
+        self.ensure_repo(repo.as_str(), kind).await?;
+        if kind == RepoKind::Hosted {
             self.put(&self.key(&format!("pins/{}", enc_digest(digest))), "1")
                 .await?;
         }
@@ -388,7 +448,8 @@ impl MetaStore for S3Meta {
         .await
     }
 
-    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+    async fn unlink_blob(&self, repo: &RepoName, kind: RepoKind, digest: &Digest) -> Result<bool> {
+        self.require_kind(repo.as_str(), kind).await?;
         self.remove(&self.key(&format!(
             "links/{}/{}",
             enc_repo(repo.as_str()),
@@ -400,13 +461,14 @@ impl MetaStore for S3Meta {
     async fn put_manifest(
         &self,
         repo: &RepoName,
+        kind: RepoKind,
         digest: &Digest,
         record: &ManifestRecord,
         tag: Option<&Tag>,
         referrer: Option<&Descriptor>,
     ) -> Result<()> {
         let r = enc_repo(repo.as_str());
-        self.ensure_repo(repo.as_str(), RepoKind::Hosted).await?;
+        self.ensure_repo(repo.as_str(), kind).await?;
         self.put_json(
             &self.key(&format!("manifests/{r}/{}", enc_digest(digest))),
             record,
@@ -439,7 +501,13 @@ impl MetaStore for S3Meta {
         .await
     }
 
-    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+    async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        kind: RepoKind,
+        digest: &Digest,
+    ) -> Result<bool> {
+        self.require_kind(repo.as_str(), kind).await?;
         let r = enc_repo(repo.as_str());
         let key = self.key(&format!("manifests/{r}/{}", enc_digest(digest)));
         let Some(record) = self.get_json::<ManifestRecord>(&key).await? else {
@@ -489,7 +557,8 @@ impl MetaStore for S3Meta {
         .await
     }
 
-    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool> {
+    async fn delete_tag(&self, repo: &RepoName, kind: RepoKind, tag: &Tag) -> Result<bool> {
+        self.require_kind(repo.as_str(), kind).await?;
         self.clear_tag_if(repo, tag.as_str(), |_| true).await
     }
 
