@@ -1,14 +1,20 @@
 //! Prometheus metrics, served at `/metrics` in the text exposition format.
 //!
-//! Each component owns the handles it updates (cheap atomic counters);
-//! [`Metrics::new`] registers them all once, under the `wharf_` prefix.
+//! Each component owns the handles it updates (cheap atomic counters) and
+//! registers them itself ([`Report`]); [`Metrics::new`] asks every component
+//! once, under the `wharf_` prefix.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
-use crate::cache::Cache;
+/// A component that reports metrics: it registers the handles it updates.
+/// Components implement it where they live, so this module depends on none
+/// of them.
+pub trait Report {
+    fn register(&self, r: &mut Registry);
+}
 
 /// `kind` = `blob` or `manifest`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -77,9 +83,7 @@ impl Metrics {
     pub fn new(
         server: &ServerMetrics,
         upstream: &UpstreamMetrics,
-        cache: Option<&Cache>,
-        replication: Option<&crate::replication::ReplicationMetrics>,
-        hot: Option<&crate::storage::hot::HotMetrics>,
+        components: &[&dyn Report],
     ) -> Metrics {
         let mut r = Registry::with_prefix("wharf");
         r.register(
@@ -102,129 +106,8 @@ impl Metrics {
             "Failed upstream requests (status >= 400, or no response), by upstream and status",
             upstream.errors.clone(),
         );
-        if let Some(cache) = cache {
-            let c = &cache.counters;
-            r.register(
-                "cache_hits",
-                "Requests answered from the cache, by kind",
-                c.hits.clone(),
-            );
-            r.register(
-                "cache_misses",
-                "Requests that went to upstream, by kind",
-                c.misses.clone(),
-            );
-            r.register(
-                "cache_revalidations",
-                "Tags past tag_ttl revalidated with upstream",
-                c.revalidations.clone(),
-            );
-            r.register(
-                "cache_stale_serves",
-                "Answers served from the cache because upstream was failing",
-                c.stale_serves.clone(),
-            );
-            let f = &cache.fills.counters;
-            r.register(
-                "cache_fills",
-                "Upstream blob fetches started",
-                f.started.clone(),
-            );
-            r.register(
-                "cache_coalesced_waiters",
-                "Blob requests that joined a fetch already in progress",
-                f.coalesced.clone(),
-            );
-            r.register(
-                "cache_fill_failures",
-                "Blob fetches that failed (nothing stored)",
-                f.failed.clone(),
-            );
-            r.register(
-                "cache_fill_corrupt",
-                "Blob fetches whose content did not match the digest (nothing stored)",
-                f.corrupt.clone(),
-            );
-            r.register(
-                "cache_fills_followed",
-                "Blob fetches served from another replica's fill over the bucket (no upstream request)",
-                f.followed.clone(),
-            );
-            r.register(
-                "upstream_bytes",
-                "Blob bytes received from upstreams",
-                f.upstream_bytes.clone(),
-            );
-            let b = &cache.budget.metrics;
-            r.register(
-                "cache_size_bytes",
-                "Bytes of pulled-through blobs stored",
-                b.size_bytes.clone(),
-            );
-            r.register(
-                "cache_blobs",
-                "Pulled-through blobs stored",
-                b.entries.clone(),
-            );
-            r.register(
-                "cache_evictions",
-                "Blobs evicted to keep cache.max_size",
-                b.evictions.clone(),
-            );
-            r.register(
-                "cache_evicted_bytes",
-                "Bytes evicted to keep cache.max_size",
-                b.evicted_bytes.clone(),
-            );
-        }
-        if let Some(m) = replication {
-            r.register(
-                "replication_queue_depth",
-                "Replication jobs waiting or running, by destination",
-                m.queue_depth.clone(),
-            );
-            r.register(
-                "replication_lag_seconds",
-                "Seconds since the oldest push not yet replicated, by destination",
-                m.lag_seconds.clone(),
-            );
-            r.register(
-                "replication_bytes_sent",
-                "Blob bytes sent to replication destinations",
-                m.bytes_sent.clone(),
-            );
-            r.register(
-                "replication_failures",
-                "Failed replication attempts, by destination",
-                m.failures.clone(),
-            );
-            r.register(
-                "replication_completed",
-                "Replication jobs completed, by destination",
-                m.completed.clone(),
-            );
-        }
-        if let Some(h) = hot {
-            r.register(
-                "hot_tier_hits",
-                "Blob reads served from the local hot tier",
-                h.hits.clone(),
-            );
-            r.register(
-                "hot_tier_misses",
-                "Blob reads served from the bucket (then copied to the hot tier)",
-                h.misses.clone(),
-            );
-            r.register(
-                "hot_tier_evictions",
-                "Copies dropped from the hot tier to keep its size",
-                h.evictions.clone(),
-            );
-            r.register(
-                "hot_tier_rejected",
-                "Copies into the hot tier that did not match their digest (nothing kept)",
-                h.rejected.clone(),
-            );
+        for c in components {
+            c.register(&mut r);
         }
         Metrics { registry: r }
     }

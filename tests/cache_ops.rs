@@ -919,9 +919,23 @@ async fn mirror_reads_never_change_a_hosted_tag() {
     let (upstream_v1, _, _) = seed_image(&fake, "team/app", "v1", b"upstream layer");
     let w = common::spawn_wharf(&rule("ROOT", &fake, "tag_ttl = \"0s\""));
     let http = HttpClient::new(w.url());
-    let v1 = push_image(&http, "team/app", Some("v1"), &[b"pushed".to_vec()], "amd64").await;
+    let v1 = push_image(
+        &http,
+        "team/app",
+        Some("v1"),
+        &[b"pushed".to_vec()],
+        "amd64",
+    )
+    .await;
     // And a tag upstream does not have (it answers 404 for it).
-    let only = push_image(&http, "team/app", Some("only-here"), &[b"mine".to_vec()], "arm64").await;
+    let only = push_image(
+        &http,
+        "team/app",
+        Some("only-here"),
+        &[b"mine".to_vec()],
+        "arm64",
+    )
+    .await;
     assert_ne!(v1.digest, upstream_v1);
     let before = fake.total();
     let ns = fake.host();
@@ -943,7 +957,11 @@ async fn mirror_reads_never_change_a_hosted_tag() {
     }
     for (tag, want) in [("v1", &v1.digest), ("only-here", &only.digest)] {
         let r = http.get(&format!("/v2/team/app/manifests/{tag}")).await;
-        assert_eq!(r.status, StatusCode::OK, "the hosted tag {tag} is still there");
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "the hosted tag {tag} is still there"
+        );
         assert_eq!(r.header("docker-content-digest"), Some(want.as_str()));
     }
     let r = http.get("/v2/team/app/tags/list").await;

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::seaweedfs::SeaweedFs;
-use wharf::storage::conformance;
 use wharf::storage::RepoKind;
+use wharf::storage::conformance;
 use wharf::storage::s3::{S3Fills, S3Store};
 use wharf::storage::s3jobs::S3Jobs;
 use wharf::storage::s3meta::S3Meta;
@@ -247,7 +247,10 @@ async fn conditional_writes_and_concurrent_tag_updates() {
         .map(|(i, d)| {
             let m = if i % 2 == 0 { a.clone() } else { b.clone() };
             let (repo, tag, rec, d) = (repo.clone(), tag.clone(), rec.clone(), d.clone());
-            tokio::spawn(async move { m.put_manifest(&repo, RepoKind::Hosted, &d, &rec, Some(&tag), None).await })
+            tokio::spawn(async move {
+                m.put_manifest(&repo, RepoKind::Hosted, &d, &rec, Some(&tag), None)
+                    .await
+            })
         })
         .collect();
     for t in tasks {
@@ -261,7 +264,11 @@ async fn conditional_writes_and_concurrent_tag_updates() {
         Some(last.digest.clone())
     );
     // Deleting the manifest clears the tag; deleting again finds nothing.
-    assert!(a.delete_manifest(&repo, RepoKind::Hosted, &last.digest).await.unwrap());
+    assert!(
+        a.delete_manifest(&repo, RepoKind::Hosted, &last.digest)
+            .await
+            .unwrap()
+    );
     assert_eq!(b.resolve_tag(&repo, &tag).await.unwrap(), None);
     assert_eq!(b.tags(&repo, None, 10).await.unwrap(), Some(vec![]));
 }

@@ -108,13 +108,17 @@ impl App {
         replication: Option<Arc<crate::replication::Replication>>,
     ) -> App {
         let counters = ServerMetrics::default();
-        let metrics = Arc::new(Metrics::new(
-            &counters,
-            upstream,
-            registry.cache().map(|c| &**c),
-            replication.as_ref().map(|r| &r.metrics),
-            registry.hot_metrics(),
-        ));
+        let mut components: Vec<&dyn crate::metrics::Report> = Vec::new();
+        if let Some(c) = registry.cache() {
+            components.push(&**c);
+        }
+        if let Some(r) = &replication {
+            components.push(&r.metrics);
+        }
+        if let Some(h) = registry.hot_metrics() {
+            components.push(h);
+        }
+        let metrics = Arc::new(Metrics::new(&counters, upstream, &components));
         App {
             registry,
             metrics,

@@ -608,7 +608,7 @@ impl Cache {
             Ok(page) => Ok((page.tags, page.more)),
             Err(e) if e.is_unavailable() => {
                 self.counters.stale_serves.inc();
-                let n = n.unwrap_or(crate::registry::MAX_PAGE);
+                let n = n.unwrap_or(crate::oci::MAX_PAGE);
                 let mut tags = self
                     .meta
                     .tags(&t.local, last, n.saturating_add(1))
@@ -657,5 +657,83 @@ impl Cache {
             list.retain(|d| d.artifact_type.as_deref() == Some(a));
         }
         Ok(list)
+    }
+}
+
+impl crate::metrics::Report for Cache {
+    fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        let c = &self.counters;
+        r.register(
+            "cache_hits",
+            "Requests answered from the cache, by kind",
+            c.hits.clone(),
+        );
+        r.register(
+            "cache_misses",
+            "Requests that went to upstream, by kind",
+            c.misses.clone(),
+        );
+        r.register(
+            "cache_revalidations",
+            "Tags past tag_ttl revalidated with upstream",
+            c.revalidations.clone(),
+        );
+        r.register(
+            "cache_stale_serves",
+            "Answers served from the cache because upstream was failing",
+            c.stale_serves.clone(),
+        );
+        let f = &self.fills.counters;
+        r.register(
+            "cache_fills",
+            "Upstream blob fetches started",
+            f.started.clone(),
+        );
+        r.register(
+            "cache_coalesced_waiters",
+            "Blob requests that joined a fetch already in progress",
+            f.coalesced.clone(),
+        );
+        r.register(
+            "cache_fill_failures",
+            "Blob fetches that failed (nothing stored)",
+            f.failed.clone(),
+        );
+        r.register(
+            "cache_fill_corrupt",
+            "Blob fetches whose content did not match the digest (nothing stored)",
+            f.corrupt.clone(),
+        );
+        r.register(
+            "cache_fills_followed",
+            "Blob fetches served from another replica's fill over the bucket (no upstream request)",
+            f.followed.clone(),
+        );
+        r.register(
+            "upstream_bytes",
+            "Blob bytes received from upstreams",
+            f.upstream_bytes.clone(),
+        );
+        let b = &self.budget.metrics;
+        r.register(
+            "cache_size_bytes",
+            "Bytes of pulled-through blobs stored",
+            b.size_bytes.clone(),
+        );
+        r.register(
+            "cache_blobs",
+            "Pulled-through blobs stored",
+            b.entries.clone(),
+        );
+        r.register(
+            "cache_evictions",
+            "Blobs evicted to keep cache.max_size",
+            b.evictions.clone(),
+        );
+        r.register(
+            "cache_evicted_bytes",
+            "Bytes evicted to keep cache.max_size",
+            b.evicted_bytes.clone(),
+        );
     }
 }

@@ -771,11 +771,11 @@ impl Config {
                 }
             }
             for (j, t) in e.tags.iter().enumerate() {
-                t.parse::<crate::replication::sync::TagPattern>()
+                t.parse::<crate::oci::name::TagPattern>()
                     .map_err(|m| fail(&format!("tags[{j}]"), m))?;
             }
             for (j, p) in e.platforms.iter().enumerate() {
-                p.parse::<crate::replication::copy::Platform>()
+                p.parse::<crate::oci::manifest::Platform>()
                     .map_err(|m| fail(&format!("platforms[{j}]"), m))?;
             }
             if e.interval.is_zero() {

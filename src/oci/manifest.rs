@@ -231,6 +231,39 @@ impl Manifest {
     }
 }
 
+/// A platform filter, `os/arch[/variant]` (a filter without a variant
+/// matches every variant).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl std::str::FromStr for Platform {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Platform, String> {
+        let parts: Vec<&str> = s.split('/').collect();
+        if !(2..=3).contains(&parts.len()) || parts.iter().any(|p| p.is_empty()) {
+            return Err(format!("platform {s:?} is not os/arch or os/arch/variant"));
+        }
+        Ok(Platform {
+            os: parts[0].to_string(),
+            architecture: parts[1].to_string(),
+            variant: parts.get(2).map(|v| v.to_string()),
+        })
+    }
+}
+
+impl Platform {
+    /// Whether an index entry's `platform` object is this platform.
+    pub fn matches(&self, p: &serde_json::Value) -> bool {
+        p["os"].as_str() == Some(&self.os)
+            && p["architecture"].as_str() == Some(&self.architecture)
+            && (self.variant.is_none() || p["variant"].as_str() == self.variant.as_deref())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,3 +17,10 @@ pub use manifest::{Descriptor, Manifest, ManifestKind, MediaType};
 pub use name::{Reference, RepoName, Tag, UploadId};
 pub use range::{ByteRange, UploadRange};
 pub use route::Route;
+
+/// Largest page of tags, repositories or referrers served at once.
+pub const MAX_PAGE: usize = 10_000;
+
+/// A stream of bytes, as read from a blob, received from a client or from
+/// another registry.
+pub type ByteStream = futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>;

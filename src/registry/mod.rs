@@ -25,8 +25,7 @@ use crate::upstream::UpstreamError;
 pub const EMPTY_JSON_DIGEST: &str =
     "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
 
-/// Largest page of tags or repositories served at once.
-pub const MAX_PAGE: usize = 10_000;
+pub use crate::oci::MAX_PAGE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -541,11 +540,7 @@ impl Registry {
         self.check_push(repo, ns).await?;
         let found = match reference {
             Reference::Tag(t) => self.meta.delete_tag(repo, RepoKind::Hosted, t).await?,
-            Reference::Digest(d) => {
-                self.meta
-                    .delete_manifest(repo, RepoKind::Hosted, d)
-                    .await?
-            }
+            Reference::Digest(d) => self.meta.delete_manifest(repo, RepoKind::Hosted, d).await?,
         };
         if found {
             Ok(())
@@ -680,7 +675,11 @@ impl Registry {
         ns: Option<&str>,
     ) -> Result<()> {
         self.check_push(repo, ns).await?;
-        if self.meta.unlink_blob(repo, RepoKind::Hosted, digest).await? {
+        if self
+            .meta
+            .unlink_blob(repo, RepoKind::Hosted, digest)
+            .await?
+        {
             Ok(())
         } else {
             Err(RegistryError::BlobUnknown)

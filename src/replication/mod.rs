@@ -276,3 +276,33 @@ impl PushObserver for Replication {
         self.enqueue(&self.job_keys(repo, reference, false)).await
     }
 }
+
+impl crate::metrics::Report for ReplicationMetrics {
+    fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register(
+            "replication_queue_depth",
+            "Replication jobs waiting or running, by destination",
+            self.queue_depth.clone(),
+        );
+        r.register(
+            "replication_lag_seconds",
+            "Seconds since the oldest push not yet replicated, by destination",
+            self.lag_seconds.clone(),
+        );
+        r.register(
+            "replication_bytes_sent",
+            "Blob bytes sent to replication destinations",
+            self.bytes_sent.clone(),
+        );
+        r.register(
+            "replication_failures",
+            "Failed replication attempts, by destination",
+            self.failures.clone(),
+        );
+        r.register(
+            "replication_completed",
+            "Replication jobs completed, by destination",
+            self.completed.clone(),
+        );
+    }
+}

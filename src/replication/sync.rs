@@ -12,47 +12,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::copy::{Copy, Platform};
 use super::endpoints::{LocalTarget, UpstreamSource};
+pub use crate::oci::name::TagPattern;
 use crate::oci::{Reference, RepoName, Tag};
 use crate::registry::Registry;
 use crate::upstream::UpstreamClient;
 
 /// Tags asked for per page of an upstream tag listing.
 const TAG_PAGE: usize = 1000;
-
-/// A tag pattern: a glob (`*` any run of characters, `?` one character),
-/// or a regular expression after `regex:`. Either must match the whole tag.
-#[derive(Debug, Clone)]
-pub struct TagPattern(regex::Regex);
-
-impl std::str::FromStr for TagPattern {
-    type Err = String;
-    fn from_str(s: &str) -> Result<TagPattern, String> {
-        let re = match s.strip_prefix("regex:") {
-            Some(r) => format!("^(?:{r})$"),
-            None => {
-                let mut re = String::from("^");
-                for c in s.chars() {
-                    match c {
-                        '*' => re.push_str(".*"),
-                        '?' => re.push('.'),
-                        c => re.push_str(&regex::escape(&c.to_string())),
-                    }
-                }
-                re.push('$');
-                re
-            }
-        };
-        regex::Regex::new(&re)
-            .map(TagPattern)
-            .map_err(|e| format!("{s:?}: {e}"))
-    }
-}
-
-impl TagPattern {
-    pub fn matches(&self, tag: &str) -> bool {
-        self.0.is_match(tag)
-    }
-}
 
 /// One `[[sync]]` entry, ready to run.
 pub struct SyncEntry {

@@ -274,8 +274,17 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
         "links are per repository"
     );
     assert_eq!(meta.tags(&repo, None, 100).await.unwrap(), Some(vec![]));
-    assert!(meta.unlink_blob(&repo, RepoKind::Hosted, &d1).await.unwrap());
-    assert!(!meta.unlink_blob(&repo, RepoKind::Hosted, &d1).await.unwrap());
+    assert!(
+        meta.unlink_blob(&repo, RepoKind::Hosted, &d1)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !meta
+            .unlink_blob(&repo, RepoKind::Hosted, &d1)
+            .await
+            .unwrap()
+    );
 
     // Manifests, tags and pagination.
     let rec = |subject: Option<Digest>| ManifestRecord {
@@ -354,7 +363,11 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
     );
     wrong(meta.delete_tag(&repo, RepoKind::Cached, &a).await);
     wrong(meta.delete_manifest(&repo, RepoKind::Cached, &d1).await);
-    wrong(meta.link_blob(&repo, RepoKind::Cached, &d2).await.map(|()| true));
+    wrong(
+        meta.link_blob(&repo, RepoKind::Cached, &d2)
+            .await
+            .map(|()| true),
+    );
     wrong(meta.unlink_blob(&cached, RepoKind::Hosted, &d1).await);
     wrong(
         meta.put_manifest(&cached, RepoKind::Hosted, &d2, &rec(None), Some(&a), None)
@@ -370,8 +383,14 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
     assert!(!meta.blob_linked(&repo, &d2).await.unwrap());
     assert!(meta.blob_linked(&cached, &d1).await.unwrap());
     assert_eq!(meta.resolve_tag(&cached, &a).await.unwrap(), None);
-    assert_eq!(meta.repository(&repo).await.unwrap(), Some(RepoKind::Hosted));
-    assert_eq!(meta.repository(&cached).await.unwrap(), Some(RepoKind::Cached));
+    assert_eq!(
+        meta.repository(&repo).await.unwrap(),
+        Some(RepoKind::Hosted)
+    );
+    assert_eq!(
+        meta.repository(&cached).await.unwrap(),
+        Some(RepoKind::Cached)
+    );
 
     // Retag moves the tag.
     meta.put_manifest(&repo, RepoKind::Hosted, &d2, &rec(None), Some(&a), None)
@@ -387,8 +406,17 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
     );
 
     // Deleting a manifest removes the tags pointing at it.
-    assert!(meta.delete_manifest(&repo, RepoKind::Hosted, &d1).await.unwrap());
-    assert!(!meta.delete_manifest(&repo, RepoKind::Hosted, &d1).await.unwrap());
+    assert!(
+        meta.delete_manifest(&repo, RepoKind::Hosted, &d1)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !meta
+            .delete_manifest(&repo, RepoKind::Hosted, &d1)
+            .await
+            .unwrap()
+    );
     assert_eq!(
         meta.tags(&repo, None, 100).await.unwrap().unwrap(),
         Vec::<String>::new()
@@ -403,16 +431,27 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
         artifact_type: Some("application/x.sig".into()),
         annotations: Default::default(),
     };
-    meta.put_manifest(&repo, RepoKind::Hosted, &sig, &rec(Some(d2.clone())), None, Some(&desc))
-        .await
-        .unwrap();
+    meta.put_manifest(
+        &repo,
+        RepoKind::Hosted,
+        &sig,
+        &rec(Some(d2.clone())),
+        None,
+        Some(&desc),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         meta.referrers(&repo, &d2).await.unwrap(),
         vec![desc.clone()]
     );
     assert!(meta.referrers(&other, &d2).await.unwrap().is_empty());
     assert!(meta.referrers(&repo, &d1).await.unwrap().is_empty());
-    assert!(meta.delete_manifest(&repo, RepoKind::Hosted, &sig).await.unwrap());
+    assert!(
+        meta.delete_manifest(&repo, RepoKind::Hosted, &sig)
+            .await
+            .unwrap()
+    );
     assert!(meta.referrers(&repo, &d2).await.unwrap().is_empty());
 
     // Catalog.
@@ -446,7 +485,9 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
     // Pins: a link into a hosted repository pins the blob; a link into a
     // cached one does not.
     let d3 = Digest::sha256_of(b"cached only");
-    meta.link_blob(&cached, RepoKind::Cached, &d3).await.unwrap();
+    meta.link_blob(&cached, RepoKind::Cached, &d3)
+        .await
+        .unwrap();
     assert!(
         !meta.blob_pinned(&d3).await.unwrap(),
         "cached links do not pin"

@@ -272,3 +272,28 @@ impl BlobStore for HotBlobs {
         self.0.remote.quarantine(digest).await
     }
 }
+
+impl crate::metrics::Report for HotMetrics {
+    fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register(
+            "hot_tier_hits",
+            "Blob reads served from the local hot tier",
+            self.hits.clone(),
+        );
+        r.register(
+            "hot_tier_misses",
+            "Blob reads served from the bucket (then copied to the hot tier)",
+            self.misses.clone(),
+        );
+        r.register(
+            "hot_tier_evictions",
+            "Copies dropped from the hot tier to keep its size",
+            self.evictions.clone(),
+        );
+        r.register(
+            "hot_tier_rejected",
+            "Copies into the hot tier that did not match their digest (nothing kept)",
+            self.rejected.clone(),
+        );
+    }
+}

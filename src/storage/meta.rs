@@ -163,7 +163,9 @@ impl MetaStore for RedbMeta {
         self.read(move |db| {
             let txn = db.begin_read().map_err(meta_err)?;
             let t = txn.open_table(REPOS).map_err(meta_err)?;
-            Ok(t.get(repo.as_str()).map_err(meta_err)?.map(|v| kind_of(v.value())))
+            Ok(t.get(repo.as_str())
+                .map_err(meta_err)?
+                .map(|v| kind_of(v.value())))
         })
         .await
     }

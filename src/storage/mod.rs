@@ -27,13 +27,11 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::stream::BoxStream;
 
 use crate::oci::manifest::Descriptor;
 use crate::oci::{Digest, Reference, RepoName, Tag, UploadId};
 
-/// A stream of bytes, as read from a blob or received from a client.
-pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
+pub use crate::oci::ByteStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -310,8 +308,12 @@ pub trait MetaStore: Send + Sync + 'static {
         Ok(self.manifest(repo, &digest).await?.map(|r| (digest, r)))
     }
     /// Removes a manifest, every tag pointing at it and its referrer entry.
-    async fn delete_manifest(&self, repo: &RepoName, kind: RepoKind, digest: &Digest)
-    -> Result<bool>;
+    async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        kind: RepoKind,
+        digest: &Digest,
+    ) -> Result<bool>;
     async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>>;
     /// When a cached tag was last confirmed upstream (Unix seconds).
     async fn tag_checked(&self, repo: &RepoName, tag: &Tag) -> Result<Option<u64>>;

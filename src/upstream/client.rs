@@ -31,7 +31,7 @@ use super::auth::{
 };
 use super::retry::{MAX_RETRY_AFTER, backoff, parse_retry_after};
 use super::{MAX_REDIRECTS, UpstreamError, UpstreamSettings};
-use crate::storage::ByteStream;
+use crate::oci::ByteStream;
 
 /// Request bodies: empty, bytes held in memory (replayable), or a stream
 /// (sent once).

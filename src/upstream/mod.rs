@@ -31,8 +31,8 @@ use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, LINK, RANGE};
 pub use auth::{Credentials, Secret};
 pub use push::{MANIFEST_TYPES, UploadStart};
 
+use crate::oci::ByteStream;
 use crate::oci::{Digest, Reference, RepoName};
-use crate::storage::ByteStream;
 use client::{Failure, Inner, Op};
 
 /// Largest manifest accepted from an upstream.

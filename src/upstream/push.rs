@@ -15,8 +15,8 @@ use http::header::{ACCEPT, CONTENT_TYPE, LOCATION};
 
 use super::client::{self, Op};
 use super::{UpstreamClient, UpstreamError, header_digest, header_str};
+use crate::oci::ByteStream;
 use crate::oci::{Digest, Reference, RepoName};
-use crate::storage::ByteStream;
 
 /// Every manifest type wharf handles, for `Accept` on manifest HEADs.
 pub const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, \
