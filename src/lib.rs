@@ -29,14 +29,25 @@ mod dependency_direction {
         ("upstream", &["oci", "metrics"]),
         ("config", &["oci"]),
         ("cache", &["oci", "metrics", "storage", "upstream"]),
-        ("registry", &["oci", "metrics", "storage", "upstream", "cache"]),
+        (
+            "registry",
+            &["oci", "metrics", "storage", "upstream", "cache"],
+        ),
         (
             "replication",
             &["oci", "metrics", "storage", "upstream", "cache", "registry"],
         ),
         (
             "api",
-            &["oci", "metrics", "storage", "upstream", "cache", "registry", "replication"],
+            &[
+                "oci",
+                "metrics",
+                "storage",
+                "upstream",
+                "cache",
+                "registry",
+                "replication",
+            ],
         ),
     ];
 
@@ -75,6 +86,9 @@ mod dependency_direction {
                 }
             }
         }
-        assert!(violations.is_empty(), "against the direction: {violations:?}");
+        assert!(
+            violations.is_empty(),
+            "against the direction: {violations:?}"
+        );
     }
 }

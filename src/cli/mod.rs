@@ -167,7 +167,7 @@ fn open_replication(
     for (i, d) in rc.destinations.iter().enumerate() {
         let ctx = || format!("replication.destinations[{i}] ({})", d.name);
         let settings = client_settings(
-            &d.url,
+            d.url.uri(),
             d.credentials.as_ref(),
             d.ca_file.as_ref(),
             upstream_metrics,
@@ -176,16 +176,11 @@ fn open_replication(
         let client = UpstreamClient::new(settings).with_context(ctx)?;
         destinations.push(Destination {
             name: d.name.clone(),
-            url: d.url.clone(),
+            url: d.url.to_string(),
             region: d.region.clone(),
             registry_id: d.registry_id.clone(),
             client,
-            repository_prefix: d
-                .repository_prefix
-                .as_deref()
-                .map(str::parse)
-                .transpose()
-                .with_context(ctx)?,
+            repository_prefix: d.repository_prefix.clone(),
             max_concurrency: d.max_concurrency,
             chunk_size: d.chunk_size.as_u64(),
             max_attempts: d.max_attempts,
@@ -224,12 +219,12 @@ fn credentials(c: Option<&CredentialsConfig>) -> anyhow::Result<Option<Credentia
 /// Client settings (default timeouts) for a replication destination or a
 /// sync upstream.
 fn client_settings(
-    url: &str,
+    url: &http::Uri,
     creds: Option<&CredentialsConfig>,
     ca_file: Option<&PathBuf>,
     metrics: &UpstreamMetrics,
 ) -> anyhow::Result<UpstreamSettings> {
-    let mut settings = UpstreamSettings::new(url.parse()?);
+    let mut settings = UpstreamSettings::new(url.clone());
     settings.credentials = credentials(creds)?;
     settings.ca_file = ca_file.cloned();
     settings.metrics = metrics.clone();
@@ -245,39 +240,24 @@ fn open_sync(
     for (i, e) in config.sync.iter().enumerate() {
         let ctx = || format!("sync[{i}] ({})", e.upstream);
         let settings = client_settings(
-            &e.upstream,
+            e.upstream.uri(),
             e.credentials.as_ref(),
             e.ca_file.as_ref(),
             upstream_metrics,
         )
         .with_context(ctx)?;
-        let mut repositories = Vec::new();
-        for r in &e.repositories {
-            let local = match &e.local_prefix {
-                Some(p) => format!("{p}/{r}"),
-                None => r.clone(),
-            };
-            repositories.push((
-                r.parse().with_context(ctx)?,
-                local.parse().with_context(ctx)?,
-            ));
-        }
+        let repositories = e
+            .repositories
+            .iter()
+            .map(|r| Ok((r.clone(), e.local_name(r).map_err(anyhow::Error::msg)?)))
+            .collect::<anyhow::Result<_>>()
+            .with_context(ctx)?;
         out.push(Arc::new(crate::replication::sync::SyncEntry {
-            url: e.upstream.clone(),
+            url: e.upstream.to_string(),
             upstream: UpstreamClient::new(settings).with_context(ctx)?,
             repositories,
-            tags: e
-                .tags
-                .iter()
-                .map(|t| t.parse().map_err(anyhow::Error::msg))
-                .collect::<anyhow::Result<_>>()
-                .with_context(ctx)?,
-            platforms: e
-                .platforms
-                .iter()
-                .map(|p| p.parse().map_err(anyhow::Error::msg))
-                .collect::<anyhow::Result<_>>()
-                .with_context(ctx)?,
+            tags: e.tags.clone(),
+            platforms: e.platforms.clone(),
             interval: e.interval,
             status: Default::default(),
         }));
@@ -452,7 +432,7 @@ async fn open_registry(
         let ctx = || format!("pull_through[{i}] ({})", r.prefix);
         let credentials = credentials(r.credentials.as_ref()).with_context(ctx)?;
         let upstream = UpstreamClient::new(UpstreamSettings {
-            url: r.upstream.parse().with_context(ctx)?,
+            url: r.upstream.uri().clone(),
             credentials,
             ca_file: r.ca_file.clone(),
             connect_timeout: r.connect_timeout,
@@ -464,16 +444,8 @@ async fn open_registry(
         .with_context(ctx)?;
         let docker_hub = crate::cache::rules::is_docker_hub(upstream.host());
         rules.push(Rule {
-            prefix: match r.prefix.as_str() {
-                "ROOT" => None,
-                p => Some(p.parse().with_context(ctx)?),
-            },
-            upstream_prefix: r
-                .upstream_prefix
-                .as_deref()
-                .map(str::parse)
-                .transpose()
-                .with_context(ctx)?,
+            prefix: r.prefix.namespace().cloned(),
+            upstream_prefix: r.upstream_prefix.clone(),
             upstream,
             tag_ttl: r.tag_ttl,
             max_stale: r.max_stale,

@@ -11,6 +11,120 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::oci::RepoName;
+use crate::oci::manifest::Platform;
+use crate::oci::name::TagPattern;
+
+/// Deserializes a string through `T::from_str`. Values are parsed once, here,
+/// into the types the rest of wharf uses; a bad one is refused with its key
+/// path and the parser's reason.
+fn parsed<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
+}
+
+/// [`parsed`] for an optional value.
+fn parsed_opt<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    #[derive(Deserialize)]
+    struct W<T: std::str::FromStr>(#[serde(deserialize_with = "parsed")] T)
+    where
+        T::Err: std::fmt::Display;
+    Ok(Option::<W<T>>::deserialize(d)?.map(|W(t)| t))
+}
+
+/// [`parsed`] for a list (the key path names the element).
+fn parsed_vec<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    #[derive(Deserialize)]
+    struct W<T: std::str::FromStr>(#[serde(deserialize_with = "parsed")] T)
+    where
+        T::Err: std::fmt::Display;
+    Ok(Vec::<W<T>>::deserialize(d)?
+        .into_iter()
+        .map(|W(t)| t)
+        .collect())
+}
+
+/// Where a pull-through rule serves: `ROOT` (every repository that is not
+/// hosted) or a repository namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RulePrefix {
+    Root,
+    Namespace(RepoName),
+}
+
+impl RulePrefix {
+    pub fn namespace(&self) -> Option<&RepoName> {
+        match self {
+            RulePrefix::Root => None,
+            RulePrefix::Namespace(n) => Some(n),
+        }
+    }
+}
+
+impl std::str::FromStr for RulePrefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<RulePrefix, String> {
+        if s == "ROOT" {
+            return Ok(RulePrefix::Root);
+        }
+        s.parse()
+            .map(RulePrefix::Namespace)
+            .map_err(|e| format!("must be ROOT or a repository namespace: {e}"))
+    }
+}
+
+impl std::fmt::Display for RulePrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RulePrefix::Root => f.write_str("ROOT"),
+            RulePrefix::Namespace(n) => f.write_str(n.as_str()),
+        }
+    }
+}
+
+/// An upstream registry's base URL: `http(s)://host[:port]`, no path, no
+/// query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl(http::Uri);
+
+impl UpstreamUrl {
+    pub fn uri(&self) -> &http::Uri {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for UpstreamUrl {
+    type Err = String;
+    fn from_str(url: &str) -> Result<UpstreamUrl, String> {
+        check_upstream_url(url)?;
+        url.parse()
+            .map(UpstreamUrl)
+            .map_err(|e| format!("not a URL: {e}"))
+    }
+}
+
+impl std::fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.0.to_string();
+        f.write_str(s.strip_suffix('/').unwrap_or(&s))
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,28 +152,41 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct SyncConfig {
     /// Base URL of the upstream registry (`https://host[:port]`).
-    pub upstream: String,
+    #[serde(deserialize_with = "parsed")]
+    pub upstream: UpstreamUrl,
     #[serde(default)]
     pub credentials: Option<CredentialsConfig>,
     /// Extra PEM CA certificate trusted for this upstream.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// Repository names upstream.
-    pub repositories: Vec<String>,
+    #[serde(deserialize_with = "parsed_vec")]
+    pub repositories: Vec<RepoName>,
     /// Prepended to each name locally (`<local_prefix>/<repository>`).
-    #[serde(default)]
-    pub local_prefix: Option<String>,
+    #[serde(default, deserialize_with = "parsed_opt")]
+    pub local_prefix: Option<RepoName>,
     /// Tag patterns: globs (`1.*`), or regular expressions after `regex:`.
     /// None: every tag.
-    #[serde(default)]
-    pub tags: Vec<String>,
+    #[serde(default, deserialize_with = "parsed_vec")]
+    pub tags: Vec<TagPattern>,
     /// Platforms (`os/arch[/variant]`) kept from multi-platform indexes.
     /// None: every platform, with the upstream's digests.
-    #[serde(default)]
-    pub platforms: Vec<String>,
+    #[serde(default, deserialize_with = "parsed_vec")]
+    pub platforms: Vec<Platform>,
     /// Time between passes (the first runs at start).
     #[serde(default = "default_sync_interval", with = "humantime_serde")]
     pub interval: Duration,
+}
+
+impl SyncConfig {
+    /// The local name of upstream repository `r`:
+    /// `<local_prefix>/<r>`, or `r`.
+    pub fn local_name(&self, r: &RepoName) -> Result<RepoName, String> {
+        match &self.local_prefix {
+            Some(p) => format!("{p}/{r}").parse().map_err(|e| format!("{e}")),
+            None => Ok(r.clone()),
+        }
+    }
 }
 
 fn default_sync_interval() -> Duration {
@@ -107,7 +234,8 @@ pub struct DestinationConfig {
     /// Referenced by rules, shown in status and metrics.
     pub name: String,
     /// `https://host[:port]` (`http://` only with `insecure`, on loopback).
-    pub url: String,
+    #[serde(deserialize_with = "parsed")]
+    pub url: UpstreamUrl,
     /// Informational: the destination's region.
     #[serde(default)]
     pub region: Option<String>,
@@ -120,8 +248,8 @@ pub struct DestinationConfig {
     pub credentials: Option<CredentialsConfig>,
     /// Prepended to every repository name at the destination
     /// (`prod/app` → `<prefix>/prod/app`).
-    #[serde(default)]
-    pub repository_prefix: Option<String>,
+    #[serde(default, deserialize_with = "parsed_opt")]
+    pub repository_prefix: Option<RepoName>,
     /// Extra PEM CA certificate trusted for this destination.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
@@ -226,12 +354,14 @@ impl Default for CacheConfig {
 pub struct PullThroughRule {
     /// Local namespace, e.g. `docker-hub`, or `ROOT` for every repository
     /// that is not hosted (the Docker daemon mirror case).
-    pub prefix: String,
+    #[serde(deserialize_with = "parsed")]
+    pub prefix: RulePrefix,
     /// Base URL of the upstream registry (`https://host[:port]`).
-    pub upstream: String,
+    #[serde(deserialize_with = "parsed")]
+    pub upstream: UpstreamUrl,
     /// Namespace prepended upstream, e.g. `myorg`.
-    #[serde(default)]
-    pub upstream_prefix: Option<String>,
+    #[serde(default, deserialize_with = "parsed_opt")]
+    pub upstream_prefix: Option<RepoName>,
     /// A manifest fetched by tag is served without asking upstream for this long.
     #[serde(default = "default_tag_ttl", with = "humantime_serde")]
     pub tag_ttl: Duration,
@@ -278,8 +408,8 @@ pub fn default_rules() -> Vec<PullThroughRule> {
     ]
     .into_iter()
     .map(|(prefix, upstream)| PullThroughRule {
-        prefix: prefix.to_string(),
-        upstream: upstream.to_string(),
+        prefix: prefix.parse().expect("a default rule's prefix"),
+        upstream: upstream.parse().expect("a default rule's upstream"),
         upstream_prefix: None,
         tag_ttl: default_tag_ttl(),
         max_stale: default_max_stale(),
@@ -708,25 +838,12 @@ impl Config {
                 key: key(k),
                 message: m,
             };
-            if !prefixes.insert(rule.prefix.as_str()) {
+            if !prefixes.insert(&rule.prefix) {
                 return Err(fail(
                     "prefix",
-                    format!("{:?} is used by two rules", rule.prefix),
+                    format!("{:?} is used by two rules", rule.prefix.to_string()),
                 ));
             }
-            if rule.prefix != "ROOT" {
-                rule.prefix.parse::<crate::oci::RepoName>().map_err(|e| {
-                    fail(
-                        "prefix",
-                        format!("must be ROOT or a repository namespace: {e}"),
-                    )
-                })?;
-            }
-            if let Some(p) = &rule.upstream_prefix {
-                p.parse::<crate::oci::RepoName>()
-                    .map_err(|e| fail("upstream_prefix", e.to_string()))?;
-            }
-            check_upstream_url(&rule.upstream).map_err(|m| fail("upstream", m))?;
             if let Some(c) = &rule.credentials {
                 c.password().map_err(|m| fail("credentials", m))?;
             }
@@ -737,46 +854,29 @@ impl Config {
                 key: format!("sync[{i}].{k}"),
                 message: m,
             };
-            check_upstream_url(&e.upstream).map_err(|m| fail("upstream", m))?;
             if let Some(c) = &e.credentials {
                 c.password().map_err(|m| fail("credentials", m))?;
             }
             if e.repositories.is_empty() {
                 return Err(fail("repositories", "name at least one repository".into()));
             }
-            if let Some(p) = &e.local_prefix {
-                p.parse::<crate::oci::RepoName>()
-                    .map_err(|err| fail("local_prefix", err.to_string()))?;
-            }
             for (j, r) in e.repositories.iter().enumerate() {
-                let local = match &e.local_prefix {
-                    Some(p) => format!("{p}/{r}"),
-                    None => r.clone(),
-                };
-                r.parse::<crate::oci::RepoName>()
-                    .and_then(|_| local.parse::<crate::oci::RepoName>())
-                    .map_err(|err| fail(&format!("repositories[{j}]"), err.to_string()))?;
-                if let Some(rule) = self
-                    .pull_through
-                    .iter()
-                    .find(|p| p.prefix != "ROOT" && local.starts_with(&format!("{}/", p.prefix)))
-                {
+                let local = e
+                    .local_name(r)
+                    .map_err(|err| fail(&format!("repositories[{j}]"), err))?;
+                if let Some(ns) = self.pull_through.iter().find_map(|p| {
+                    p.prefix
+                        .namespace()
+                        .filter(|ns| local.as_str().starts_with(&format!("{ns}/")))
+                }) {
                     return Err(fail(
                         &format!("repositories[{j}]"),
                         format!(
                             "{local} is inside the pull-through namespace {:?}; use local_prefix",
-                            rule.prefix
+                            ns.as_str()
                         ),
                     ));
                 }
-            }
-            for (j, t) in e.tags.iter().enumerate() {
-                t.parse::<crate::oci::name::TagPattern>()
-                    .map_err(|m| fail(&format!("tags[{j}]"), m))?;
-            }
-            for (j, p) in e.platforms.iter().enumerate() {
-                p.parse::<crate::oci::manifest::Platform>()
-                    .map_err(|m| fail(&format!("platforms[{j}]"), m))?;
             }
             if e.interval.is_zero() {
                 return Err(fail("interval", "must be greater than zero".into()));
@@ -825,12 +925,8 @@ impl ReplicationConfig {
             if !names.insert(d.name.as_str()) {
                 return Err(fail("name", format!("{:?} names two destinations", d.name)));
             }
-            let uri: http::Uri = d
-                .url
-                .parse()
-                .map_err(|e| fail("url", format!("not a URL: {e}")))?;
-            let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
-            let Some(host) = uri.host().filter(|_| path_ok) else {
+            let uri = d.url.uri();
+            let Some(host) = uri.host() else {
                 return Err(fail(
                     "url",
                     "must be https://host[:port] with no path".into(),
@@ -858,10 +954,6 @@ impl ReplicationConfig {
                     "insecure",
                     format!("only allowed for a loopback address, not {host}"),
                 ));
-            }
-            if let Some(p) = &d.repository_prefix {
-                p.parse::<crate::oci::RepoName>()
-                    .map_err(|e| fail("repository_prefix", e.to_string()))?;
             }
             if let Some(c) = &d.credentials {
                 c.password().map_err(|m| fail("credentials", m))?;
@@ -1103,7 +1195,11 @@ mod tests {
     #[test]
     fn pull_through_rules() {
         let c = Config::load(None, Vec::new()).unwrap();
-        let prefixes: Vec<&str> = c.pull_through.iter().map(|r| r.prefix.as_str()).collect();
+        let prefixes: Vec<String> = c
+            .pull_through
+            .iter()
+            .map(|r| r.prefix.to_string())
+            .collect();
         assert_eq!(
             prefixes,
             ["docker-hub", "ROOT", "ghcr", "quay", "k8s", "ecr-public"]
