@@ -24,6 +24,18 @@ async fn storage_conformance_on_seaweedfs() {
     );
     conformance::blob_store_suite(store.clone(), store.clone()).await;
     conformance::fill_store_suite(Arc::new(S3Fills(store.clone())), store.clone()).await;
+    // A second replica over the same bucket.
+    let other_scratch = tempfile::tempdir().unwrap();
+    let other = Arc::new(
+        S3Store::new(
+            client.clone(),
+            "conformance",
+            other_scratch.path().to_path_buf(),
+        )
+        .unwrap(),
+    );
+    conformance::shared_upload_store_suite((store.clone(), store.clone()), (other.clone(), other))
+        .await;
     conformance::meta_store_suite(Arc::new(S3Meta::new(client.clone(), "conformance"))).await;
     let jobs = S3Jobs::new(S3Meta::new(client, "conformance"), Duration::from_secs(30));
     conformance::job_store_suite(Arc::new(jobs)).await;

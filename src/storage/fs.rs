@@ -42,11 +42,16 @@ pub(crate) struct HashState {
 
 /// The hash state of every upload session this process has seen, each
 /// behind its own lock (which also orders a session's appends and commit).
-#[derive(Default)]
-pub(crate) struct Sessions(Mutex<HashMap<UploadId, Arc<tokio::sync::Mutex<HashState>>>>);
+pub(crate) struct Sessions<T = HashState>(Mutex<HashMap<UploadId, Arc<tokio::sync::Mutex<T>>>>);
 
-impl Sessions {
-    pub(crate) fn get(&self, id: &UploadId) -> Arc<tokio::sync::Mutex<HashState>> {
+impl<T> Default for Sessions<T> {
+    fn default() -> Self {
+        Sessions(Mutex::default())
+    }
+}
+
+impl<T: Default> Sessions<T> {
+    pub(crate) fn get(&self, id: &UploadId) -> Arc<tokio::sync::Mutex<T>> {
         self.0
             .lock()
             .expect("sessions lock")
