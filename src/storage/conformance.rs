@@ -996,3 +996,45 @@ pub async fn shared_upload_store_suite(a: Replica, b: Replica) {
         assert_eq!(a.0.stat(&lost).await.unwrap(), None);
     }
 }
+
+/// Runs the rule that a stored blob is proof of its content only if it
+/// can be (ARCHITECTURE.md, invariant 1): a blob stored with another size
+/// than its digest's verified bytes (which wharf never writes; `plant`
+/// writes it past the store) is replaced by the next verified publication
+/// of that digest, on every path that publishes.
+pub async fn wrong_size_blob_suite(
+    blobs: Arc<dyn BlobStore>,
+    uploads: Arc<dyn UploadStore>,
+    fills: Arc<dyn FillStore>,
+    plant: impl Fn(Digest, Vec<u8>) -> futures::future::BoxFuture<'static, ()>,
+) {
+    for path in ["put", "commit", "fill"] {
+        let data = format!("the verified bytes published by {path}").into_bytes();
+        let d = Digest::sha256_of(&data);
+        plant(d.clone(), b"not these bytes".to_vec()).await;
+        assert_eq!(blobs.stat(&d).await.unwrap(), Some(15));
+        match path {
+            "put" => blobs.put(&d, Bytes::from(data.clone())).await.unwrap(),
+            "commit" => {
+                let id = UploadId::new_random();
+                uploads.create(&id).await.unwrap();
+                uploads
+                    .append(&id, 0, None, stream_of(vec![&data]))
+                    .await
+                    .unwrap();
+                assert_eq!(uploads.commit(&id, &d).await.unwrap(), data.len() as u64);
+            }
+            _ => {
+                let mut w = fills.begin_fill().await.unwrap();
+                w.write(&data).await.unwrap();
+                assert_eq!(w.commit(&d).await.unwrap(), data.len() as u64);
+            }
+        }
+        assert_eq!(
+            collect(blobs.read(&d, None).await.unwrap()).await,
+            data,
+            "{path}: a stored blob of another size was taken for the verified bytes"
+        );
+        assert!(blobs.delete(&d).await.unwrap());
+    }
+}

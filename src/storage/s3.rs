@@ -610,6 +610,22 @@ impl S3Store {
         Ok(())
     }
 
+    /// Whether `digest` is stored with `size` bytes, so that verified bytes
+    /// of that size need not be published again. A stored blob is proof of
+    /// its content because every object under `blobs/` was verified before
+    /// it was published (ARCHITECTURE.md, invariant 1); one of another size
+    /// contradicts its digest and is replaced by the caller.
+    async fn stored(&self, digest: &Digest, size: u64) -> Result<bool> {
+        match self.stat(digest).await? {
+            Some(s) if s == size => Ok(true),
+            Some(s) => {
+                tracing::warn!(%digest, stored = s, verified = size, "a stored blob has another size than its verified bytes: replacing it");
+                Ok(false)
+            }
+            None => Ok(false),
+        }
+    }
+
     /// Uploads a verified local file to the blob's final key.
     async fn upload_file(&self, file: &std::path::Path, digest: &Digest) -> Result<()> {
         let dest = self.blob_key(digest);
@@ -696,7 +712,7 @@ impl BlobStore for S3Store {
                 computed,
             });
         }
-        if self.stat(digest).await?.is_some() {
+        if self.stored(digest, bytes.len() as u64).await? {
             return Ok(());
         }
         // One PUT is atomic: the object appears whole or not at all.
@@ -857,8 +873,7 @@ impl UploadStore for S3Store {
                 expected: expected.clone(),
                 computed: d,
             }),
-            // Every blob stored was verified before it was published.
-            Some(_) if self.stat(expected).await? == Some(size) => Ok(size),
+            Some(_) if self.stored(expected, size).await? => Ok(size),
             Some(_) if session.parts.is_empty() => self
                 .store
                 .put(&self.blob_key(expected), PutPayload::default())
@@ -967,7 +982,7 @@ impl FillWriter for S3Fill {
         let size = self.staging.written();
         let outcome = match self.staging.verify(expected).await {
             Err(e) => Err(e),
-            Ok(()) if self.store.stat(expected).await? == Some(size) => Ok(size),
+            Ok(()) if self.store.stored(expected, size).await? => Ok(size),
             Ok(()) => self
                 .store
                 .upload_file(&self.staging.path, expected)
@@ -1000,6 +1015,19 @@ mod tests {
         let b = Arc::new(S3Store::new(bucket, "p", sb.path().to_path_buf()).unwrap());
         conformance::blob_store_suite(a.clone(), a.clone()).await;
         conformance::fill_store_suite(Arc::new(S3Fills(a.clone())), a.clone()).await;
-        conformance::shared_upload_store_suite((a.clone(), a), (b.clone(), b)).await;
+        conformance::shared_upload_store_suite((a.clone(), a.clone()), (b.clone(), b)).await;
+        let planted = a.object_store().clone();
+        conformance::wrong_size_blob_suite(
+            a.clone(),
+            a.clone(),
+            Arc::new(S3Fills(a)),
+            |d, bytes| {
+                let (bucket, key) = (planted.clone(), blob_key(&Keys::new("p"), &d));
+                Box::pin(async move {
+                    bucket.put(&key, PutPayload::from(bytes)).await.unwrap();
+                })
+            },
+        )
+        .await;
     }
 }
