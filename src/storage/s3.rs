@@ -41,10 +41,11 @@
 //! hash of the replica that wrote it, or the one recorded with it)
 //! matches, or otherwise a multipart upload to the final key that streams
 //! the chunks back through a hasher and is completed only if the computed
-//! digest matches (aborted otherwise). No reader ever sees a partial or unverified blob. The cost
-//! of a multi-chunk push is that its bytes cross wharf twice at commit; a
-//! single-chunk push (the usual `docker push` and monolithic uploads) of up
-//! to 5 GiB (S3's limit for one copy) is published by a server-side copy.
+//! digest matches (aborted otherwise). No reader ever sees a partial or
+//! unverified blob. The cost of a multi-chunk push is that its bytes cross
+//! wharf twice at commit; a single-chunk push (the usual `docker push` and
+//! monolithic uploads) of up to 5 GiB (S3's limit for one copy) is
+//! published by a server-side copy.
 //! Parts are 8 MiB and S3 allows 10,000 of them: one chunk, or one blob
 //! assembled at commit, is at most 78 GiB.
 //!
