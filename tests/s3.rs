@@ -25,6 +25,35 @@ async fn storage_conformance_on_seaweedfs() {
     );
     conformance::blob_store_suite(store.clone(), store.clone()).await;
     conformance::fill_store_suite(Arc::new(S3Fills(store.clone())), store.clone()).await;
+    // A second replica over the same bucket.
+    let other_scratch = tempfile::tempdir().unwrap();
+    let other = Arc::new(
+        S3Store::new(
+            client.clone(),
+            "conformance",
+            other_scratch.path().to_path_buf(),
+        )
+        .unwrap(),
+    );
+    conformance::shared_upload_store_suite((store.clone(), store.clone()), (other.clone(), other))
+        .await;
+    let planted = client.clone();
+    conformance::wrong_size_blob_suite(
+        store.clone(),
+        store.clone(),
+        Arc::new(S3Fills(store.clone())),
+        |d, bytes| {
+            let bucket = planted.clone();
+            let key =
+                object_store::path::Path::from(format!("conformance/blobs/sha256/{}", d.hex()));
+            Box::pin(async move {
+                object_store::ObjectStoreExt::put(&*bucket, &key, bytes.into())
+                    .await
+                    .unwrap();
+            })
+        },
+    )
+    .await;
     conformance::meta_store_suite(Arc::new(S3Meta::new(client.clone(), "conformance"))).await;
     let jobs = S3Jobs::new(S3Meta::new(client, "conformance"), Duration::from_secs(30));
     conformance::job_store_suite(Arc::new(jobs)).await;

@@ -925,3 +925,191 @@ pub async fn shared_job_store_suite(replica: impl Fn(std::time::Duration) -> Arc
     }
     assert!(x.active().await.unwrap().is_empty());
 }
+
+/// A request body that announces when the store first reads it (the store
+/// has looked at the session by then) and holds its last byte back until
+/// released.
+fn gated(
+    data: &[u8],
+) -> (
+    ByteStream,
+    tokio::sync::oneshot::Receiver<()>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let (polled_tx, polled) = tokio::sync::oneshot::channel();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let data = Bytes::copy_from_slice(data);
+    let (head, tail) = (data.slice(..data.len() - 1), data.slice(data.len() - 1..));
+    let body = futures::stream::once(async move {
+        let _ = polled_tx.send(());
+        Ok(head)
+    })
+    .chain(futures::stream::once(async move {
+        let _ = released.await;
+        Ok(tail)
+    }))
+    .boxed();
+    (body, polled, release)
+}
+
+/// One replica's handles on a store shared by several replicas.
+pub type Replica = (Arc<dyn BlobStore>, Arc<dyn UploadStore>);
+
+/// Two chunks at offset 0 of one session, `x` on replica `a` and `y` on
+/// replica `b`, both sent before either is stored (each replica has looked
+/// at the session and found it empty); `a`'s request ends first. Returns
+/// the session and both outcomes.
+async fn race_at_zero(
+    a: &Replica,
+    b: &Replica,
+    x: &[u8],
+    y: &[u8],
+) -> (UploadId, super::Result<u64>, super::Result<u64>) {
+    let id = UploadId::new_random();
+    a.1.create(&id).await.unwrap();
+    let (bx, polled_x, release_x) = gated(x);
+    let (by, polled_y, release_y) = gated(y);
+    let (ua, ub) = (a.1.clone(), b.1.clone());
+    let (ia, ib) = (id.clone(), id.clone());
+    let (lx, ly) = (x.len() as u64, y.len() as u64);
+    let ta = tokio::spawn(async move { ua.append(&ia, 0, Some(lx), bx).await });
+    polled_x.await.expect("replica a reads the first chunk");
+    let tb = tokio::spawn(async move { ub.append(&ib, 0, Some(ly), by).await });
+    polled_y.await.expect("replica b reads the second chunk");
+    release_x.send(()).unwrap();
+    let ra = ta.await.unwrap();
+    release_y.send(()).unwrap();
+    let rb = tb.await.unwrap();
+    (id, ra, rb)
+}
+
+/// Runs the contract of an upload store shared by replicas (`a` and `b`,
+/// two handles on one store): two chunks at one offset of one session,
+/// whatever their sizes and whichever ends first, leave exactly one of
+/// them in the session, and a commit publishes under a digest only the
+/// bytes that hash to it.
+pub async fn shared_upload_store_suite(a: Replica, b: Replica) {
+    let bytes = |len: usize, seed: u32| -> Vec<u8> {
+        (0..len as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 13) as u8)
+            .collect()
+    };
+    // Larger than a multipart part of the S3 backend (8 MiB), and small.
+    let large = 9 * 1024 * 1024 + 17;
+    let small = 300_000;
+
+    // Equal length, both large: the first to end wins; the other is refused.
+    let (x, y) = (bytes(large, 1), bytes(large, 2));
+    let (dx, dy) = (Digest::sha256_of(&x), Digest::sha256_of(&y));
+    let (id, rx, ry) = race_at_zero(&a, &b, &x, &y).await;
+    // The replica that hashed `x` commits it: what is published under
+    // d(x) is x, never the other request's bytes.
+    match a.1.commit(&id, &dx).await {
+        Ok(n) => {
+            assert_eq!(n, x.len() as u64);
+            let stored = collect(b.0.read(&dx, None).await.unwrap()).await;
+            assert!(
+                stored == x,
+                "bytes that do not hash to {dx} were published under it"
+            );
+        }
+        Err(e) => panic!("the first chunk to end was not kept: {e} ({rx:?}, {ry:?})"),
+    }
+    assert_eq!(
+        rx.unwrap(),
+        x.len() as u64,
+        "the first chunk to end is kept"
+    );
+    assert!(
+        matches!(ry, Err(StorageError::OffsetMismatch { current, requested: 0 }) if current == x.len() as u64),
+        "a second chunk at one offset is refused with the session's size: {ry:?}"
+    );
+    assert_eq!(a.0.stat(&dy).await.unwrap(), None);
+    assert!(b.0.delete(&dx).await.unwrap());
+
+    // The refused replica commits its own digest: nothing is published
+    // under it; the session's content commits from the other replica.
+    let (id, rx, ry) = race_at_zero(&b, &a, &y, &x).await;
+    assert_eq!(rx.unwrap(), y.len() as u64);
+    assert!(ry.is_err());
+    assert!(matches!(
+        a.1.commit(&id, &dx).await,
+        Err(StorageError::DigestMismatch { .. })
+    ));
+    assert_eq!(b.0.stat(&dx).await.unwrap(), None, "nothing under d(x)");
+    assert_eq!(a.0.stat(&dy).await.unwrap(), None);
+
+    // A small chunk (one write) racing a large one (a multipart upload), in
+    // both orders: exactly one is kept, the other is refused, and the
+    // session goes on from the kept one.
+    let (s, l) = (bytes(small, 3), bytes(large, 4));
+    for small_first in [true, false] {
+        let (first, second) = if small_first { (&s, &l) } else { (&l, &s) };
+        let (id, r1, r2) = race_at_zero(&a, &b, first, second).await;
+        assert_eq!(
+            r1.unwrap(),
+            first.len() as u64,
+            "small first: {small_first}: the first chunk to end is kept"
+        );
+        assert!(
+            matches!(r2, Err(StorageError::OffsetMismatch { current, requested: 0 }) if current == first.len() as u64),
+            "small first: {small_first}: a second chunk at one offset is refused: {r2:?}"
+        );
+        assert_eq!(b.1.size(&id).await.unwrap(), first.len() as u64);
+        // The refused replica continues the session where it stands.
+        let tail = bytes(1000, 5);
+        b.1.append(&id, first.len() as u64, None, stream_of(vec![&tail]))
+            .await
+            .unwrap();
+        let mut whole = first.clone();
+        whole.extend_from_slice(&tail);
+        let d = Digest::sha256_of(&whole);
+        assert_eq!(a.1.commit(&id, &d).await.unwrap(), whole.len() as u64);
+        assert_eq!(collect(b.0.read(&d, None).await.unwrap()).await, whole);
+        assert!(a.0.delete(&d).await.unwrap());
+        let lost = Digest::sha256_of(second);
+        assert_eq!(a.0.stat(&lost).await.unwrap(), None);
+    }
+}
+
+/// Runs the rule that a stored blob is proof of its content only if it
+/// can be (ARCHITECTURE.md, invariant 1): a blob stored with another size
+/// than its digest's verified bytes (which wharf never writes; `plant`
+/// writes it past the store) is replaced by the next verified publication
+/// of that digest, on every path that publishes.
+pub async fn wrong_size_blob_suite(
+    blobs: Arc<dyn BlobStore>,
+    uploads: Arc<dyn UploadStore>,
+    fills: Arc<dyn FillStore>,
+    plant: impl Fn(Digest, Vec<u8>) -> futures::future::BoxFuture<'static, ()>,
+) {
+    for path in ["put", "commit", "fill"] {
+        let data = format!("the verified bytes published by {path}").into_bytes();
+        let d = Digest::sha256_of(&data);
+        plant(d.clone(), b"not these bytes".to_vec()).await;
+        assert_eq!(blobs.stat(&d).await.unwrap(), Some(15));
+        match path {
+            "put" => blobs.put(&d, Bytes::from(data.clone())).await.unwrap(),
+            "commit" => {
+                let id = UploadId::new_random();
+                uploads.create(&id).await.unwrap();
+                uploads
+                    .append(&id, 0, None, stream_of(vec![&data]))
+                    .await
+                    .unwrap();
+                assert_eq!(uploads.commit(&id, &d).await.unwrap(), data.len() as u64);
+            }
+            _ => {
+                let mut w = fills.begin_fill().await.unwrap();
+                w.write(&data).await.unwrap();
+                assert_eq!(w.commit(&d).await.unwrap(), data.len() as u64);
+            }
+        }
+        assert_eq!(
+            collect(blobs.read(&d, None).await.unwrap()).await,
+            data,
+            "{path}: a stored blob of another size was taken for the verified bytes"
+        );
+        assert!(blobs.delete(&d).await.unwrap());
+    }
+}

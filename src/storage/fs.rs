@@ -42,11 +42,16 @@ pub(crate) struct HashState {
 
 /// The hash state of every upload session this process has seen, each
 /// behind its own lock (which also orders a session's appends and commit).
-#[derive(Default)]
-pub(crate) struct Sessions(Mutex<HashMap<UploadId, Arc<tokio::sync::Mutex<HashState>>>>);
+pub(crate) struct Sessions<T = HashState>(Mutex<HashMap<UploadId, Arc<tokio::sync::Mutex<T>>>>);
 
-impl Sessions {
-    pub(crate) fn get(&self, id: &UploadId) -> Arc<tokio::sync::Mutex<HashState>> {
+impl<T> Default for Sessions<T> {
+    fn default() -> Self {
+        Sessions(Mutex::default())
+    }
+}
+
+impl<T: Default> Sessions<T> {
+    pub(crate) fn get(&self, id: &UploadId) -> Arc<tokio::sync::Mutex<T>> {
         self.0
             .lock()
             .expect("sessions lock")
@@ -159,10 +164,28 @@ fn blob_path(root: &Path, d: &Digest) -> PathBuf {
         .join(hex)
 }
 
+/// Whether `digest` is stored at `dest` with `size` bytes, so that verified
+/// bytes of that size need not be published again. A stored blob is proof
+/// of its content because every file under `blobs/` was verified before it
+/// was published (ARCHITECTURE.md, invariant 1); one of another size
+/// contradicts its digest and is replaced by the caller (a rename over it).
+async fn stored(dest: &Path, digest: &Digest, size: u64) -> Result<bool> {
+    match tokio::fs::metadata(dest).await {
+        Ok(m) if m.len() == size => Ok(true),
+        Ok(m) => {
+            tracing::warn!(%digest, stored = m.len(), verified = size, "a stored blob has another size than its verified bytes: replacing it");
+            Ok(false)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 async fn publish(root: &Path, staged: &Path, digest: &Digest) -> Result<()> {
     let dest = blob_path(root, digest);
     let parent = dest.parent().expect("blob path has a parent").to_path_buf();
-    if tokio::fs::try_exists(&dest).await? {
+    let size = tokio::fs::metadata(staged).await?.len();
+    if stored(&dest, digest, size).await? {
         // Content-addressed: the stored copy is identical.
         tokio::fs::remove_file(staged).await?;
         return Ok(());
@@ -208,7 +231,7 @@ impl BlobStore for FsStore {
                 computed,
             });
         }
-        if self.stat(digest).await?.is_some() {
+        if stored(&self.blob_path(digest), digest, bytes.len() as u64).await? {
             return Ok(());
         }
         let staged = self
@@ -638,7 +661,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(FsStore::open(dir.path()).unwrap());
         crate::storage::conformance::blob_store_suite(store.clone(), store.clone()).await;
-        crate::storage::conformance::fill_store_suite(store.clone(), store).await;
+        crate::storage::conformance::fill_store_suite(store.clone(), store.clone()).await;
+        let root = dir.path().to_path_buf();
+        crate::storage::conformance::wrong_size_blob_suite(
+            store.clone(),
+            store.clone(),
+            store,
+            |d, bytes| {
+                let path = blob_path(&root, &d);
+                Box::pin(async move {
+                    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                    std::fs::write(path, bytes).unwrap();
+                })
+            },
+        )
+        .await;
     }
 
     #[tokio::test]

@@ -62,7 +62,10 @@ pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 /// Contract: a blob is visible (to `stat`, `read`, `list`) only once its full
 /// content has been verified against its digest and made durable; no caller
 /// can ever observe a partially written or unverified blob. Publishing the
-/// same digest twice is a no-op.
+/// same digest twice is a no-op. Because of this, a stored blob is proof of
+/// its content: publishing verified bytes finds the digest stored with
+/// their size and writes nothing (a stored blob of another size is
+/// replaced).
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
     /// Size of the blob, or `None` if it is not stored.
