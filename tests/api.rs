@@ -1192,12 +1192,10 @@ async fn indexes_stored_without_a_recorded_depth_are_measured() {
             .unwrap();
             let d = Digest::sha256_of(&index);
             t.store.put(&d, Bytes::from(index.clone())).await.unwrap();
-            let record = ManifestRecord {
-                media_type: OCI_INDEX.into(),
-                size: index.len() as u64,
-                subject: None,
-                index_depth: None,
-            };
+            // A record as written before depths were recorded.
+            let record: ManifestRecord =
+                serde_json::from_value(json!({"media_type": OCI_INDEX, "size": index.len()}))
+                    .unwrap();
             t.meta
                 .put_manifest(&repo, &d, &record, None, None)
                 .await

@@ -399,8 +399,8 @@ impl<'a> Copy<'a> {
             let below = above + usize::from(m.kind == ManifestKind::Index);
             if below > MAX_INDEX_DEPTH {
                 return Err(CopyError::Permanent(format!(
-                    "index {digest} is nested {below} indexes deep at the source; at most \
-                     {MAX_INDEX_DEPTH} levels are copied"
+                    "indexes are nested more than {MAX_INDEX_DEPTH} levels deep at the source \
+                     (index {digest} is level {below}); at most {MAX_INDEX_DEPTH} are copied"
                 )));
             }
             for blob in &m.blobs {
