@@ -309,11 +309,11 @@ async fn attempt(
                             error: "the replica running it shut down".into(),
                             not_before_ms: unix_ms(),
                         };
-                        let _ = rep.jobs.finish(&key, started.seq, outcome, unix_ms()).await;
+                        let _ = rep.jobs.finish(key, started.seq, outcome, unix_ms()).await;
                     }
                     return None;
                 }
-                () = hold_lease(&*rep.jobs, &key) => {
+                () = hold_lease(&*rep.jobs, key) => {
                     tracing::warn!(
                         destination = %dest.name,
                         repository = %key.repository,
