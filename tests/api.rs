@@ -1037,9 +1037,8 @@ async fn manifests_nested_too_deep_not_utf8_or_with_wrong_sizes_store_nothing() 
     );
     refused_and_absent(&t, "dm", "deep", OCI_MANIFEST, &deep, "MANIFEST_INVALID").await;
 
-    // Invalid UTF-8 inside a string (an annotation, which the parser
-    // would otherwise skip).
-    let mut bad_utf8 = image(cn, ln, r#","annotations":{"a":"??"}"#);
+    // Invalid UTF-8 inside a string of a field the parser skips.
+    let mut bad_utf8 = image(cn, ln, r#","x":{"a":"??"}"#);
     let at = bad_utf8.windows(2).position(|w| w == b"??").unwrap();
     bad_utf8[at..at + 2].copy_from_slice(&[0xc3, 0x28]);
     refused_and_absent(
@@ -1059,8 +1058,25 @@ async fn manifests_nested_too_deep_not_utf8_or_with_wrong_sizes_store_nothing() 
     ] {
         refused_and_absent(&t, "dm", tag, OCI_MANIFEST, &body, "MANIFEST_INVALID").await;
     }
-    // The empty config wharf stores on demand: not for a wrong size.
+    // The empty config wharf stores on demand: not for a manifest refused
+    // for another reason (a missing layer),
     let empty = sha(b"{}");
+    let missing_layer = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha(b"not pushed"), "size": 10}],
+    }))
+    .unwrap();
+    refused_and_absent(
+        &t,
+        "dm",
+        "no-layer",
+        OCI_MANIFEST,
+        &missing_layer,
+        "MANIFEST_BLOB_UNKNOWN",
+    )
+    .await;
+    // nor for a wrong size.
     let wrong_empty = serde_json::to_vec(&json!({
         "schemaVersion": 2, "mediaType": OCI_MANIFEST,
         "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 3},

@@ -479,6 +479,8 @@ impl Registry {
                 "manifest content hashes to {digest}, not {d}"
             )));
         }
+        // The empty config is stored on demand, once every check passed.
+        let mut store_empty = false;
         for blob in &manifest.blobs {
             let stored = if self.meta.blob_linked(repo, &blob.digest).await? {
                 self.blobs.stat(&blob.digest).await?
@@ -488,13 +490,7 @@ impl Registry {
             let size = match stored {
                 Some(size) => size,
                 None if blob.digest.as_str() == EMPTY_JSON_DIGEST => {
-                    // Stored only for a descriptor that is right about it.
-                    if blob.size == 2 {
-                        self.blobs
-                            .put(&blob.digest, Bytes::from_static(b"{}"))
-                            .await?;
-                        self.meta.link_blob(repo, &blob.digest).await?;
-                    }
+                    store_empty = true;
                     2
                 }
                 None => return Err(RegistryError::ManifestBlobUnknown(blob.digest.clone())),
@@ -517,7 +513,9 @@ impl Registry {
                     child.digest, child.size, record.size
                 )));
             }
-            let depth = self.index_depth(repo, &child.digest, &record).await?;
+            let depth = self
+                .stored_index_depth(repo, &child.digest, &record)
+                .await?;
             deepest_child = deepest_child.max(depth);
         }
         let index_depth = match manifest.kind {
@@ -526,13 +524,14 @@ impl Registry {
         };
         if index_depth > MAX_INDEX_DEPTH {
             return Err(RegistryError::ManifestInvalid(format!(
-                "indexes nest {}{index_depth} levels deep here; at most {MAX_INDEX_DEPTH} are accepted",
-                if index_depth > MAX_INDEX_DEPTH + 1 {
-                    "at least "
-                } else {
-                    ""
-                }
+                "this index nests indexes more than {MAX_INDEX_DEPTH} levels deep; at most \
+                 {MAX_INDEX_DEPTH} are accepted"
             )));
+        }
+        if store_empty {
+            let empty: Digest = EMPTY_JSON_DIGEST.parse().expect("a valid digest");
+            self.blobs.put(&empty, Bytes::from_static(b"{}")).await?;
+            self.meta.link_blob(repo, &empty).await?;
         }
         let size = body.len() as u64;
         self.blobs.put(&digest, body.clone()).await?;
@@ -571,7 +570,7 @@ impl Registry {
     /// were kept) found by walking its stored children one level at a
     /// time, each manifest once per level, and never more than one level
     /// past [`MAX_INDEX_DEPTH`] (a result above it means "too deep").
-    async fn index_depth(
+    async fn stored_index_depth(
         &self,
         repo: &RepoName,
         digest: &Digest,
