@@ -325,8 +325,9 @@ impl<'a> Copy<'a> {
     /// read; `above` is how many indexes sit above them.
     ///
     /// The walk keeps its own stack, so a deep tree costs heap, not the
-    /// thread's stack, and it refuses an index nested deeper than
-    /// [`MAX_INDEX_DEPTH`] before it sends anything of it.
+    /// thread's stack, and it fails at an index nested deeper than
+    /// [`MAX_INDEX_DEPTH`]: neither that index nor any above it is sent
+    /// (content beside it in the tree may have been).
     async fn tree(
         &mut self,
         roots: Vec<(Digest, Option<(String, Bytes)>)>,

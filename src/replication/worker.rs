@@ -152,7 +152,7 @@ async fn schedule(
             let _in_flight = InFlight {
                 shared: shared.clone(),
                 key: job.key.clone(),
-                _permit: permit,
+                permit: Some(permit),
             };
             run_job(&shared, &dest, job, &stop).await;
         });
@@ -166,11 +166,13 @@ async fn schedule(
 struct InFlight {
     shared: Arc<Shared>,
     key: JobKey,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        // The slot first, so the woken scheduler finds it free.
+        drop(self.permit.take());
         lock(&self.shared.in_flight).remove(&self.key);
         self.shared.rep.wake.notify_one();
     }
