@@ -23,6 +23,7 @@ const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+j
 struct T {
     app: App,
     store: Arc<FsStore>,
+    meta: Arc<RedbMeta>,
     _dir: tempfile::TempDir,
 }
 
@@ -63,10 +64,11 @@ impl T {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(FsStore::open(dir.path()).unwrap());
         let meta = Arc::new(RedbMeta::open(&dir.path().join("meta.redb")).unwrap());
-        let app = App::new(Registry::new(store.clone(), store.clone(), meta));
+        let app = App::new(Registry::new(store.clone(), store.clone(), meta.clone()));
         T {
             app,
             store,
+            meta,
             _dir: dir,
         }
     }
@@ -967,4 +969,295 @@ async fn unknown_and_foreign_upload_ids() {
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(r.code(), "BLOB_UPLOAD_UNKNOWN");
     assert_eq!(t.get(&loc).await.h("range"), "0-0");
+}
+
+/// Pushes `body` as `repo:tag` and asserts it was refused with `code` and
+/// that nothing of it was stored: no tag, no manifest by digest, no new
+/// blob.
+async fn refused_and_absent(t: &T, repo: &str, tag: &str, ct: &str, body: &[u8], code: &str) {
+    let before = {
+        let mut b = t.stored().await;
+        b.sort();
+        b
+    };
+    let r = t
+        .req(
+            Method::PUT,
+            &format!("/v2/{repo}/manifests/{tag}"),
+            &[("content-type", ct)],
+            body,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{tag}: {r:?}");
+    assert_eq!(r.code(), code, "{tag}: {r:?}");
+    assert_eq!(
+        t.get(&format!("/v2/{repo}/manifests/{tag}")).await.status,
+        StatusCode::NOT_FOUND,
+        "{tag}: the tag exists"
+    );
+    let by_digest = t.get(&format!("/v2/{repo}/manifests/{}", sha(body))).await;
+    assert_eq!(
+        by_digest.status,
+        StatusCode::NOT_FOUND,
+        "{tag}: stored by digest"
+    );
+    let tags = t.get(&format!("/v2/{repo}/tags/list")).await;
+    if tags.status == StatusCode::OK {
+        let listed = tags.json()["tags"].clone();
+        assert!(
+            !listed.as_array().unwrap().iter().any(|x| x == tag),
+            "{tag}: listed in {listed}"
+        );
+    }
+    let mut now = t.stored().await;
+    now.sort();
+    assert_eq!(now, before, "{tag}: bytes were stored");
+}
+
+#[tokio::test]
+async fn manifests_nested_too_deep_not_utf8_or_with_wrong_sizes_store_nothing() {
+    let t = T::new();
+    let config = br#"{"architecture":"amd64"}"#;
+    let layer = b"a layer of thirty-one bytes...!";
+    let cd = t.push_blob("dm", config).await;
+    let ld = t.push_blob("dm", layer).await;
+    let image = |config_size: usize, layer_size: usize, extra: &str| {
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{config_size}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{ld}","size":{layer_size}}}]{extra}}}"#
+        )
+        .into_bytes()
+    };
+    let (cn, ln) = (config.len(), layer.len());
+
+    // A million levels of nesting in a field no parser needs.
+    let deep = image(
+        cn,
+        ln,
+        &format!(r#","x":{}{}"#, "[".repeat(1_000_000), "]".repeat(1_000_000)),
+    );
+    refused_and_absent(&t, "dm", "deep", OCI_MANIFEST, &deep, "MANIFEST_INVALID").await;
+
+    // Invalid UTF-8 inside a string of a field the parser skips.
+    let mut bad_utf8 = image(cn, ln, r#","x":{"a":"??"}"#);
+    let at = bad_utf8.windows(2).position(|w| w == b"??").unwrap();
+    bad_utf8[at..at + 2].copy_from_slice(&[0xc3, 0x28]);
+    refused_and_absent(
+        &t,
+        "dm",
+        "utf8",
+        OCI_MANIFEST,
+        &bad_utf8,
+        "MANIFEST_INVALID",
+    )
+    .await;
+
+    // Descriptors whose size is not the stored blob's.
+    for (tag, body) in [
+        ("layer-size", image(cn, ln + 1, "")),
+        ("config-size", image(cn - 1, ln, "")),
+    ] {
+        refused_and_absent(&t, "dm", tag, OCI_MANIFEST, &body, "MANIFEST_INVALID").await;
+    }
+    // The empty config wharf stores on demand: not for a manifest refused
+    // for another reason (a missing layer),
+    let empty = sha(b"{}");
+    let missing_layer = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha(b"not pushed"), "size": 10}],
+    }))
+    .unwrap();
+    refused_and_absent(
+        &t,
+        "dm",
+        "no-layer",
+        OCI_MANIFEST,
+        &missing_layer,
+        "MANIFEST_BLOB_UNKNOWN",
+    )
+    .await;
+    // nor for a wrong size.
+    let wrong_empty = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 3},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": ln}],
+    }))
+    .unwrap();
+    refused_and_absent(
+        &t,
+        "dm",
+        "empty-size",
+        OCI_MANIFEST,
+        &wrong_empty,
+        "MANIFEST_INVALID",
+    )
+    .await;
+
+    // The right sizes are accepted; an index must be right about its
+    // child's size too.
+    let good = image(cn, ln, "");
+    let r = t
+        .req(
+            Method::PUT,
+            "/v2/dm/manifests/good",
+            &[("content-type", OCI_MANIFEST)],
+            &good,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let index = |size: usize| {
+        serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX,
+            "manifests": [{"mediaType": OCI_MANIFEST, "digest": sha(&good), "size": size}],
+        }))
+        .unwrap()
+    };
+    refused_and_absent(
+        &t,
+        "dm",
+        "child-size",
+        OCI_INDEX,
+        &index(good.len() + 7),
+        "MANIFEST_INVALID",
+    )
+    .await;
+    let r = t
+        .req(
+            Method::PUT,
+            "/v2/dm/manifests/index",
+            &[("content-type", OCI_INDEX)],
+            &index(good.len()),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+}
+
+/// An index of `child` (of `child_type`), pushed by digest.
+async fn push_index_of(t: &T, repo: &str, child: &[u8], child_type: &str) -> Vec<u8> {
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": child_type, "digest": sha(child), "size": child.len()}],
+    }))
+    .unwrap();
+    let r = t
+        .req(
+            Method::PUT,
+            &format!("/v2/{repo}/manifests/{}", sha(&index)),
+            &[("content-type", OCI_INDEX)],
+            &index,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    index
+}
+
+#[tokio::test]
+async fn indexes_nest_at_most_the_documented_depth() {
+    let t = T::new();
+    let (image, _) = t.push_image("nest", "img", "n").await;
+    // An index of the image has depth 1; MAX_INDEX_DEPTH levels are fine.
+    let mut top = image.clone();
+    let mut top_type = OCI_MANIFEST;
+    for _ in 0..wharf::oci::manifest::MAX_INDEX_DEPTH {
+        top = push_index_of(&t, "nest", &top, top_type).await;
+        top_type = OCI_INDEX;
+    }
+    // One more level is refused, and stores nothing.
+    let over = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [
+            {"mediaType": OCI_MANIFEST, "digest": sha(&image), "size": image.len()},
+            {"mediaType": OCI_INDEX, "digest": sha(&top), "size": top.len()},
+        ],
+    }))
+    .unwrap();
+    refused_and_absent(&t, "nest", "too-deep", OCI_INDEX, &over, "MANIFEST_INVALID").await;
+    let r = t
+        .req(
+            Method::PUT,
+            "/v2/nest/manifests/too-deep",
+            &[("content-type", OCI_INDEX)],
+            &over,
+        )
+        .await;
+    let message = r.json()["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let limit = format!("at most {}", wharf::oci::manifest::MAX_INDEX_DEPTH);
+    assert!(message.contains(&limit), "{message}");
+}
+
+/// Manifests stored without a recorded depth (before depths were kept)
+/// count as deep as their stored trees are.
+#[tokio::test]
+async fn indexes_stored_without_a_recorded_depth_are_measured() {
+    use wharf::oci::manifest::MAX_INDEX_DEPTH;
+    use wharf::storage::{ManifestRecord, MetaStore};
+    let t = T::new();
+    let (image, _) = t.push_image("old", "img", "o").await;
+    let repo: wharf::oci::RepoName = "old".parse().unwrap();
+    // `levels` indexes over `image`, stored as an older wharf did.
+    let stored_chain = async |levels: usize| {
+        let (mut top, mut top_type) = (image.clone(), OCI_MANIFEST);
+        for _ in 0..levels {
+            let index = serde_json::to_vec(&json!({
+                "schemaVersion": 2, "mediaType": OCI_INDEX,
+                "manifests": [{"mediaType": top_type, "digest": sha(&top), "size": top.len()}],
+            }))
+            .unwrap();
+            let d = Digest::sha256_of(&index);
+            t.store.put(&d, Bytes::from(index.clone())).await.unwrap();
+            // A record as written before depths were recorded.
+            let record: ManifestRecord =
+                serde_json::from_value(json!({"media_type": OCI_INDEX, "size": index.len()}))
+                    .unwrap();
+            t.meta
+                .put_manifest(
+                    &repo,
+                    wharf::storage::RepoKind::Hosted,
+                    &d,
+                    &record,
+                    None,
+                    None,
+                )
+                .await
+                .unwrap();
+            (top, top_type) = (index, OCI_INDEX);
+        }
+        top
+    };
+    // Three old levels, then pushes up to the limit: all accepted.
+    let mut top = stored_chain(3).await;
+    for _ in 3..MAX_INDEX_DEPTH {
+        top = push_index_of(&t, "old", &top, OCI_INDEX).await;
+    }
+    let over = |top: &[u8]| {
+        serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX,
+            "manifests": [{"mediaType": OCI_INDEX, "digest": sha(top), "size": top.len()}],
+        }))
+        .unwrap()
+    };
+    refused_and_absent(
+        &t,
+        "old",
+        "one-more",
+        OCI_INDEX,
+        &over(&top),
+        "MANIFEST_INVALID",
+    )
+    .await;
+    // An old tree far deeper than the limit is measured only as far as
+    // needed to refuse.
+    let deep = stored_chain(40).await;
+    refused_and_absent(
+        &t,
+        "old",
+        "on-top",
+        OCI_INDEX,
+        &over(&deep),
+        "MANIFEST_INVALID",
+    )
+    .await;
 }

@@ -14,7 +14,7 @@ use common::distribution::Distribution;
 use common::http::HttpClient;
 use common::replication::{
     NO_RECONCILE, all, blob_digest, destination, manifest, metric, push_image, push_index,
-    push_referrer, restart, rule, spawn_region, status, wait_for,
+    push_referrer, restart, rule, spawn_region, spawn_region_in, status, wait_for,
 };
 use common::wharf_bin;
 
@@ -828,4 +828,193 @@ async fn a_job_that_keeps_failing_is_failed_after_max_attempts() {
         3,
         "one upload attempt per job attempt"
     );
+}
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// An image and `levels` indexes over it, each the only entry of the
+/// next: (media type, bytes) from the image up to the outermost index.
+fn nested_chain(levels: usize) -> Vec<(&'static str, Vec<u8>)> {
+    let config = br#"{"architecture":"amd64","os":"linux"}"#;
+    let layer = b"the layer at the bottom";
+    let image = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": wharf::oci::Digest::sha256_of(config).to_string(), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": wharf::oci::Digest::sha256_of(layer).to_string(), "size": layer.len()}],
+    }))
+    .unwrap();
+    let mut chain = vec![(OCI_MANIFEST, image)];
+    for _ in 0..levels {
+        let (mt, below) = chain.last().unwrap();
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX,
+            "manifests": [{"mediaType": mt,
+                "digest": wharf::oci::Digest::sha256_of(below).to_string(), "size": below.len()}],
+        }))
+        .unwrap();
+        chain.push((OCI_INDEX, index));
+    }
+    chain
+}
+
+/// An index nested 3000 levels deep, stored at A the way an older wharf
+/// accepted it: replicating it ends its job FAILED with the reason instead
+/// of overflowing the stack; nothing of it reaches B; A keeps serving and
+/// replicating, and after a restart the job is still FAILED (no crash
+/// loop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_nested_past_the_limit_fails_its_job_and_wharf_keeps_serving() {
+    use wharf::storage::{BlobStore, MetaStore};
+    let b = spawn_region("");
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let store = wharf::storage::fs::FsStore::open(&data).unwrap();
+        let meta = wharf::storage::meta::RedbMeta::open(&data.join("meta.redb")).unwrap();
+        let repo: wharf::oci::RepoName = "prod/deep".parse().unwrap();
+        for blob in [
+            &br#"{"architecture":"amd64","os":"linux"}"#[..],
+            b"the layer at the bottom",
+        ] {
+            let d = wharf::oci::Digest::sha256_of(blob);
+            store
+                .put(&d, bytes::Bytes::copy_from_slice(blob))
+                .await
+                .unwrap();
+            meta.link_blob(&repo, wharf::storage::RepoKind::Hosted, &d)
+                .await
+                .unwrap();
+        }
+        let chain = nested_chain(3000);
+        let last = chain.len() - 1;
+        for (i, (mt, body)) in chain.into_iter().enumerate() {
+            let d = wharf::oci::Digest::sha256_of(&body);
+            // A record as written before depths were recorded.
+            let record: wharf::storage::ManifestRecord =
+                serde_json::from_value(serde_json::json!({"media_type": mt, "size": body.len()}))
+                    .unwrap();
+            store.put(&d, bytes::Bytes::from(body)).await.unwrap();
+            let tag: wharf::oci::Tag = "deep".parse().unwrap();
+            let tag = (i == last).then_some(&tag);
+            meta.put_manifest(
+                &repo,
+                wharf::storage::RepoKind::Hosted,
+                &d,
+                &record,
+                tag,
+                None,
+            )
+            .await
+            .unwrap();
+        }
+    }
+    let mut a = spawn_region_in(
+        dir,
+        "127.0.0.1:0",
+        &format!(
+            "{NO_RECONCILE}{}{}",
+            destination("b", &b.url(), ""),
+            rule(&["prod/"], &["b"])
+        ),
+    );
+    let (ca, cb) = (HttpClient::new(a.url()), HttpClient::new(b.url()));
+    // Reconciliation finds the tag missing at B and enqueues its job.
+    let (ok, out, err) = cli(&["sync", "--no-wait"], &a.url());
+    assert!(
+        ok && out.contains("prod/deep:deep -> b (missing)"),
+        "{out}{err}"
+    );
+    let jobs = wait_for(&ca, PATIENCE, "the deep index's job to fail", |j| {
+        all(j, 1, "FAILED")
+    })
+    .await;
+    let reason = jobs[0]["failure_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("nested") && reason.contains("at most 8"),
+        "unclear reason: {reason}"
+    );
+    assert!(catalog(&cb).await.is_empty(), "part of the tree reached B");
+
+    // A still serves and replicates.
+    let img = push_image(
+        &ca,
+        "prod/app",
+        Some("1"),
+        &[random_bytes(2_000, 1)],
+        "amd64",
+    )
+    .await;
+    wait_for(&ca, PATIENCE, "the next push", |j| {
+        j.iter()
+            .any(|j| j["repository"] == "prod/app" && j["status"] == "COMPLETE")
+    })
+    .await;
+    assert_eq!(manifest(&cb, "prod/app", "1").await.unwrap().0, img.digest);
+
+    // A restart does not run the failed job again.
+    restart(&mut a, false);
+    let ca = HttpClient::new(a.url());
+    let jobs = status(&ca, "").await["jobs"].clone();
+    let deep: Vec<&serde_json::Value> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["repository"] == "prod/deep")
+        .collect();
+    assert_eq!(deep.len(), 1, "{jobs}");
+    assert_eq!(deep[0]["status"], "FAILED", "{jobs}");
+    assert_eq!(ca.get("/v2/").await.status, 200);
+}
+
+/// A scheduled sync from an upstream serving an index nested 3000 levels
+/// deep: the pass reports the tag as failed with the reason, stores
+/// nothing of it, and wharf keeps serving and syncing other tags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synced_index_nested_past_the_limit_fails_that_tag_only() {
+    let up = common::fake_upstream::FakeUpstream::start();
+    up.no_auth();
+    up.add_blob("lib/deep", &br#"{"architecture":"amd64","os":"linux"}"#[..]);
+    up.add_blob("lib/deep", &b"the layer at the bottom"[..]);
+    let chain = nested_chain(3000);
+    let last = chain.len() - 1;
+    for (i, (mt, body)) in chain.into_iter().enumerate() {
+        up.add_manifest("lib/deep", (i == last).then_some("deep"), mt, body);
+    }
+    let shallow = nested_chain(2);
+    for (i, (mt, body)) in shallow.iter().enumerate() {
+        up.add_manifest("lib/deep", (i == 2).then_some("shallow"), mt, body.clone());
+    }
+    let a = spawn_region(&format!(
+        "[[sync]]\nupstream = \"{}\"\nrepositories = [\"lib/deep\"]\ninterval = \"1h\"\n",
+        up.url()
+    ));
+    let ca = HttpClient::new(a.url());
+    let deadline = Instant::now() + PATIENCE;
+    let st = loop {
+        let st = ca.get("/_wharf/sync/status").await.json();
+        if st["sync"][0]["passes"].as_u64().unwrap_or(0) >= 1 {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "no pass finished: {st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let e = &st["sync"][0];
+    assert_eq!(e["last_pass"]["failures"], 1, "{st}");
+    assert_eq!(e["last_pass"]["tags_copied"], 1, "{st}");
+    let error = e["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("lib/deep:deep") && error.contains("nested"),
+        "{error}"
+    );
+    assert!(manifest(&ca, "lib/deep", "deep").await.is_none());
+    let shallow_top = wharf::oci::Digest::sha256_of(&shallow[2].1).to_string();
+    assert_eq!(
+        manifest(&ca, "lib/deep", "shallow").await.unwrap().0,
+        shallow_top
+    );
+    assert_eq!(ca.get("/v2/").await.status, 200);
 }

@@ -266,6 +266,7 @@ async fn conditional_writes_and_concurrent_tag_updates() {
         media_type: "application/vnd.oci.image.manifest.v1+json".into(),
         size: 2,
         subject: None,
+        index_depth: None,
     };
     let digests: Vec<Digest> = (0..60)
         .map(|i| Digest::sha256_of(format!("m{i}").as_bytes()))

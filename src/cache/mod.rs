@@ -270,6 +270,7 @@ impl Cache {
             media_type: parsed.media_type.to_string(),
             size,
             subject: parsed.subject.clone(),
+            index_depth: None,
         };
         let referrer = parsed.subject.as_ref().map(|_| Descriptor {
             media_type: parsed.media_type.to_string(),
@@ -470,7 +471,7 @@ impl Cache {
         if m.kind != ManifestKind::Image {
             return;
         }
-        for b in m.blobs {
+        for b in m.blobs.into_iter().map(|b| b.digest) {
             if matches!(self.blobs.stat(&b).await, Ok(Some(_))) {
                 continue;
             }

@@ -12,6 +12,18 @@ use super::digest::Digest;
 /// Largest manifest accepted on push (the spec's recommended limit).
 pub const MAX_MANIFEST_SIZE: usize = 4 * 1024 * 1024;
 
+/// Deepest nesting of JSON arrays and objects accepted in a manifest. Real
+/// manifests nest about five levels (index, `manifests`, a descriptor, its
+/// `platform`, `os.features`); the bound is checked by a byte scan before
+/// any parser sees the bytes.
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// Deepest nesting of indexes: an index of image manifests has depth 1, an
+/// index whose entries include such indexes depth 2, and so on. A push of
+/// an index deeper than this is refused, and replication and sync stop at
+/// it; tree walks never go further.
+pub const MAX_INDEX_DEPTH: usize = 8;
+
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -77,15 +89,22 @@ pub struct Descriptor {
     pub annotations: BTreeMap<String, String>,
 }
 
+/// Content a manifest needs: a digest and the size its descriptor declares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContentRef {
+    pub digest: Digest,
+    pub size: u64,
+}
+
 /// A parsed manifest and the raw bytes it came from.
 #[derive(Debug, Clone)]
 pub struct Manifest {
     pub media_type: MediaType,
     pub kind: ManifestKind,
     /// Blobs this manifest needs (config and layers of an image manifest).
-    pub blobs: Vec<Digest>,
+    pub blobs: Vec<ContentRef>,
     /// Child manifests (an index's entries).
-    pub children: Vec<Digest>,
+    pub children: Vec<ContentRef>,
     /// The `subject` this manifest refers to (referrers API).
     pub subject: Option<Digest>,
     /// `artifactType`, or for an image manifest its config media type.
@@ -99,6 +118,10 @@ pub enum ManifestError {
     TooLarge,
     #[error("manifest is not valid JSON: {0}")]
     Json(String),
+    #[error("manifest is not valid UTF-8 (at byte {0})")]
+    Utf8(usize),
+    #[error("manifest JSON nests deeper than {MAX_JSON_DEPTH} levels")]
+    TooDeep,
     #[error("unsupported manifest media type {0:?}")]
     UnsupportedMediaType(String),
     #[error("manifest mediaType {body:?} does not match Content-Type {header:?}")]
@@ -126,6 +149,44 @@ fn strict(d: &oci_spec::image::Digest) -> Result<Digest, ManifestError> {
         .map_err(|e: super::digest::DigestError| ManifestError::Digest(format!("{d}: {e}")))
 }
 
+fn content(d: &oci_spec::image::Descriptor) -> Result<ContentRef, ManifestError> {
+    Ok(ContentRef {
+        digest: strict(d.digest())?,
+        size: d.size(),
+    })
+}
+
+/// Refuses JSON whose arrays and objects nest deeper than `max`: one pass
+/// over the bytes, counting brackets outside strings, so that no parser
+/// (and no stack) ever meets a deeper document. Syntax is left to the
+/// parser.
+pub fn check_json_depth(bytes: &[u8], max: usize) -> Result<(), ManifestError> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return Err(ManifestError::TooDeep);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 impl Manifest {
     /// Parses and validates manifest bytes. `content_type` is the request's
     /// `Content-Type`, if any; the media type comes from the body's
@@ -134,6 +195,10 @@ impl Manifest {
         if bytes.len() > MAX_MANIFEST_SIZE {
             return Err(ManifestError::TooLarge);
         }
+        // serde_json skips unknown fields without validating their strings
+        // or bounding their nesting: both are checked here first.
+        std::str::from_utf8(bytes).map_err(|e| ManifestError::Utf8(e.valid_up_to()))?;
+        check_json_depth(bytes, MAX_JSON_DEPTH)?;
         let probe: Probe =
             serde_json::from_slice(bytes).map_err(|e| ManifestError::Json(e.to_string()))?;
         if probe.schema_version.as_ref().and_then(|v| v.as_u64()) != Some(2) {
@@ -173,12 +238,12 @@ impl Manifest {
                 let m: ImageManifest = serde_json::from_slice(bytes)
                     .map_err(|e| ManifestError::Invalid(e.to_string()))?;
                 let mut blobs = Vec::with_capacity(m.layers().len() + 1);
-                blobs.push(strict(m.config().digest())?);
+                blobs.push(content(m.config())?);
                 for l in m.layers() {
                     // Every digest is checked; foreign (non-distributable)
                     // layers live elsewhere by design, so they are not
                     // required to be present.
-                    let d = strict(l.digest())?;
+                    let d = content(l)?;
                     let mt = l.media_type().to_string();
                     if !(mt.contains("foreign") || mt.contains("nondistributable")) {
                         blobs.push(d);
@@ -210,7 +275,7 @@ impl Manifest {
                 let children = m
                     .manifests()
                     .iter()
-                    .map(|d| strict(d.digest()))
+                    .map(content)
                     .collect::<Result<Vec<_>, _>>()?;
                 let subject = m
                     .subject()
@@ -282,7 +347,8 @@ mod tests {
         let m = Manifest::parse(image("").as_bytes(), Some(OCI_MANIFEST)).unwrap();
         assert_eq!(m.kind, ManifestKind::Image);
         assert_eq!(m.blobs.len(), 2);
-        assert_eq!(m.blobs[0].as_str(), CFG);
+        assert_eq!(m.blobs[0].digest.as_str(), CFG);
+        assert_eq!((m.blobs[0].size, m.blobs[1].size), (2, 32));
         assert!(m.subject.is_none());
         assert_eq!(
             m.artifact_type.as_deref(),
@@ -342,6 +408,51 @@ mod tests {
             ),
             Err(ManifestError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn nesting_is_bounded_before_parsing() {
+        // A million levels inside an unknown field: serde_json would skip
+        // them without a bound; the scan refuses them without recursing.
+        let deep = image(&format!(
+            r#","x":{}{}"#,
+            "[".repeat(1_000_000),
+            "]".repeat(1_000_000)
+        ));
+        assert_eq!(
+            Manifest::parse(deep.as_bytes(), None).unwrap_err(),
+            ManifestError::TooDeep
+        );
+        let at_limit = format!(
+            "{}{}",
+            "[".repeat(MAX_JSON_DEPTH),
+            "]".repeat(MAX_JSON_DEPTH)
+        );
+        assert!(check_json_depth(at_limit.as_bytes(), MAX_JSON_DEPTH).is_ok());
+        let over = format!("[{at_limit}]");
+        assert!(check_json_depth(over.as_bytes(), MAX_JSON_DEPTH).is_err());
+        // Brackets inside strings (and escaped quotes) do not count.
+        let quoted = format!(r#"["\"{}\\", "{}"]"#, "[".repeat(100), "{".repeat(100));
+        assert!(check_json_depth(quoted.as_bytes(), 2).is_ok());
+        assert!(
+            Manifest::parse(
+                image(&format!(r#","x":"{}""#, "[".repeat(100))).as_bytes(),
+                None
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_is_refused_even_where_serde_would_skip_it() {
+        let mut body = image(r#","x":"XX""#).into_bytes();
+        let at = body.windows(2).position(|w| w == b"XX").unwrap();
+        body[at] = 0xff;
+        body[at + 1] = 0xfe;
+        assert_eq!(
+            Manifest::parse(&body, None).unwrap_err(),
+            ManifestError::Utf8(at)
+        );
     }
 
     #[test]
@@ -701,8 +812,12 @@ mod tests {
         )
     }
 
-    fn strs(ds: &[Digest]) -> Vec<&str> {
-        ds.iter().map(Digest::as_str).collect()
+    fn strs(ds: &[ContentRef]) -> Vec<&str> {
+        ds.iter().map(|d| d.digest.as_str()).collect()
+    }
+
+    fn sizes(ds: &[ContentRef]) -> Vec<u64> {
+        ds.iter().map(|d| d.size).collect()
     }
 
     /// Arbitrary JSON built from the manifest vocabulary, to reach past the
@@ -765,6 +880,9 @@ mod tests {
                 g.layers.iter().filter(|(_, foreign)| !foreign).map(|(d, _)| d.digest.as_str()),
             );
             prop_assert_eq!(strs(&m.blobs), blobs);
+            let mut blob_sizes = vec![g.config.size];
+            blob_sizes.extend(g.layers.iter().filter(|(_, foreign)| !foreign).map(|(d, _)| d.size));
+            prop_assert_eq!(sizes(&m.blobs), blob_sizes);
             prop_assert!(m.children.is_empty());
             prop_assert_eq!(
                 m.subject.as_ref().map(Digest::as_str),
@@ -785,6 +903,8 @@ mod tests {
             prop_assert!(m.blobs.is_empty());
             let children: Vec<&str> = g.children.iter().map(|d| d.digest.as_str()).collect();
             prop_assert_eq!(strs(&m.children), children);
+            let child_sizes: Vec<u64> = g.children.iter().map(|d| d.size).collect();
+            prop_assert_eq!(sizes(&m.children), child_sizes);
             prop_assert_eq!(
                 m.subject.as_ref().map(Digest::as_str),
                 g.subject.as_ref().map(|s| s.digest.as_str())

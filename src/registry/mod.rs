@@ -2,6 +2,7 @@
 //! traits. No HTTP types here: bodies are byte streams, results are domain
 //! values and [`RegistryError`]s.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -10,7 +11,9 @@ use futures::StreamExt;
 
 use crate::cache::budget::Hold;
 use crate::cache::{Cache, CacheError, CachedBlob, Routed, Target};
-use crate::oci::manifest::{Descriptor, MAX_MANIFEST_SIZE, Manifest, ManifestError};
+use crate::oci::manifest::{
+    Descriptor, MAX_INDEX_DEPTH, MAX_MANIFEST_SIZE, Manifest, ManifestError, ManifestKind,
+};
 use crate::oci::{
     Algorithm, ByteRange, Digest, MediaType, Reference, RepoName, Tag, UploadId, UploadRange,
 };
@@ -394,6 +397,7 @@ impl Registry {
                     media_type: m.media_type,
                     size: m.size,
                     subject: None,
+                    index_depth: None,
                 };
                 (m.digest, record)
             }
@@ -476,20 +480,59 @@ impl Registry {
                 "manifest content hashes to {digest}, not {d}"
             )));
         }
+        // The empty config is stored on demand, once every check passed.
+        let mut store_empty = false;
         for blob in &manifest.blobs {
-            if !self.meta.blob_linked(repo, blob).await? || self.blobs.stat(blob).await?.is_none() {
-                if blob.as_str() == EMPTY_JSON_DIGEST {
-                    self.blobs.put(blob, Bytes::from_static(b"{}")).await?;
-                    self.meta.link_blob(repo, RepoKind::Hosted, blob).await?;
-                    continue;
+            let stored = if self.meta.blob_linked(repo, &blob.digest).await? {
+                self.blobs.stat(&blob.digest).await?
+            } else {
+                None
+            };
+            let size = match stored {
+                Some(size) => size,
+                None if blob.digest.as_str() == EMPTY_JSON_DIGEST => {
+                    store_empty = true;
+                    2
                 }
-                return Err(RegistryError::ManifestBlobUnknown(blob.clone()));
+                None => return Err(RegistryError::ManifestBlobUnknown(blob.digest.clone())),
+            };
+            if size != blob.size {
+                return Err(RegistryError::ManifestInvalid(format!(
+                    "the descriptor of blob {} declares {} bytes, but the blob is {size} bytes",
+                    blob.digest, blob.size
+                )));
             }
         }
+        let mut deepest_child = 0;
         for child in &manifest.children {
-            if self.meta.manifest(repo, child).await?.is_none() {
-                return Err(RegistryError::ManifestBlobUnknown(child.clone()));
+            let Some(record) = self.meta.manifest(repo, &child.digest).await? else {
+                return Err(RegistryError::ManifestBlobUnknown(child.digest.clone()));
+            };
+            if record.size != child.size {
+                return Err(RegistryError::ManifestInvalid(format!(
+                    "the descriptor of manifest {} declares {} bytes, but the manifest is {} bytes",
+                    child.digest, child.size, record.size
+                )));
             }
+            let depth = self
+                .stored_index_depth(repo, &child.digest, &record)
+                .await?;
+            deepest_child = deepest_child.max(depth);
+        }
+        let index_depth = match manifest.kind {
+            ManifestKind::Image => 0,
+            ManifestKind::Index => deepest_child + 1,
+        };
+        if index_depth > MAX_INDEX_DEPTH {
+            return Err(RegistryError::ManifestInvalid(format!(
+                "this index nests indexes more than {MAX_INDEX_DEPTH} levels deep; at most \
+                 {MAX_INDEX_DEPTH} are accepted"
+            )));
+        }
+        if store_empty {
+            let empty: Digest = EMPTY_JSON_DIGEST.parse().expect("a valid digest");
+            self.blobs.put(&empty, Bytes::from_static(b"{}")).await?;
+            self.meta.link_blob(repo, RepoKind::Hosted, &empty).await?;
         }
         let size = body.len() as u64;
         self.blobs.put(&digest, body.clone()).await?;
@@ -498,6 +541,7 @@ impl Registry {
             media_type: manifest.media_type.to_string(),
             size,
             subject: manifest.subject.clone(),
+            index_depth: Some(index_depth as u32),
         };
         let referrer = manifest.subject.as_ref().map(|_| Descriptor {
             media_type: manifest.media_type.to_string(),
@@ -527,6 +571,67 @@ impl Registry {
             digest,
             subject: manifest.subject,
         })
+    }
+
+    /// The index depth of a manifest stored in `repo` (0 for an image
+    /// manifest): recorded at its push, else (a record from before depths
+    /// were kept) found by walking its stored children one level at a
+    /// time, each manifest once per level, and never more than one level
+    /// past [`MAX_INDEX_DEPTH`] (a result above it means "too deep").
+    async fn stored_index_depth(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        record: &ManifestRecord,
+    ) -> Result<usize> {
+        let is_index =
+            |r: &ManifestRecord| MediaType::new(&r.media_type).kind() == Some(ManifestKind::Index);
+        if let Some(d) = record.index_depth {
+            return Ok(d as usize);
+        }
+        if !is_index(record) {
+            return Ok(0);
+        }
+        let mut deepest = 1;
+        // Indexes without a recorded depth, `at` levels down from `digest`
+        // (itself at level 1).
+        let mut level: Vec<(Digest, ManifestRecord)> = vec![(digest.clone(), record.clone())];
+        let mut at = 1;
+        while !level.is_empty() && at <= MAX_INDEX_DEPTH {
+            let mut next: Vec<(Digest, ManifestRecord)> = Vec::new();
+            let mut queued: HashSet<Digest> = HashSet::new();
+            for (d, r) in &level {
+                let hit = ManifestHit {
+                    digest: d.clone(),
+                    media_type: r.media_type.clone(),
+                    size: r.size,
+                };
+                let body = self.manifest_body(&hit).await?;
+                let m = Manifest::parse(&body, Some(&r.media_type)).map_err(|e| {
+                    RegistryError::ManifestInvalid(format!(
+                        "stored manifest {d}, below this index, cannot be read: {e}"
+                    ))
+                })?;
+                for c in m.children {
+                    let Some(cr) = self.meta.manifest(repo, &c.digest).await? else {
+                        continue;
+                    };
+                    match cr.index_depth {
+                        Some(cd) => deepest = deepest.max(at + cd as usize),
+                        None if is_index(&cr) => {
+                            deepest = deepest.max(at + 1);
+                            if queued.insert(c.digest.clone()) {
+                                next.push((c.digest, cr));
+                            }
+                        }
+                        None => {}
+                    }
+                }
+            }
+            level = next;
+            at += 1;
+        }
+        Ok(deepest)
     }
 
     /// Deletes a tag (by tag) or a manifest and every tag pointing at it (by

@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::oci::manifest::{Descriptor, Manifest};
+use crate::oci::manifest::{Descriptor, MAX_INDEX_DEPTH, Manifest, ManifestKind};
 use crate::oci::{Digest, Reference, RepoName};
 use crate::storage::ByteStream;
 use crate::upstream::UpstreamError;
@@ -60,6 +60,24 @@ impl CopyError {
 }
 
 pub type Result<T, E = CopyError> = std::result::Result<T, E>;
+
+/// Runs `f`; a panic inside it comes back as `Err` with the panic's
+/// message, so that a bug met by one job (or one synced tag) fails that
+/// one and not the process. (A stack overflow cannot be caught: the walks
+/// here keep their own stacks instead of recursing.)
+pub async fn catch_panic<T>(f: impl Future<Output = T>) -> std::result::Result<T, String> {
+    use futures::FutureExt;
+    std::panic::AssertUnwindSafe(f)
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".into())
+        })
+}
 
 /// Where content comes from.
 #[async_trait]
@@ -166,11 +184,11 @@ impl<'a> Copy<'a> {
     async fn root(&mut self, digest: &Digest) -> Result<(Digest, String, Bytes)> {
         let (media_type, body) = self.source.manifest(self.source_repo, digest).await?;
         let is_index = Manifest::parse(&body, Some(&media_type))
-            .map(|m| m.kind == crate::oci::manifest::ManifestKind::Index)
+            .map(|m| m.kind == ManifestKind::Index)
             .unwrap_or(false);
         if self.platforms.is_empty() || !is_index {
-            self.manifest_with(digest, &media_type, body.clone())
-                .await?;
+            let read = Some((media_type.clone(), body.clone()));
+            self.tree(vec![(digest.clone(), read)], 0).await?;
             return Ok((digest.clone(), media_type, body));
         }
         let mut index: serde_json::Value = serde_json::from_slice(&body)
@@ -187,8 +205,8 @@ impl<'a> Copy<'a> {
             )));
         }
         if kept.len() == entries.len() {
-            self.manifest_with(digest, &media_type, body.clone())
-                .await?;
+            let read = Some((media_type.clone(), body.clone()));
+            self.tree(vec![(digest.clone(), read)], 0).await?;
             return Ok((digest.clone(), media_type, body));
         }
         index["manifests"] = serde_json::Value::Array(kept.clone());
@@ -196,14 +214,17 @@ impl<'a> Copy<'a> {
             serde_json::to_vec(&index).map_err(|e| CopyError::Permanent(e.to_string()))?,
         );
         let filtered_digest = Digest::sha256_of(&filtered);
+        let mut children = Vec::with_capacity(kept.len());
         for e in &kept {
             let child: Digest = e["digest"]
                 .as_str()
                 .unwrap_or_default()
                 .parse()
                 .map_err(|e| CopyError::Permanent(format!("index {digest}: {e}")))?;
-            self.manifest(&child).await?;
+            children.push((child, None));
         }
+        // The kept entries sit one index (the filtered one) down.
+        self.tree(children, 1).await?;
         let as_ref = Reference::Digest(filtered_digest.clone());
         if self
             .target
@@ -243,80 +264,147 @@ impl<'a> Copy<'a> {
                 }
             }
         }
-        let roots: Vec<Digest> = self.seen.iter().cloned().collect();
-        for root in roots {
-            self.referrers(&root, 0).await?;
-        }
+        self.referrers().await?;
         self.out.digest = Some(digest);
         Ok(self.out)
     }
 
-    /// The referrers of `subject` (and theirs, to a depth).
-    async fn referrers(&mut self, subject: &Digest, depth: usize) -> Result<()> {
-        if depth >= MAX_REFERRER_DEPTH {
-            return Ok(());
-        }
-        for r in self.source.referrers(self.source_repo, subject).await? {
-            if self.seen.contains(&r.digest) {
+    /// The referrers of every manifest copied (and theirs, to a depth),
+    /// from a work list rather than by recursion.
+    async fn referrers(&mut self) -> Result<()> {
+        let mut subjects: Vec<(Digest, usize)> = self.seen.iter().map(|d| (d.clone(), 0)).collect();
+        while let Some((subject, depth)) = subjects.pop() {
+            if depth >= MAX_REFERRER_DEPTH {
                 continue;
             }
-            self.manifest(&r.digest).await?;
-            Box::pin(self.referrers(&r.digest, depth + 1)).await?;
+            for r in self.source.referrers(self.source_repo, &subject).await? {
+                if self.seen.contains(&r.digest) {
+                    continue;
+                }
+                self.tree(vec![(r.digest.clone(), None)], 0).await?;
+                subjects.push((r.digest, depth + 1));
+            }
         }
         Ok(())
     }
 
-    /// Copies a manifest by digest with everything it needs first (once
-    /// per copy).
-    async fn manifest(&mut self, digest: &Digest) -> Result<()> {
-        if self.seen.contains(digest) {
-            return Ok(());
-        }
-        let (media_type, body) = self.source.manifest(self.source_repo, digest).await?;
-        self.manifest_with(digest, &media_type, body).await
-    }
-
-    /// [`Copy::manifest`] of a manifest already read from the source.
-    async fn manifest_with(
+    /// Copies manifests by digest, each with everything it needs first
+    /// (blobs, then children, then the manifest; each manifest once per
+    /// copy). `roots` may come with their media type and bytes already
+    /// read; `above` is how many indexes sit above them.
+    ///
+    /// The walk keeps its own stack, so a deep tree costs heap, not the
+    /// thread's stack, and it fails at an index nested deeper than
+    /// [`MAX_INDEX_DEPTH`]: neither that index nor any above it is sent
+    /// (content beside it in the tree may have been).
+    async fn tree(
         &mut self,
-        digest: &Digest,
-        media_type: &str,
-        body: Bytes,
+        roots: Vec<(Digest, Option<(String, Bytes)>)>,
+        above: usize,
     ) -> Result<()> {
-        if !self.seen.insert(digest.clone()) {
-            return Ok(());
+        enum Step {
+            /// Look at a manifest: skip it, or send its blobs and queue its
+            /// children and then itself.
+            Visit {
+                digest: Digest,
+                read: Option<(String, Bytes)>,
+                above: usize,
+            },
+            /// Send a manifest whose content is at the target.
+            Put {
+                digest: Digest,
+                media_type: String,
+                body: Bytes,
+            },
         }
-        let as_ref = Reference::Digest(digest.clone());
-        if self
-            .target
-            .manifest_digest(self.target_repo, &as_ref)
-            .await?
-            .is_some()
-        {
-            // A registry holds a manifest only with its content.
-            return Ok(());
-        }
-        let m = Manifest::parse(&body, Some(media_type))
-            .map_err(|e| CopyError::Permanent(format!("manifest {digest} at the source: {e}")))?;
-        for blob in &m.blobs {
-            if self.target.has_blob(self.target_repo, blob).await? {
+        let mut stack: Vec<Step> = roots
+            .into_iter()
+            .rev()
+            .map(|(digest, read)| Step::Visit {
+                digest,
+                read,
+                above,
+            })
+            .collect();
+        while let Some(step) = stack.pop() {
+            let (digest, read, above) = match step {
+                Step::Put {
+                    digest,
+                    media_type,
+                    body,
+                } => {
+                    let as_ref = Reference::Digest(digest);
+                    self.target
+                        .put_manifest(self.target_repo, &as_ref, &media_type, body)
+                        .await?;
+                    self.out.manifests_sent += 1;
+                    continue;
+                }
+                Step::Visit {
+                    digest,
+                    read,
+                    above,
+                } => (digest, read, above),
+            };
+            if !self.seen.insert(digest.clone()) {
                 continue;
             }
-            let size = self.source.blob_size(self.source_repo, blob).await?;
-            let sent = self
+            let as_ref = Reference::Digest(digest.clone());
+            if self
                 .target
-                .put_blob(self.target_repo, blob, size, self.source, self.source_repo)
-                .await?;
-            self.out.blobs_sent += 1;
-            self.out.bytes_sent += sent;
+                .manifest_digest(self.target_repo, &as_ref)
+                .await?
+                .is_some()
+            {
+                // A registry holds a manifest only with its content.
+                continue;
+            }
+            let (media_type, body) = match read {
+                Some(r) => r,
+                None => self.source.manifest(self.source_repo, &digest).await?,
+            };
+            let m = Manifest::parse(&body, Some(&media_type)).map_err(|e| {
+                CopyError::Permanent(format!("manifest {digest} at the source: {e}"))
+            })?;
+            let below = above + usize::from(m.kind == ManifestKind::Index);
+            if below > MAX_INDEX_DEPTH {
+                return Err(CopyError::Permanent(format!(
+                    "indexes are nested more than {MAX_INDEX_DEPTH} levels deep at the source \
+                     (index {digest} is level {below}); at most {MAX_INDEX_DEPTH} are copied"
+                )));
+            }
+            for blob in &m.blobs {
+                if self.target.has_blob(self.target_repo, &blob.digest).await? {
+                    continue;
+                }
+                let size = self
+                    .source
+                    .blob_size(self.source_repo, &blob.digest)
+                    .await?;
+                let sent = self
+                    .target
+                    .put_blob(
+                        self.target_repo,
+                        &blob.digest,
+                        size,
+                        self.source,
+                        self.source_repo,
+                    )
+                    .await?;
+                self.out.blobs_sent += 1;
+                self.out.bytes_sent += sent;
+            }
+            stack.push(Step::Put {
+                digest,
+                media_type,
+                body,
+            });
+            stack.extend(m.children.into_iter().rev().map(|c| Step::Visit {
+                digest: c.digest,
+                read: None,
+                above: below,
+            }));
         }
-        for child in &m.children {
-            Box::pin(self.manifest(child)).await?;
-        }
-        self.target
-            .put_manifest(self.target_repo, &as_ref, media_type, body)
-            .await?;
-        self.out.manifests_sent += 1;
         Ok(())
     }
 }
@@ -479,13 +567,13 @@ mod tests {
             body: Bytes,
         ) -> Result<()> {
             let m = Manifest::parse(&body, Some(media_type)).unwrap();
-            for b in &m.blobs {
+            for b in m.blobs.iter().map(|b| &b.digest) {
                 assert!(
                     self.blobs.lock().unwrap().contains(b),
                     "manifest before its blob {b}"
                 );
             }
-            for c in &m.children {
+            for c in m.children.iter().map(|c| &c.digest) {
                 assert!(
                     self.manifests.lock().unwrap().contains_key(c),
                     "index before its child {c}"
@@ -600,5 +688,79 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, CopyError::Permanent(_)), "{e}");
+    }
+
+    /// An image under `levels` indexes, each the only entry of the next;
+    /// the outermost is tagged `deep`.
+    fn nested(src: &mut MemSource, levels: usize) -> Digest {
+        let (mut d, mut n) = src.image("amd64", b"at the bottom", None);
+        let mut mt = IMAGE;
+        for _ in 0..levels {
+            (d, n) = src.manifest(
+                INDEX,
+                json!({
+                    "schemaVersion": 2, "mediaType": INDEX,
+                    "manifests": [{ "mediaType": mt, "digest": d.as_str(), "size": n }],
+                }),
+            );
+            mt = INDEX;
+        }
+        src.tags.lock().unwrap().insert("deep".into(), d.clone());
+        d
+    }
+
+    #[tokio::test]
+    async fn indexes_nested_to_the_limit_are_copied() {
+        let mut src = MemSource::default();
+        let top = nested(&mut src, MAX_INDEX_DEPTH);
+        let dst = MemTarget::default();
+        let r = repo();
+        let out = Copy::new(&src, &r, &dst, &r)
+            .run(&"deep".parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(out.digest, Some(top.clone()));
+        assert_eq!(out.manifests_sent, MAX_INDEX_DEPTH + 2);
+        assert_eq!(dst.tags.lock().unwrap()["deep"], top);
+    }
+
+    /// Thousands of nested indexes neither overflow the stack (the walk
+    /// keeps its own) nor reach the target: the run fails for good with
+    /// the reason, before anything of the tree is sent.
+    #[tokio::test]
+    async fn an_index_nested_past_the_limit_fails_without_sending_anything() {
+        for levels in [MAX_INDEX_DEPTH + 1, 3000] {
+            let mut src = MemSource::default();
+            nested(&mut src, levels);
+            let dst = MemTarget::default();
+            let r = repo();
+            let e = Copy::new(&src, &r, &dst, &r)
+                .run(&"deep".parse().unwrap())
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, CopyError::Permanent(m) if m.contains("nested") && m.contains(&MAX_INDEX_DEPTH.to_string())),
+                "{levels}: {e}"
+            );
+            assert!(dst.manifests.lock().unwrap().is_empty(), "{levels}");
+            assert!(dst.blobs.lock().unwrap().is_empty(), "{levels}");
+            assert!(dst.tags.lock().unwrap().is_empty(), "{levels}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_comes_back_as_its_message() {
+        let ok = catch_panic(async { 7 }).await;
+        assert_eq!(ok, Ok(7));
+        let n = 3;
+        let e = catch_panic(async move {
+            if n == 3 {
+                panic!("bad state {n}");
+            }
+        })
+        .await;
+        assert_eq!(e, Err("bad state 3".to_string()));
+        let e = catch_panic(async { std::panic::panic_any(5u8) }).await;
+        assert_eq!(e, Err("(no message)".to_string()));
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::copy::{Copy, Platform};
+use super::copy::{Copy, CopyError, Platform, catch_panic};
 use super::endpoints::{LocalTarget, UpstreamSource};
 pub use crate::oci::name::TagPattern;
 use crate::oci::{Reference, RepoName, Tag};
@@ -137,7 +137,10 @@ pub async fn pass(entry: &SyncEntry, registry: &Registry) -> PassOutcome {
             }
             let copy =
                 Copy::new(&source, upstream_repo, &target, local_repo).platforms(&entry.platforms);
-            match copy.run(&reference).await {
+            let copied = catch_panic(copy.run(&reference))
+                .await
+                .unwrap_or_else(|panic| Err(CopyError::Permanent(format!("panicked: {panic}"))));
+            match copied {
                 Ok(c) => {
                     if c.manifests_sent > 0 {
                         out.tags_copied += 1;

@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::copy::{Copy, CopyError};
+use super::copy::{Copy, CopyError, catch_panic};
 use super::endpoints::{Checkpoints, JobTarget, LocalSource, RemoteTarget};
 use super::{Destination, Replication, ReplicationMetrics, unix_ms};
 use crate::registry::Registry;
@@ -76,7 +76,11 @@ pub async fn run(rep: Arc<Replication>, registry: Registry, stop: CancellationTo
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         let next = schedule(&shared, &mut tasks, &stop).await;
-        while tasks.try_join_next().is_some() {}
+        while let Some(done) = tasks.try_join_next() {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "a replication task ended abnormally");
+            }
+        }
         tokio::select! {
             () = rep.wake.notified() => {}
             () = tokio::time::sleep_until(next) => {}
@@ -144,14 +148,34 @@ async fn schedule(
         lock(&shared.in_flight).insert(job.key.clone());
         let (shared, stop) = (shared.clone(), stop.clone());
         tasks.spawn(async move {
-            let key = job.key.clone();
+            // Released however the task ends, a panic included.
+            let _in_flight = InFlight {
+                shared: shared.clone(),
+                key: job.key.clone(),
+                permit: Some(permit),
+            };
             run_job(&shared, &dest, job, &stop).await;
-            drop(permit);
-            lock(&shared.in_flight).remove(&key);
-            shared.rep.wake.notify_one();
         });
     }
     next
+}
+
+/// A job this process is running: its slot of the destination's
+/// concurrency and its place in `in_flight`, given back on drop (so that a
+/// task that panicked does not keep them) and the scheduler woken.
+struct InFlight {
+    shared: Arc<Shared>,
+    key: JobKey,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // The slot first, so the woken scheduler finds it free.
+        drop(self.permit.take());
+        lock(&self.shared.in_flight).remove(&self.key);
+        self.shared.rep.wake.notify_one();
+    }
 }
 
 /// Queue depth and lag gauges, by destination.
@@ -222,6 +246,40 @@ async fn run_job(shared: &Shared, dest: &Destination, job: Job, stop: &Cancellat
             "took over a replication job whose lease had ended"
         );
     }
+    // A bug met by this run (a panic anywhere in it) fails this job with
+    // the panic's message, instead of leaving it RUNNING for ever.
+    let outcome = match catch_panic(attempt(shared, dest, &started, stop)).await {
+        Ok(Some(outcome)) => outcome,
+        Ok(None) => return,
+        Err(panic) => {
+            let labels = ReplicationMetrics::labels(&dest.name);
+            rep.metrics.failures.get_or_create(&labels).inc();
+            let error = format!("the replication run panicked: {panic}");
+            tracing::error!(
+                destination = %dest.name,
+                repository = %key.repository,
+                reference = %key.reference,
+                %error,
+                "replication job failed"
+            );
+            Outcome::Failed { error }
+        }
+    };
+    if let Err(e) = rep.jobs.finish(&key, started.seq, outcome, unix_ms()).await {
+        tracing::error!(error = %e, "recording a replication outcome failed");
+    }
+}
+
+/// One run of a started job: the copy, and the outcome to record. `None`:
+/// the run stopped (shutdown, or its lease was lost) and records nothing.
+async fn attempt(
+    shared: &Shared,
+    dest: &Destination,
+    started: &Job,
+    stop: &CancellationToken,
+) -> Option<Outcome> {
+    let rep = &shared.rep;
+    let key = &started.key;
     let labels = ReplicationMetrics::labels(&dest.name);
     let result = match dest.repository(&key.repository) {
         Err(e) => Err(CopyError::Permanent(e)),
@@ -253,23 +311,23 @@ async fn run_job(shared: &Shared, dest: &Destination, job: Job, stop: &Cancellat
                             error: "the replica running it shut down".into(),
                             not_before_ms: unix_ms(),
                         };
-                        let _ = rep.jobs.finish(&key, started.seq, outcome, unix_ms()).await;
+                        let _ = rep.jobs.finish(key, started.seq, outcome, unix_ms()).await;
                     }
-                    return;
+                    return None;
                 }
-                () = hold_lease(&*rep.jobs, &key) => {
+                () = hold_lease(&*rep.jobs, key) => {
                     tracing::warn!(
                         destination = %dest.name,
                         repository = %key.repository,
                         reference = %key.reference,
                         "lost the lease of a replication job to another replica; stopping this run"
                     );
-                    return;
+                    return None;
                 }
             }
         }
     };
-    let outcome = match result {
+    Some(match result {
         Ok(copied) => {
             lock(&rep.paused).remove(&dest.name);
             if !copied.superseded {
@@ -338,10 +396,7 @@ async fn run_job(shared: &Shared, dest: &Destination, job: Job, stop: &Cancellat
             );
             outcome
         }
-    };
-    if let Err(e) = rep.jobs.finish(&key, started.seq, outcome, unix_ms()).await {
-        tracing::error!(error = %e, "recording a replication outcome failed");
-    }
+    })
 }
 
 #[cfg(test)]
@@ -422,5 +477,69 @@ mod tests {
         let held = t0.elapsed();
         assert!(held >= Duration::from_secs(20), "gave up after {held:?}");
         assert_eq!(jobs.renewals.load(Ordering::SeqCst), 2);
+    }
+
+    /// A run that panics (here: a destination missing from the targets
+    /// the scheduler built, a broken invariant) ends FAILED with the
+    /// panic's message, instead of unwinding out of the job's task and
+    /// leaving the job RUNNING.
+    #[tokio::test]
+    async fn a_run_that_panics_ends_failed_with_the_message() {
+        use crate::registry::Registry;
+        use crate::storage::fs::FsStore;
+        use crate::storage::jobs::RedbJobs;
+        use crate::storage::meta::RedbMeta;
+        use crate::upstream::{UpstreamClient, UpstreamSettings};
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FsStore::open(dir.path()).unwrap());
+        let meta = Arc::new(RedbMeta::open(&dir.path().join("meta.redb")).unwrap());
+        let jobs = Arc::new(RedbJobs::open(meta.database()).unwrap());
+        let client =
+            UpstreamClient::new(UpstreamSettings::new("http://127.0.0.1:9".parse().unwrap()))
+                .unwrap();
+        let dest = Destination {
+            name: "eu".into(),
+            url: "http://127.0.0.1:9".into(),
+            region: None,
+            registry_id: None,
+            client,
+            repository_prefix: None,
+            max_concurrency: 1,
+            chunk_size: 1 << 20,
+            max_attempts: 3,
+            retry_initial: Duration::from_millis(10),
+            retry_max: Duration::from_millis(10),
+        };
+        let rep = Arc::new(Replication::new(
+            vec![dest],
+            Vec::new(),
+            jobs,
+            Duration::ZERO,
+        ));
+        let key = JobKey {
+            destination: "eu".into(),
+            repository: "prod/app".parse().unwrap(),
+            reference: "1".parse().unwrap(),
+        };
+        rep.enqueue(std::slice::from_ref(&key)).await.unwrap();
+        let shared = Shared {
+            rep: rep.clone(),
+            source: LocalSource {
+                registry: Registry::new(store.clone(), store, meta),
+            },
+            targets: HashMap::new(),
+            in_flight: Mutex::new(HashSet::new()),
+        };
+        let job = rep.jobs.get(&key).await.unwrap().unwrap();
+        let dest = rep.destinations["eu"].clone();
+        run_job(&shared, &dest, job, &CancellationToken::new()).await;
+        let job = rep.jobs.get(&key).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Failed);
+        let error = job.error.unwrap_or_default();
+        assert!(
+            error.contains("panicked") && error.contains("no entry found for key"),
+            "{error}"
+        );
     }
 }

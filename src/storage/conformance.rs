@@ -291,6 +291,7 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
         media_type: crate::oci::manifest::OCI_MANIFEST.to_string(),
         size: 10,
         subject,
+        index_depth: None,
     };
     let tags: Vec<String> = ["b", "a", "c", "a1", "Z"]
         .iter()

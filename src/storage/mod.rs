@@ -214,6 +214,11 @@ pub struct ManifestRecord {
     /// The subject this manifest refers to, if it is a referrer.
     #[serde(default)]
     pub subject: Option<Digest>,
+    /// Levels of index nesting (0: an image manifest; 1: an index of
+    /// images; ...), as checked when it was pushed. `None` where it was not
+    /// recorded (records of the cache, or written before depths were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_depth: Option<u32>,
 }
 
 /// A blob the cache budget accounts for.
