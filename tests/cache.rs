@@ -520,7 +520,7 @@ async fn clients_get_verified_bytes_before_the_blob_is_published() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let fills = fills_with(false, gate.clone()).await;
     let fill = fills
-        .join_or_start(&digest, &upstream, &upstream_repo, &repo)
+        .join_or_start(&digest, None, &upstream, &upstream_repo, &repo)
         .await
         .unwrap();
     let body = tokio::time::timeout(
@@ -557,7 +557,7 @@ async fn clients_get_verified_bytes_before_the_blob_is_published() {
     let gate = Arc::new(tokio::sync::Semaphore::new(1));
     let fills = fills_with(true, gate).await;
     let fill = fills
-        .join_or_start(&d2, &upstream, &upstream_repo, &repo)
+        .join_or_start(&d2, None, &upstream, &upstream_repo, &repo)
         .await
         .unwrap();
     let body = read_all(fills.stream(fill.clone(), 0, None)).await;
@@ -571,7 +571,7 @@ async fn clients_get_verified_bytes_before_the_blob_is_published() {
     assert!(!meta.blob_linked(&repo, &d2).await.unwrap());
     assert_eq!(fills.counters.failed.get(), 1, "the failure is counted");
     let fill = fills
-        .join_or_start(&d2, &upstream, &upstream_repo, &repo)
+        .join_or_start(&d2, None, &upstream, &upstream_repo, &repo)
         .await
         .unwrap();
     read_all(fills.stream(fill, 0, None)).await;

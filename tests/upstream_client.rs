@@ -173,8 +173,8 @@ async fn concurrent_requests_share_one_token_fetch() {
             let c = c.clone();
             let d = d.clone();
             tokio::spawn(async move {
-                let b = c.get_blob(&name("r"), &d, 0).await.unwrap();
-                collect(b.stream).await.0.len()
+                let b = c.get_blob(&name("r"), &d, 0, 1000).await.unwrap();
+                collect(b).await.0.len()
             })
         })
         .collect();
@@ -264,8 +264,8 @@ async fn basic_auth() {
     let d = fake.add_blob("r", blob_bytes(10));
     let c = client_with(&fake, "bob", "pw");
     assert_eq!(c.head_blob(&name("r"), &d).await.unwrap(), 10);
-    let b = c.get_blob(&name("r"), &d, 0).await.unwrap();
-    assert_eq!(collect(b.stream).await.0, blob_bytes(10));
+    let b = c.get_blob(&name("r"), &d, 0, 10).await.unwrap();
+    assert_eq!(collect(b).await.0, blob_bytes(10));
     // The first request is challenged; after that Basic is sent up front.
     assert_eq!(fake.count("*", &blob_path("r", &d)), 3);
     let sent: Vec<_> = fake
@@ -500,21 +500,18 @@ async fn blob_ranges() {
     let c = client(&fake);
     let path = blob_path("r", &d);
 
-    let b = c.get_blob(&name("r"), &d, 0).await.unwrap();
-    assert_eq!(b.total_size, Some(300_000));
-    expect_bytes(b.stream, &data).await;
+    let b = c.get_blob(&name("r"), &d, 0, 300_000).await.unwrap();
+    expect_bytes(b, &data).await;
 
-    let b = c.get_blob(&name("r"), &d, 123_456).await.unwrap();
-    assert_eq!(b.total_size, Some(300_000));
-    let (got, err) = collect(b.stream).await;
+    let b = c.get_blob(&name("r"), &d, 123_456, 300_000).await.unwrap();
+    let (got, err) = collect(b).await;
     assert!(err.is_none());
     assert_eq!(got, data[123_456..]);
 
     // A server that ignores Range: the client skips the prefix itself.
     fake.fault(d.as_str(), Fault::IgnoreRange);
-    let b = c.get_blob(&name("r"), &d, 200_001).await.unwrap();
-    assert_eq!(b.total_size, Some(300_000));
-    let (got, err) = collect(b.stream).await;
+    let b = c.get_blob(&name("r"), &d, 200_001, 300_000).await.unwrap();
+    let (got, err) = collect(b).await;
     assert!(err.is_none());
     assert_eq!(got, data[200_001..]);
 
@@ -527,7 +524,7 @@ async fn blob_ranges() {
         ]
     );
     assert!(matches!(
-        c.get_blob(&name("r"), &Digest::sha256_of(b"absent"), 0)
+        c.get_blob(&name("r"), &Digest::sha256_of(b"absent"), 0, 6)
             .await,
         Err(UpstreamError::NotFound)
     ));
@@ -540,8 +537,8 @@ async fn truncated_body_is_an_error_not_an_end() {
     let d = fake.add_blob("r", data.clone());
     fake.fault_times(d.as_str(), Fault::Truncate { after: 70_000 }, 1);
     let c = client(&fake);
-    let b = c.get_blob(&name("r"), &d, 0).await.unwrap();
-    let (got, err) = collect(b.stream).await;
+    let b = c.get_blob(&name("r"), &d, 0, 200_000).await.unwrap();
+    let (got, err) = collect(b).await;
     let err = err.expect("a truncated body must end in an error");
     assert!(
         got.len() <= 70_000 && data.starts_with(&got),
@@ -551,8 +548,11 @@ async fn truncated_body_is_an_error_not_an_end() {
     assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
 
     // Resuming from where it broke completes the blob.
-    let b = c.get_blob(&name("r"), &d, got.len() as u64).await.unwrap();
-    let (rest, err) = collect(b.stream).await;
+    let b = c
+        .get_blob(&name("r"), &d, got.len() as u64, 200_000)
+        .await
+        .unwrap();
+    let (rest, err) = collect(b).await;
     assert!(err.is_none());
     assert_eq!([got, rest].concat(), data);
 }
@@ -563,8 +563,11 @@ async fn reset_mid_body_is_an_error() {
     let data = blob_bytes(200_000);
     let d = fake.add_blob("r", data.clone());
     fake.fault_times(d.as_str(), Fault::Reset { after: 100_000 }, 1);
-    let b = client(&fake).get_blob(&name("r"), &d, 0).await.unwrap();
-    let (got, err) = collect(b.stream).await;
+    let b = client(&fake)
+        .get_blob(&name("r"), &d, 0, 200_000)
+        .await
+        .unwrap();
+    let (got, err) = collect(b).await;
     let err = err.expect("a reset must end in an error");
     assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
     assert!(got.len() <= 100_000 && data.starts_with(&got));
@@ -579,10 +582,10 @@ async fn stalled_body_times_out() {
     s.read_timeout = Duration::from_secs(1);
     let b = UpstreamClient::new(s)
         .unwrap()
-        .get_blob(&name("r"), &d, 0)
+        .get_blob(&name("r"), &d, 0, 100_000)
         .await
         .unwrap();
-    let (got, err) = collect(b.stream).await;
+    let (got, err) = collect(b).await;
     assert_eq!(got.len(), 10_000);
     assert_eq!(
         err.expect("stall must fail").kind(),
@@ -602,8 +605,11 @@ async fn slow_body_within_read_timeout_completes() {
             delay: Duration::from_millis(50),
         },
     );
-    let b = client(&fake).get_blob(&name("r"), &d, 0).await.unwrap();
-    expect_bytes(b.stream, &data).await;
+    let b = client(&fake)
+        .get_blob(&name("r"), &d, 0, 5_000)
+        .await
+        .unwrap();
+    expect_bytes(b, &data).await;
 }
 
 #[tokio::test]
@@ -621,9 +627,8 @@ async fn redirects_drop_authorization_across_hosts() {
     );
 
     let c = client_with(&origin, "alice", "secret");
-    let b = c.get_blob(&name("r"), &d, 1_000).await.unwrap();
-    assert_eq!(b.total_size, Some(50_000));
-    expect_bytes(b.stream, &data[1_000..]).await;
+    let b = c.get_blob(&name("r"), &d, 1_000, 50_000).await.unwrap();
+    expect_bytes(b, &data[1_000..]).await;
 
     let cdn_reqs = cdn.requests();
     assert_eq!(cdn_reqs.len(), 1);
@@ -647,15 +652,17 @@ async fn redirects_drop_authorization_across_hosts() {
     origin.clear_faults();
     origin.reset_counters();
     origin.fault_times(d.as_str(), Fault::redirect(format!("{path}?again=1")), 1);
-    let b = c.get_blob(&name("r"), &d, 0).await.unwrap();
-    assert_eq!(collect(b.stream).await.0, data);
+    let b = c.get_blob(&name("r"), &d, 0, 50_000).await.unwrap();
+    assert_eq!(collect(b).await.0, data);
     let reqs = origin.requests();
     assert_eq!(reqs.len(), 2, "{reqs:?}");
     assert!(reqs.iter().all(|r| r.header("authorization").is_some()));
 
     // A redirect loop ends.
     origin.fault(d.as_str(), Fault::redirect(path.clone()));
-    let err = c.get_blob(&name("r"), &d, 0).await.unwrap_err();
+    let Err(err) = c.get_blob(&name("r"), &d, 0, 50_000).await else {
+        panic!("a redirect loop must fail");
+    };
     assert!(matches!(err, UpstreamError::Protocol(_)), "{err:?}");
 }
 
@@ -781,8 +788,8 @@ async fn tls_with_an_extra_ca_and_http2() {
     s.credentials = Some(Credentials::new("alice", "secret"));
     s.ca_file = Some(pki.ca.clone());
     let c = UpstreamClient::new(s).unwrap();
-    let b = c.get_blob(&name("r"), &d, 10).await.unwrap();
-    expect_bytes(b.stream, &data[10..]).await;
+    let b = c.get_blob(&name("r"), &d, 10, 300_000).await.unwrap();
+    expect_bytes(b, &data[10..]).await;
     let reqs = fake.requests();
     assert_eq!(fake.token_requests(), 1);
     assert!(

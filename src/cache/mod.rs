@@ -470,7 +470,7 @@ impl Cache {
             }
             if let Err(e) = self
                 .fills
-                .join_or_start(&b, self.upstream(t), &t.upstream, &t.local)
+                .join_or_start(&b, None, self.upstream(t), &t.upstream, &t.local)
                 .await
             {
                 tracing::warn!(digest = %b, error = %e, "prefetch failed to start");
@@ -577,7 +577,7 @@ impl Cache {
                 }
                 self.counters.miss(&metrics::BLOB);
                 self.fills
-                    .join_or_start(digest, self.upstream(t), &t.upstream, &t.local)
+                    .join_or_start(digest, None, self.upstream(t), &t.upstream, &t.local)
                     .await?
             }
         };

@@ -44,6 +44,12 @@ pub struct SyncConfig {
     /// Extra PEM CA certificate trusted for this upstream.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Hosts besides the registry's own that may be its token realm (the
+    /// host a Bearer challenge sends wharf to for a token). A realm on
+    /// another host is refused, with or without credentials;
+    /// `auth.docker.io` is allowed for Docker Hub without being listed.
+    #[serde(default)]
+    pub token_realm_hosts: Vec<String>,
     /// Repository names upstream.
     pub repositories: Vec<String>,
     /// Prepended to each name locally (`<local_prefix>/<repository>`).
@@ -125,6 +131,13 @@ pub struct DestinationConfig {
     /// Extra PEM CA certificate trusted for this destination.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Hosts besides the registry's own that may be its token realm (the
+    /// host a Bearer challenge sends wharf to for a token). A realm on
+    /// another host is refused, with or without credentials;
+    /// `auth.docker.io` is allowed for Docker Hub without being listed.
+    #[serde(default)]
+    pub token_realm_hosts: Vec<String>,
+
     /// Allows a plain `http://` URL; only for a loopback address.
     #[serde(default)]
     pub insecure: bool,
@@ -244,6 +257,12 @@ pub struct PullThroughRule {
     /// Extra PEM CA certificate trusted for this upstream.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Hosts besides the registry's own that may be its token realm (the
+    /// host a Bearer challenge sends wharf to for a token). A realm on
+    /// another host is refused, with or without credentials;
+    /// `auth.docker.io` is allowed for Docker Hub without being listed.
+    #[serde(default)]
+    pub token_realm_hosts: Vec<String>,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
     #[serde(default = "default_response_timeout", with = "humantime_serde")]
@@ -285,6 +304,7 @@ pub fn default_rules() -> Vec<PullThroughRule> {
         max_stale: default_max_stale(),
         credentials: None,
         ca_file: None,
+        token_realm_hosts: Vec::new(),
         connect_timeout: default_connect_timeout(),
         response_timeout: default_response_timeout(),
         read_timeout: default_read_timeout(),
@@ -727,6 +747,7 @@ impl Config {
                     .map_err(|e| fail("upstream_prefix", e.to_string()))?;
             }
             check_upstream_url(&rule.upstream).map_err(|m| fail("upstream", m))?;
+            check_realm_hosts(&rule.token_realm_hosts).map_err(|m| fail("token_realm_hosts", m))?;
             if let Some(c) = &rule.credentials {
                 c.password().map_err(|m| fail("credentials", m))?;
             }
@@ -738,6 +759,7 @@ impl Config {
                 message: m,
             };
             check_upstream_url(&e.upstream).map_err(|m| fail("upstream", m))?;
+            check_realm_hosts(&e.token_realm_hosts).map_err(|m| fail("token_realm_hosts", m))?;
             if let Some(c) = &e.credentials {
                 c.password().map_err(|m| fail("credentials", m))?;
             }
@@ -786,6 +808,27 @@ impl Config {
     }
 }
 
+/// `token_realm_hosts` are host names or IP addresses (IPv6 in brackets),
+/// without scheme, port or path.
+fn check_realm_hosts(hosts: &[String]) -> Result<(), String> {
+    for h in hosts {
+        let ok = match h.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => {
+                !h.is_empty()
+                    && h.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+            }
+        };
+        if !ok {
+            return Err(format!(
+                "{h:?}: name a host (e.g. auth.example.com), without scheme, port or path"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// An upstream's base URL must be `http(s)://host[:port]` with no path.
 fn check_upstream_url(url: &str) -> Result<(), String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
@@ -825,6 +868,7 @@ impl ReplicationConfig {
             if !names.insert(d.name.as_str()) {
                 return Err(fail("name", format!("{:?} names two destinations", d.name)));
             }
+            check_realm_hosts(&d.token_realm_hosts).map_err(|m| fail("token_realm_hosts", m))?;
             let uri: http::Uri = d
                 .url
                 .parse()
