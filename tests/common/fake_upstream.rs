@@ -73,7 +73,8 @@ pub enum Fault {
     /// HEAD still tells the true length.
     Endless,
     /// GET only: announce this `Content-Length` whatever the content's
-    /// length (HEAD still tells the true one).
+    /// length, send the content, then nothing more on an open connection
+    /// (HEAD still tells the true length).
     ContentLength(u64),
     /// GET only: no `Content-Length` (a chunked or close-delimited body).
     NoContentLength,
@@ -1241,6 +1242,12 @@ fn stream_body(data: Bytes, plan: BodyPlan, reset: Arc<AtomicBool>) -> Body {
     let s = futures::stream::unfold(st, |mut st| async move {
         if st.failed {
             return None;
+        }
+        if st.plan.content_length.is_some() && st.pos >= st.data.len() {
+            // A body shorter than its announced length: the connection
+            // stays open (ending it would keep hyper from sending even the
+            // head).
+            std::future::pending::<()>().await;
         }
         if st.plan.endless && st.pos >= st.data.len() {
             static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
