@@ -665,10 +665,13 @@ async fn a_bogus_upstream_content_length_is_never_passed_to_clients() {
     let http = HttpClient::new(w.url());
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let url: http::Uri = format!("{}/v2/up/app/blobs/{ld}", w.url()).parse().unwrap();
-    let (status, headers, _) =
-        tokio::time::timeout(Duration::from_secs(30), get_outcome(&client, url))
-            .await
-            .expect("wharf answers");
+    // Only the head is read: the upstream's body never ends.
+    let resp = tokio::time::timeout(Duration::from_secs(30), client.get(url))
+        .await
+        .expect("wharf answers")
+        .expect("wharf answers");
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    drop(resp);
     assert_ne!(
         headers.get("content-length").and_then(|v| v.to_str().ok()),
         Some("1000000000000"),
