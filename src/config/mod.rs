@@ -1356,6 +1356,38 @@ mod tests {
     }
 
     #[test]
+    fn token_realm_hosts() {
+        let rule = |hosts: &str| {
+            format!(
+                "[[pull_through]]\nprefix = \"p\"\nupstream = \"https://r.example\"\ntoken_realm_hosts = {hosts}\n"
+            )
+        };
+        let c = load_str(&rule(r#"["auth.example", "[::1]", "10.0.0.1"]"#), &[]).unwrap();
+        assert_eq!(c.pull_through[0].token_realm_hosts.len(), 3);
+        for bad in [
+            r#"["https://auth.example"]"#,
+            r#"["auth.example:443"]"#,
+            r#"["auth.example/token"]"#,
+            r#"[""]"#,
+        ] {
+            let e = load_str(&rule(bad), &[]).unwrap_err().to_string();
+            assert!(
+                e.starts_with("pull_through[0].token_realm_hosts:"),
+                "{bad} → {e}"
+            );
+        }
+        let sync = "[[sync]]\nupstream = \"https://r.example\"\nrepositories = [\"a\"]\ntoken_realm_hosts = [\"a b\"]\n";
+        let e = load_str(sync, &[]).unwrap_err().to_string();
+        assert!(e.starts_with("sync[0].token_realm_hosts:"), "{e}");
+        let dest = "[[replication.destinations]]\nname = \"eu\"\nurl = \"https://r.eu.example\"\ntoken_realm_hosts = [\"x/y\"]\n";
+        let e = load_str(dest, &[]).unwrap_err().to_string();
+        assert!(
+            e.starts_with("replication.destinations[0].token_realm_hosts:"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn replication() {
         let dest = |name: &str, url: &str, extra: &str| {
             format!("[[replication.destinations]]\nname = \"{name}\"\nurl = \"{url}\"\n{extra}\n")

@@ -1391,6 +1391,93 @@ mod tests {
     }
 
     #[test]
+    fn token_realms_stay_inside_the_upstreams_trust_boundary() {
+        let realm = |s: &str| -> Uri { s.parse().unwrap() };
+        let hub = Inner::new(UpstreamSettings::new(
+            "https://registry-1.docker.io".parse().unwrap(),
+        ))
+        .unwrap();
+        // Docker Hub's realm is allowed without configuration, for Docker
+        // Hub only.
+        for creds in [true, false] {
+            assert!(
+                realm_allowed(
+                    &realm("https://auth.docker.io/token"),
+                    &hub.base,
+                    &hub.realm_hosts,
+                    creds
+                )
+                .is_ok()
+            );
+        }
+        let other =
+            Inner::new(UpstreamSettings::new("https://r.example".parse().unwrap())).unwrap();
+        let refused = |r: &str, inner: &Inner, creds: bool| {
+            matches!(
+                realm_allowed(&realm(r), &inner.base, &inner.realm_hosts, creds),
+                Err(UpstreamError::Refused(_))
+            )
+        };
+        assert!(refused("https://auth.docker.io/token", &other, false));
+        assert!(refused("https://evil.example/token", &hub, true));
+        assert!(refused("https://evil.example/token", &hub, false));
+        // The upstream's own host, any port.
+        assert!(
+            realm_allowed(
+                &realm("https://r.example:8443/t"),
+                &other.base,
+                &other.realm_hosts,
+                true
+            )
+            .is_ok()
+        );
+        // A downgrade to http with credentials, even on the same host.
+        assert!(refused("http://r.example/token", &other, true));
+        assert!(
+            realm_allowed(
+                &realm("http://r.example/token"),
+                &other.base,
+                &other.realm_hosts,
+                false
+            )
+            .is_ok()
+        );
+        // Listed hosts, case-insensitively.
+        let mut s = UpstreamSettings::new("http://127.0.0.1:5000".parse().unwrap());
+        s.token_realm_hosts = vec!["Auth.Example".into()];
+        let listed = Inner::new(s).unwrap();
+        assert!(
+            realm_allowed(
+                &realm("https://auth.example/t"),
+                &listed.base,
+                &listed.realm_hosts,
+                true
+            )
+            .is_ok()
+        );
+        // Over plain http only to the (plain http) upstream's own host.
+        assert!(refused("http://auth.example/t", &listed, true));
+        assert!(
+            realm_allowed(
+                &realm("http://auth.example/t"),
+                &listed.base,
+                &listed.realm_hosts,
+                false
+            )
+            .is_ok()
+        );
+        assert!(
+            realm_allowed(
+                &realm("http://127.0.0.1:5001/t"),
+                &listed.base,
+                &listed.realm_hosts,
+                true
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
     fn origins() {
         let base: Uri = "https://r.example/".parse().unwrap();
         assert!(same_origin(

@@ -7,6 +7,10 @@
 //! the registry token flow (`WWW-Authenticate: Bearer` → realm → cached
 //! token) and Basic auth, retries with `Retry-After` or backoff, redirects
 //! (to a CDN) without leaking credentials, and timeouts on tokio's clock.
+//! What the upstream may make wharf do is bounded (`guard.rs`): token
+//! realms only on its host or its `token_realm_hosts`, connections to
+//! loopback, private and link-local addresses only when the upstream is of
+//! that kind, and blob bodies of exactly the size the caller knows.
 //!
 //! Retries only happen before a response is handed to the caller: a blob
 //! body is a stream that fails (never ends cleanly) when the connection
