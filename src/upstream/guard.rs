@@ -403,8 +403,7 @@ mod tests {
         assert_eq!(got, vec![sa("93.184.216.34")]);
         let err = resolve(vec!["127.0.0.1"], "rebind.example")
             .await
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert!(err.downcast_ref::<Refused>().is_some(), "{err}");
         // The upstream's own name is never filtered, and a private
         // upstream lets its own kind through.
