@@ -48,6 +48,9 @@ impl CopyError {
             UpstreamError::Denied(m) => {
                 CopyError::Permanent(format!("{what}: the destination denied access: {m}"))
             }
+            // A token realm or redirect outside the destination's trust
+            // boundary: configuration (`token_realm_hosts`) decides, not time.
+            UpstreamError::Refused(m) => CopyError::Permanent(format!("{what}: {m}")),
             e if e.is_unavailable() => CopyError::Unavailable(msg),
             _ => CopyError::Retry(msg),
         }
