@@ -174,9 +174,9 @@ impl Fills {
 
     /// Joins the fill for `digest`, or starts one fetching it from
     /// `upstream_repo` on `upstream`. `local` is linked to the blob when the
-    /// fill publishes it. `size` is the blob's size when a manifest's
-    /// descriptor told it; without it the fill asks upstream with a `HEAD`
-    /// first. Either way the fill takes exactly that many bytes: a `GET`
+    /// fill publishes it. `size` is the blob's size when the caller knows
+    /// it (a manifest's descriptor); without it the fill asks upstream with
+    /// a `HEAD` first. Either way the fill takes exactly that many bytes: a `GET`
     /// announcing another size, or a body that goes on past it, fails the
     /// fill.
     pub async fn join_or_start(

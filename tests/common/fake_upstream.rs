@@ -5,7 +5,8 @@
 //! lists with `n`/`last`/`Link`, referrers, `/v2/`), can demand Bearer
 //! tokens from its own `/token` realm or Basic credentials, injects faults
 //! (status with `Retry-After`, slow, stalled, truncated, corrupted or reset
-//! bodies, delayed headers, redirects, ignored ranges) per path or digest and
+//! bodies, endless or mis-announced bodies, delayed headers, redirects,
+//! ignored ranges, a token realm under another authority) per path or digest and
 //! optionally for the next N requests only, and records every request.
 //!
 //! It runs on its own thread with its own runtime (and its own clock), so it
