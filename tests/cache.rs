@@ -520,7 +520,7 @@ async fn clients_get_verified_bytes_before_the_blob_is_published() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let fills = fills_with(false, gate.clone()).await;
     let fill = fills
-        .join_or_start(&digest, &upstream, &upstream_repo, &repo)
+        .join_or_start(&digest, None, &upstream, &upstream_repo, &repo)
         .await
         .unwrap();
     let body = tokio::time::timeout(
@@ -557,7 +557,7 @@ async fn clients_get_verified_bytes_before_the_blob_is_published() {
     let gate = Arc::new(tokio::sync::Semaphore::new(1));
     let fills = fills_with(true, gate).await;
     let fill = fills
-        .join_or_start(&d2, &upstream, &upstream_repo, &repo)
+        .join_or_start(&d2, None, &upstream, &upstream_repo, &repo)
         .await
         .unwrap();
     let body = read_all(fills.stream(fill.clone(), 0, None)).await;
@@ -571,9 +571,124 @@ async fn clients_get_verified_bytes_before_the_blob_is_published() {
     assert!(!meta.blob_linked(&repo, &d2).await.unwrap());
     assert_eq!(fills.counters.failed.get(), 1, "the failure is counted");
     let fill = fills
-        .join_or_start(&d2, &upstream, &upstream_repo, &repo)
+        .join_or_start(&d2, None, &upstream, &upstream_repo, &repo)
         .await
         .unwrap();
     read_all(fills.stream(fill, 0, None)).await;
     assert_eq!(fake.count("GET", &format!("/v2/lib/app/blobs/{d2}")), 2);
+}
+
+/// The value of a counter in wharf's `/metrics`.
+async fn counter(http: &HttpClient, series: &str) -> f64 {
+    let text = String::from_utf8(http.get("/metrics").await.body.to_vec()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+/// How a GET of a blob through wharf ended: its status and head, and
+/// whether its body ended cleanly (with the bytes).
+async fn get_outcome(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    url: http::Uri,
+) -> (http::StatusCode, http::HeaderMap, Result<Bytes, ()>) {
+    let resp = client.get(url).await.expect("wharf answers");
+    let (head, body) = resp.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).map_err(|_| ());
+    (head.status, head.headers, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_upstream_body_is_cut_at_the_blob_size_and_nothing_is_stored() {
+    let fake = FakeUpstream::start();
+    let layer = random_bytes(512 * 1024, 7);
+    let (_, ld, _) = seed_image(&fake, "app", "v1", &layer);
+    // No Content-Length, the layer's bytes, then zeros without end (64 KiB
+    // every 10 ms, so that a wharf without a bound writes about 6 MB/s to
+    // its staging file instead of filling the disk).
+    fake.fault(&ld, Fault::Endless);
+    fake.fault(
+        &ld,
+        Fault::SlowBody {
+            chunk: 64 * 1024,
+            delay: Duration::from_millis(10),
+        },
+    );
+    let w = common::spawn_wharf(&rule("up", &fake, ""));
+    let http = HttpClient::new(w.url());
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let url: http::Uri = format!("{}/v2/up/app/blobs/{ld}", w.url()).parse().unwrap();
+    let (status, headers, body) =
+        tokio::time::timeout(Duration::from_secs(30), get_outcome(&client, url.clone()))
+            .await
+            .expect("wharf ends the response instead of waiting for the body's end");
+    // The size HEAD told is the one clients see, and the response never
+    // ends cleanly: the fill failed at the first byte past the blob.
+    if status == StatusCode::OK {
+        assert_eq!(headers["content-length"], layer.len().to_string().as_str());
+        assert!(
+            body.is_err(),
+            "a cleanly ended body from an endless upstream"
+        );
+    } else {
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+    assert!(stored_blobs(&w.data_dir()).is_empty(), "nothing stored");
+    let received = counter(&http, "wharf_upstream_bytes_total").await;
+    assert!(
+        received <= layer.len() as f64,
+        "{received} bytes taken from upstream for a blob of {}",
+        layer.len()
+    );
+    assert_eq!(counter(&http, "wharf_cache_fill_failures_total").await, 1.0);
+    assert_eq!(
+        fake.count("GET", &format!("/v2/app/blobs/{ld}")),
+        1,
+        "a body longer than the blob is not resumed"
+    );
+
+    // Once upstream behaves, the blob is filled and verified.
+    fake.clear_faults();
+    let r = http.get(&format!("/v2/up/app/blobs/{ld}")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(common::sha256(&r.body), ld);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bogus_upstream_content_length_is_never_passed_to_clients() {
+    let fake = FakeUpstream::start();
+    let layer = random_bytes(256 * 1024, 8);
+    let (_, ld, _) = seed_image(&fake, "app", "v1", &layer);
+    // HEAD tells the true size; GET announces a terabyte.
+    fake.fault(&ld, Fault::ContentLength(1_000_000_000_000));
+    let w = common::spawn_wharf(&rule("up", &fake, ""));
+    let http = HttpClient::new(w.url());
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let url: http::Uri = format!("{}/v2/up/app/blobs/{ld}", w.url()).parse().unwrap();
+    // Only the head is read: the upstream's body never ends.
+    let resp = tokio::time::timeout(Duration::from_secs(30), client.get(url))
+        .await
+        .expect("wharf answers")
+        .expect("wharf answers");
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    drop(resp);
+    assert_ne!(
+        headers.get("content-length").and_then(|v| v.to_str().ok()),
+        Some("1000000000000"),
+        "the upstream's Content-Length reached the client"
+    );
+    // The fill failed before a byte was sent: a clean 404 for mirror
+    // clients to fall back on.
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let r = http.head(&format!("/v2/up/app/blobs/{ld}")).await;
+    assert_eq!(
+        r.header("content-length"),
+        Some(layer.len().to_string().as_str())
+    );
+    assert!(stored_blobs(&w.data_dir()).is_empty(), "nothing stored");
+
+    fake.clear_faults();
+    let r = http.get(&format!("/v2/up/app/blobs/{ld}")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(common::sha256(&r.body), ld);
 }

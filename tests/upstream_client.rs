@@ -173,8 +173,8 @@ async fn concurrent_requests_share_one_token_fetch() {
             let c = c.clone();
             let d = d.clone();
             tokio::spawn(async move {
-                let b = c.get_blob(&name("r"), &d, 0).await.unwrap();
-                collect(b.stream).await.0.len()
+                let b = c.get_blob(&name("r"), &d, 0, 1000).await.unwrap();
+                collect(b).await.0.len()
             })
         })
         .collect();
@@ -264,8 +264,8 @@ async fn basic_auth() {
     let d = fake.add_blob("r", blob_bytes(10));
     let c = client_with(&fake, "bob", "pw");
     assert_eq!(c.head_blob(&name("r"), &d).await.unwrap(), 10);
-    let b = c.get_blob(&name("r"), &d, 0).await.unwrap();
-    assert_eq!(collect(b.stream).await.0, blob_bytes(10));
+    let b = c.get_blob(&name("r"), &d, 0, 10).await.unwrap();
+    assert_eq!(collect(b).await.0, blob_bytes(10));
     // The first request is challenged; after that Basic is sent up front.
     assert_eq!(fake.count("*", &blob_path("r", &d)), 3);
     let sent: Vec<_> = fake
@@ -500,21 +500,18 @@ async fn blob_ranges() {
     let c = client(&fake);
     let path = blob_path("r", &d);
 
-    let b = c.get_blob(&name("r"), &d, 0).await.unwrap();
-    assert_eq!(b.total_size, Some(300_000));
-    expect_bytes(b.stream, &data).await;
+    let b = c.get_blob(&name("r"), &d, 0, 300_000).await.unwrap();
+    expect_bytes(b, &data).await;
 
-    let b = c.get_blob(&name("r"), &d, 123_456).await.unwrap();
-    assert_eq!(b.total_size, Some(300_000));
-    let (got, err) = collect(b.stream).await;
+    let b = c.get_blob(&name("r"), &d, 123_456, 300_000).await.unwrap();
+    let (got, err) = collect(b).await;
     assert!(err.is_none());
     assert_eq!(got, data[123_456..]);
 
     // A server that ignores Range: the client skips the prefix itself.
     fake.fault(d.as_str(), Fault::IgnoreRange);
-    let b = c.get_blob(&name("r"), &d, 200_001).await.unwrap();
-    assert_eq!(b.total_size, Some(300_000));
-    let (got, err) = collect(b.stream).await;
+    let b = c.get_blob(&name("r"), &d, 200_001, 300_000).await.unwrap();
+    let (got, err) = collect(b).await;
     assert!(err.is_none());
     assert_eq!(got, data[200_001..]);
 
@@ -527,7 +524,7 @@ async fn blob_ranges() {
         ]
     );
     assert!(matches!(
-        c.get_blob(&name("r"), &Digest::sha256_of(b"absent"), 0)
+        c.get_blob(&name("r"), &Digest::sha256_of(b"absent"), 0, 6)
             .await,
         Err(UpstreamError::NotFound)
     ));
@@ -540,8 +537,8 @@ async fn truncated_body_is_an_error_not_an_end() {
     let d = fake.add_blob("r", data.clone());
     fake.fault_times(d.as_str(), Fault::Truncate { after: 70_000 }, 1);
     let c = client(&fake);
-    let b = c.get_blob(&name("r"), &d, 0).await.unwrap();
-    let (got, err) = collect(b.stream).await;
+    let b = c.get_blob(&name("r"), &d, 0, 200_000).await.unwrap();
+    let (got, err) = collect(b).await;
     let err = err.expect("a truncated body must end in an error");
     assert!(
         got.len() <= 70_000 && data.starts_with(&got),
@@ -551,8 +548,11 @@ async fn truncated_body_is_an_error_not_an_end() {
     assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
 
     // Resuming from where it broke completes the blob.
-    let b = c.get_blob(&name("r"), &d, got.len() as u64).await.unwrap();
-    let (rest, err) = collect(b.stream).await;
+    let b = c
+        .get_blob(&name("r"), &d, got.len() as u64, 200_000)
+        .await
+        .unwrap();
+    let (rest, err) = collect(b).await;
     assert!(err.is_none());
     assert_eq!([got, rest].concat(), data);
 }
@@ -563,8 +563,11 @@ async fn reset_mid_body_is_an_error() {
     let data = blob_bytes(200_000);
     let d = fake.add_blob("r", data.clone());
     fake.fault_times(d.as_str(), Fault::Reset { after: 100_000 }, 1);
-    let b = client(&fake).get_blob(&name("r"), &d, 0).await.unwrap();
-    let (got, err) = collect(b.stream).await;
+    let b = client(&fake)
+        .get_blob(&name("r"), &d, 0, 200_000)
+        .await
+        .unwrap();
+    let (got, err) = collect(b).await;
     let err = err.expect("a reset must end in an error");
     assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
     assert!(got.len() <= 100_000 && data.starts_with(&got));
@@ -579,10 +582,10 @@ async fn stalled_body_times_out() {
     s.read_timeout = Duration::from_secs(1);
     let b = UpstreamClient::new(s)
         .unwrap()
-        .get_blob(&name("r"), &d, 0)
+        .get_blob(&name("r"), &d, 0, 100_000)
         .await
         .unwrap();
-    let (got, err) = collect(b.stream).await;
+    let (got, err) = collect(b).await;
     assert_eq!(got.len(), 10_000);
     assert_eq!(
         err.expect("stall must fail").kind(),
@@ -602,8 +605,11 @@ async fn slow_body_within_read_timeout_completes() {
             delay: Duration::from_millis(50),
         },
     );
-    let b = client(&fake).get_blob(&name("r"), &d, 0).await.unwrap();
-    expect_bytes(b.stream, &data).await;
+    let b = client(&fake)
+        .get_blob(&name("r"), &d, 0, 5_000)
+        .await
+        .unwrap();
+    expect_bytes(b, &data).await;
 }
 
 #[tokio::test]
@@ -621,9 +627,8 @@ async fn redirects_drop_authorization_across_hosts() {
     );
 
     let c = client_with(&origin, "alice", "secret");
-    let b = c.get_blob(&name("r"), &d, 1_000).await.unwrap();
-    assert_eq!(b.total_size, Some(50_000));
-    expect_bytes(b.stream, &data[1_000..]).await;
+    let b = c.get_blob(&name("r"), &d, 1_000, 50_000).await.unwrap();
+    expect_bytes(b, &data[1_000..]).await;
 
     let cdn_reqs = cdn.requests();
     assert_eq!(cdn_reqs.len(), 1);
@@ -647,15 +652,17 @@ async fn redirects_drop_authorization_across_hosts() {
     origin.clear_faults();
     origin.reset_counters();
     origin.fault_times(d.as_str(), Fault::redirect(format!("{path}?again=1")), 1);
-    let b = c.get_blob(&name("r"), &d, 0).await.unwrap();
-    assert_eq!(collect(b.stream).await.0, data);
+    let b = c.get_blob(&name("r"), &d, 0, 50_000).await.unwrap();
+    assert_eq!(collect(b).await.0, data);
     let reqs = origin.requests();
     assert_eq!(reqs.len(), 2, "{reqs:?}");
     assert!(reqs.iter().all(|r| r.header("authorization").is_some()));
 
     // A redirect loop ends.
     origin.fault(d.as_str(), Fault::redirect(path.clone()));
-    let err = c.get_blob(&name("r"), &d, 0).await.unwrap_err();
+    let Err(err) = c.get_blob(&name("r"), &d, 0, 50_000).await else {
+        panic!("a redirect loop must fail");
+    };
     assert!(matches!(err, UpstreamError::Protocol(_)), "{err:?}");
 }
 
@@ -781,8 +788,8 @@ async fn tls_with_an_extra_ca_and_http2() {
     s.credentials = Some(Credentials::new("alice", "secret"));
     s.ca_file = Some(pki.ca.clone());
     let c = UpstreamClient::new(s).unwrap();
-    let b = c.get_blob(&name("r"), &d, 10).await.unwrap();
-    expect_bytes(b.stream, &data[10..]).await;
+    let b = c.get_blob(&name("r"), &d, 10, 300_000).await.unwrap();
+    expect_bytes(b, &data[10..]).await;
     let reqs = fake.requests();
     assert_eq!(fake.token_requests(), 1);
     assert!(
@@ -816,4 +823,182 @@ fn usable_from_sync_tests_and_settings_are_checked() {
     fn assert_send_sync<T: Send + Sync + Clone>() {}
     assert_send_sync::<UpstreamClient>();
     let _shared = Arc::new(client(&fake));
+}
+
+// ---- the upstream's trust boundary ----
+
+#[tokio::test]
+async fn a_blob_body_is_bounded_by_the_size_the_caller_knows() {
+    let fake = FakeUpstream::start();
+    let data = blob_bytes(200_000);
+    let d = fake.add_blob("r", data.clone());
+    let c = client(&fake);
+
+    // An endless chunked body is cut at the blob's size: the stream fails
+    // instead of yielding a byte past it, from the start or resumed.
+    for offset in [0, 150_000] {
+        fake.fault_times(d.as_str(), Fault::Endless, 1);
+        let s = c.get_blob(&name("r"), &d, offset, 200_000).await.unwrap();
+        let (got, err) = collect(s).await;
+        let err = err.expect("an endless body must end in an error");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(
+            got.len() as u64 <= 200_000 - offset && data[offset as usize..].starts_with(&got),
+            "{offset}: {} bytes",
+            got.len()
+        );
+    }
+
+    // A Content-Length other than the blob's size is refused before a byte
+    // is read, and not retried.
+    fake.reset_counters();
+    fake.fault_times(d.as_str(), Fault::ContentLength(1_000_000_000_000), 1);
+    match c.get_blob(&name("r"), &d, 0, 200_000).await {
+        Err(UpstreamError::SizeMismatch {
+            expected: 200_000,
+            announced: 1_000_000_000_000,
+        }) => {}
+        Err(e) => panic!("{e:?}"),
+        Ok(_) => panic!("a bogus Content-Length was accepted"),
+    }
+    assert_eq!(fake.count("GET", &blob_path("r", &d)), 1);
+
+    // Without Content-Length: the whole blob arrives, and a body that ends
+    // before the known size is an error, not an end.
+    fake.fault_times(d.as_str(), Fault::NoContentLength, 1);
+    let s = c.get_blob(&name("r"), &d, 0, 200_000).await.unwrap();
+    expect_bytes(s, &data).await;
+    fake.fault_times(d.as_str(), Fault::NoContentLength, 1);
+    let s = c.get_blob(&name("r"), &d, 0, 200_001).await.unwrap();
+    let (got, err) = collect(s).await;
+    assert_eq!(got, data);
+    let err = err.expect("a short body must end in an error");
+    assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+}
+
+#[tokio::test]
+async fn redirects_into_private_link_local_or_unspecified_addresses_are_refused() {
+    let fake = FakeUpstream::start();
+    let data = blob_bytes(10_000);
+    let d = fake.add_blob("r", data.clone());
+    let c = client(&fake);
+    let path = blob_path("r", &d);
+    let port = fake.addr().port();
+    // The upstream is on loopback: private and link-local ranges are not
+    // its kind, and unspecified addresses (0.0.0.0 reaches this machine)
+    // are never allowed. Refused without a connection attempt, not retried.
+    for target in [
+        "http://10.255.255.1:9".to_string(),
+        "http://169.254.169.254".to_string(),
+        "http://[::ffff:192.168.0.1]:9".to_string(),
+        format!("http://0.0.0.0:{port}"),
+    ] {
+        fake.reset_counters();
+        fake.fault_times(
+            d.as_str(),
+            Fault::redirect(format!("{target}{path}?sig=1")),
+            1,
+        );
+        match c.get_blob(&name("r"), &d, 0, 10_000).await {
+            Err(UpstreamError::Refused(m)) => assert!(!m.is_empty()),
+            Err(e) => panic!("{target}: {e:?}"),
+            Ok(_) => panic!("{target}: the redirect was followed"),
+        }
+        assert_eq!(fake.total(), 1, "{target}: only the redirecting request");
+    }
+    // A CDN on loopback, like the upstream, is still followed.
+    let cdn = FakeUpstream::start();
+    cdn.add_blob("r", data.clone());
+    fake.fault_times(
+        d.as_str(),
+        Fault::redirect(format!("{}{path}?sig=1", cdn.url())),
+        1,
+    );
+    let s = c.get_blob(&name("r"), &d, 0, 10_000).await.unwrap();
+    expect_bytes(s, &data).await;
+    assert_eq!(cdn.total(), 1);
+}
+
+#[tokio::test]
+async fn token_realms_are_bound_to_the_upstreams_host_or_allowed_hosts() {
+    let fake = FakeUpstream::start();
+    fake.require_bearer("alice", "secret");
+    let d = fake.add_blob("r", blob_bytes(100));
+    // The realm is this same server under another host name.
+    fake.realm_authority(&format!("localhost:{}", fake.addr().port()));
+    let with_realms = |creds: bool, hosts: &[&str]| {
+        let mut s = settings(&fake);
+        if creds {
+            s.credentials = Some(Credentials::new("alice", "secret"));
+        }
+        s.token_realm_hosts = hosts.iter().map(|h| h.to_string()).collect();
+        UpstreamClient::new(s).unwrap()
+    };
+
+    // Not the upstream's host and not allowed: refused, with or without
+    // credentials; the realm is never contacted.
+    fake.allow_anonymous(true);
+    for creds in [true, false] {
+        let err = with_realms(creds, &[])
+            .head_blob(&name("r"), &d)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, UpstreamError::Refused(_)), "{err:?}");
+    }
+    assert_eq!(fake.token_requests(), 0);
+
+    // Allowed, but plain http to a host other than the upstream:
+    // credentials are not sent; an anonymous token is fetched.
+    let err = with_realms(true, &["localhost"])
+        .head_blob(&name("r"), &d)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, UpstreamError::Refused(_)), "{err:?}");
+    assert_eq!(fake.token_requests(), 0);
+    let c = with_realms(false, &["localhost"]);
+    assert_eq!(c.head_blob(&name("r"), &d).await.unwrap(), 100);
+    assert_eq!(fake.token_requests(), 1);
+
+    // The upstream's own host on another port is the upstream's: its
+    // credentials go there (plain http, as the upstream itself).
+    let realm = FakeUpstream::start();
+    realm.require_bearer("alice", "secret");
+    fake.realm_authority(&realm.host());
+    fake.revoke_tokens();
+    let err = with_realms(true, &[])
+        .head_blob(&name("r"), &d)
+        .await
+        .unwrap_err();
+    // The other server's token is not valid here, but it was asked.
+    assert!(matches!(err, UpstreamError::Unauthorized(_)), "{err:?}");
+    let asked = realm.requests();
+    assert!(
+        asked.iter().any(|r| r.path == "/token"
+            && r.header("authorization")
+                .is_some_and(|a| a.starts_with("Basic "))),
+        "{asked:?}"
+    );
+}
+
+#[tokio::test]
+async fn credentials_go_to_an_allowed_realm_host_over_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::generate(dir.path());
+    let fake = FakeUpstream::start_tls(&pki.cert, &pki.key);
+    fake.require_bearer("alice", "secret");
+    let d = fake.add_blob("r", blob_bytes(100));
+    fake.realm_authority(&format!("localhost:{}", fake.addr().port()));
+    let client = |hosts: Vec<String>| {
+        let mut s = settings(&fake);
+        s.credentials = Some(Credentials::new("alice", "secret"));
+        s.ca_file = Some(pki.ca.clone());
+        s.token_realm_hosts = hosts;
+        UpstreamClient::new(s).unwrap()
+    };
+    let err = client(vec![]).head_blob(&name("r"), &d).await.unwrap_err();
+    assert!(matches!(err, UpstreamError::Refused(_)), "{err:?}");
+    assert_eq!(fake.token_requests(), 0);
+    let c = client(vec!["LOCALHOST".into()]);
+    assert_eq!(c.head_blob(&name("r"), &d).await.unwrap(), 100);
+    assert_eq!(fake.token_requests(), 1);
 }

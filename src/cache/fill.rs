@@ -176,10 +176,15 @@ impl Fills {
 
     /// Joins the fill for `digest`, or starts one fetching it from
     /// `upstream_repo` on `upstream`. `local` is linked to the blob when the
-    /// fill publishes it.
+    /// fill publishes it. `size` is the blob's size when the caller knows
+    /// it (a manifest's descriptor); without it the fill asks upstream with
+    /// a `HEAD` first. Either way the fill takes exactly that many bytes: a `GET`
+    /// announcing another size, or a body that goes on past it, fails the
+    /// fill.
     pub async fn join_or_start(
         self: &Arc<Self>,
         digest: &Digest,
+        size: Option<u64>,
         upstream: &UpstreamClient,
         upstream_repo: &RepoName,
         local: &RepoName,
@@ -217,6 +222,7 @@ impl Fills {
         let this = self.clone();
         let task = FillTask {
             digest: digest.clone(),
+            size,
             upstream: upstream.clone(),
             repo: upstream_repo.clone(),
             tx,
@@ -396,6 +402,8 @@ impl Fill {
 
 struct FillTask {
     digest: Digest,
+    /// The blob's size, when the fill was started knowing it.
+    size: Option<u64>,
     upstream: UpstreamClient,
     repo: RepoName,
     tx: watch::Sender<FillStatus>,
@@ -506,12 +514,20 @@ impl FillTask {
         mut publisher: Option<&mut Publisher<'_>>,
     ) -> Result<(), FillFailure> {
         let mut resumes = 0u32;
-        let mut total: Option<u64> = None;
+        let size = match self.size {
+            Some(size) => size,
+            None => match self.upstream.head_blob(&self.repo, &self.digest).await {
+                Ok(size) => size,
+                Err(UpstreamError::NotFound) => return Err(FillFailure::NotFound),
+                Err(e) => return Err(FillFailure::Failed(format!("upstream: {e}").into())),
+            },
+        };
+        let mut announced = false;
         loop {
             let offset = writer.written();
             let resp = match self
                 .upstream
-                .get_blob(&self.repo, &self.digest, offset)
+                .get_blob(&self.repo, &self.digest, offset, size)
                 .await
             {
                 Ok(r) => r,
@@ -524,26 +540,24 @@ impl FillTask {
                     return Err(FillFailure::Failed(format!("upstream: {e}").into()));
                 }
             };
-            if total.is_none() {
-                total = resp.total_size;
+            // The size is announced to the waiters (and to clients as
+            // their `Content-Length`) once upstream's answer agrees with it.
+            if !announced {
+                announced = true;
                 self.tx.send_modify(|s| {
-                    s.total = total;
+                    s.total = Some(size);
                     s.phase = Phase::Streaming;
                 });
                 if let Some(p) = publisher.as_deref_mut() {
-                    p.renew(total).await;
+                    p.renew(Some(size)).await;
                 }
             }
-            let mut stream = resp.stream;
+            let mut stream = resp;
             let mut broken = None;
             while let Some(chunk) = stream.next().await {
                 match chunk {
+                    // The stream ends in an error rather than go past `size`.
                     Ok(b) => {
-                        if total.is_some_and(|t| writer.written() + b.len() as u64 > t) {
-                            return Err(FillFailure::Failed(
-                                "upstream sent more bytes than it announced".into(),
-                            ));
-                        }
                         write(writer, &b).await?;
                         if let Some(p) = publisher.as_deref_mut() {
                             p.wrote(&b).await;
@@ -558,17 +572,17 @@ impl FillTask {
                     }
                 }
             }
-            let done = match total {
-                Some(t) => writer.written() == t,
-                None => broken.is_none(),
-            };
-            if done {
-                if total.is_none() {
-                    let w = writer.written();
-                    self.tx.send_modify(|s| s.total = Some(w));
-                }
+            // A body longer than the blob is not resumed: it is wrong, not
+            // broken.
+            if let Some(e) = broken
+                .as_ref()
+                .filter(|e| e.kind() == io::ErrorKind::InvalidData)
+            {
+                return Err(FillFailure::Failed(format!("upstream: {e}").into()));
+            }
+            if writer.written() == size {
                 if let Some(p) = publisher.as_deref_mut() {
-                    p.finish(writer.written()).await;
+                    p.finish(size).await;
                 }
                 return Ok(());
             }

@@ -471,16 +471,23 @@ impl Cache {
         if m.kind != ManifestKind::Image {
             return;
         }
-        for b in m.blobs.into_iter().map(|b| b.digest) {
-            if matches!(self.blobs.stat(&b).await, Ok(Some(_))) {
+        // Each fill is bounded by the size the (verified) manifest declares.
+        for b in m.blobs {
+            if matches!(self.blobs.stat(&b.digest).await, Ok(Some(_))) {
                 continue;
             }
             if let Err(e) = self
                 .fills
-                .join_or_start(&b, self.upstream(t), &t.upstream, &t.local)
+                .join_or_start(
+                    &b.digest,
+                    Some(b.size),
+                    self.upstream(t),
+                    &t.upstream,
+                    &t.local,
+                )
                 .await
             {
-                tracing::warn!(digest = %b, error = %e, "prefetch failed to start");
+                tracing::warn!(digest = %b.digest, error = %e, "prefetch failed to start");
             }
         }
     }
@@ -585,7 +592,7 @@ impl Cache {
                 }
                 self.counters.miss(&metrics::BLOB);
                 self.fills
-                    .join_or_start(digest, self.upstream(t), &t.upstream, &t.local)
+                    .join_or_start(digest, None, self.upstream(t), &t.upstream, &t.local)
                     .await?
             }
         };

@@ -341,15 +341,14 @@ async fn warm(
     bar.set_message(format!("{} blobs", blobs.len()));
     let count = blobs.len();
     futures::stream::iter(blobs)
-        .map(|(digest, (repo, _))| {
+        .map(|(digest, (repo, size))| {
             let bar = bar.clone();
             async move {
-                let resp = client
-                    .get_blob(&repo, &digest, 0)
+                let mut stream = client
+                    .get_blob(&repo, &digest, 0, size)
                     .await
                     .with_context(|| format!("{repo}@{digest}"))?;
                 let mut hasher = digest.algorithm().hasher();
-                let mut stream = resp.stream;
                 while let Some(chunk) = stream
                     .try_next()
                     .await

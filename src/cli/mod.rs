@@ -170,6 +170,7 @@ fn open_replication(
             d.url.uri(),
             d.credentials.as_ref(),
             d.ca_file.as_ref(),
+            &d.token_realm_hosts,
             upstream_metrics,
         )
         .with_context(ctx)?;
@@ -222,11 +223,13 @@ fn client_settings(
     url: &http::Uri,
     creds: Option<&CredentialsConfig>,
     ca_file: Option<&PathBuf>,
+    token_realm_hosts: &[String],
     metrics: &UpstreamMetrics,
 ) -> anyhow::Result<UpstreamSettings> {
     let mut settings = UpstreamSettings::new(url.clone());
     settings.credentials = credentials(creds)?;
     settings.ca_file = ca_file.cloned();
+    settings.token_realm_hosts = token_realm_hosts.to_vec();
     settings.metrics = metrics.clone();
     Ok(settings)
 }
@@ -243,6 +246,7 @@ fn open_sync(
             e.upstream.uri(),
             e.credentials.as_ref(),
             e.ca_file.as_ref(),
+            &e.token_realm_hosts,
             upstream_metrics,
         )
         .with_context(ctx)?;
@@ -439,6 +443,7 @@ async fn open_registry(
             response_timeout: r.response_timeout,
             read_timeout: r.read_timeout,
             max_retries: 3,
+            token_realm_hosts: r.token_realm_hosts.clone(),
             metrics: upstream_metrics.clone(),
         })
         .with_context(ctx)?;

@@ -159,6 +159,12 @@ pub struct SyncConfig {
     /// Extra PEM CA certificate trusted for this upstream.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Hosts besides the registry's own that may be its token realm (the
+    /// host a Bearer challenge sends wharf to for a token). A realm on
+    /// another host is refused, with or without credentials;
+    /// `auth.docker.io` is allowed for Docker Hub without being listed.
+    #[serde(default)]
+    pub token_realm_hosts: Vec<String>,
     /// Repository names upstream.
     #[serde(deserialize_with = "parsed_vec")]
     pub repositories: Vec<RepoName>,
@@ -253,6 +259,13 @@ pub struct DestinationConfig {
     /// Extra PEM CA certificate trusted for this destination.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Hosts besides the registry's own that may be its token realm (the
+    /// host a Bearer challenge sends wharf to for a token). A realm on
+    /// another host is refused, with or without credentials;
+    /// `auth.docker.io` is allowed for Docker Hub without being listed.
+    #[serde(default)]
+    pub token_realm_hosts: Vec<String>,
+
     /// Allows a plain `http://` URL; only for a loopback address.
     #[serde(default)]
     pub insecure: bool,
@@ -374,6 +387,12 @@ pub struct PullThroughRule {
     /// Extra PEM CA certificate trusted for this upstream.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Hosts besides the registry's own that may be its token realm (the
+    /// host a Bearer challenge sends wharf to for a token). A realm on
+    /// another host is refused, with or without credentials;
+    /// `auth.docker.io` is allowed for Docker Hub without being listed.
+    #[serde(default)]
+    pub token_realm_hosts: Vec<String>,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
     #[serde(default = "default_response_timeout", with = "humantime_serde")]
@@ -415,6 +434,7 @@ pub fn default_rules() -> Vec<PullThroughRule> {
         max_stale: default_max_stale(),
         credentials: None,
         ca_file: None,
+        token_realm_hosts: Vec::new(),
         connect_timeout: default_connect_timeout(),
         response_timeout: default_response_timeout(),
         read_timeout: default_read_timeout(),
@@ -844,6 +864,7 @@ impl Config {
                     format!("{:?} is used by two rules", rule.prefix.to_string()),
                 ));
             }
+            check_realm_hosts(&rule.token_realm_hosts).map_err(|m| fail("token_realm_hosts", m))?;
             if let Some(c) = &rule.credentials {
                 c.password().map_err(|m| fail("credentials", m))?;
             }
@@ -854,6 +875,7 @@ impl Config {
                 key: format!("sync[{i}].{k}"),
                 message: m,
             };
+            check_realm_hosts(&e.token_realm_hosts).map_err(|m| fail("token_realm_hosts", m))?;
             if let Some(c) = &e.credentials {
                 c.password().map_err(|m| fail("credentials", m))?;
             }
@@ -884,6 +906,27 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `token_realm_hosts` are host names or IP addresses (IPv6 in brackets),
+/// without scheme, port or path.
+fn check_realm_hosts(hosts: &[String]) -> Result<(), String> {
+    for h in hosts {
+        let ok = match h.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => {
+                !h.is_empty()
+                    && h.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+            }
+        };
+        if !ok {
+            return Err(format!(
+                "{h:?}: name a host (e.g. auth.example.com), without scheme, port or path"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// An upstream's base URL must be `http(s)://host[:port]` with no path.
@@ -927,6 +970,8 @@ impl ReplicationConfig {
             }
             let uri = d.url.uri();
             let Some(host) = uri.host() else {
+                check_realm_hosts(&d.token_realm_hosts)
+                    .map_err(|m| fail("token_realm_hosts", m))?;
                 return Err(fail(
                     "url",
                     "must be https://host[:port] with no path".into(),
@@ -1405,6 +1450,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("WHARF_STORAGE_S3_BUKET"), "{e}");
+    }
+
+    #[test]
+    fn token_realm_hosts() {
+        let rule = |hosts: &str| {
+            format!(
+                "[[pull_through]]\nprefix = \"p\"\nupstream = \"https://r.example\"\ntoken_realm_hosts = {hosts}\n"
+            )
+        };
+        let c = load_str(&rule(r#"["auth.example", "[::1]", "10.0.0.1"]"#), &[]).unwrap();
+        assert_eq!(c.pull_through[0].token_realm_hosts.len(), 3);
+        for bad in [
+            r#"["https://auth.example"]"#,
+            r#"["auth.example:443"]"#,
+            r#"["auth.example/token"]"#,
+            r#"[""]"#,
+        ] {
+            let e = load_str(&rule(bad), &[]).unwrap_err().to_string();
+            assert!(
+                e.starts_with("pull_through[0].token_realm_hosts:"),
+                "{bad} → {e}"
+            );
+        }
+        let sync = "[[sync]]\nupstream = \"https://r.example\"\nrepositories = [\"a\"]\ntoken_realm_hosts = [\"a b\"]\n";
+        let e = load_str(sync, &[]).unwrap_err().to_string();
+        assert!(e.starts_with("sync[0].token_realm_hosts:"), "{e}");
+        let dest = "[[replication.destinations]]\nname = \"eu\"\nurl = \"https://r.eu.example\"\ntoken_realm_hosts = [\"x/y\"]\n";
+        let e = load_str(dest, &[]).unwrap_err().to_string();
+        assert!(
+            e.starts_with("replication.destinations[0].token_realm_hosts:"),
+            "{e}"
+        );
     }
 
     #[test]

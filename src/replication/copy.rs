@@ -49,6 +49,9 @@ impl CopyError {
             UpstreamError::Denied(m) => {
                 CopyError::Permanent(format!("{what}: the destination denied access: {m}"))
             }
+            // A token realm or redirect outside the destination's trust
+            // boundary: configuration (`token_realm_hosts`) decides, not time.
+            UpstreamError::Refused(m) => CopyError::Permanent(format!("{what}: {m}")),
             e if e.is_unavailable() => CopyError::Unavailable(msg),
             _ => CopyError::Retry(msg),
         }
@@ -87,11 +90,13 @@ pub trait Source: Send + Sync {
     /// A manifest's media type and bytes.
     async fn manifest(&self, repo: &RepoName, digest: &Digest) -> Result<(String, Bytes)>;
     async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64>;
-    /// `len` bytes of a blob from `offset`.
+    /// `len` bytes from `offset` of a blob of `size` bytes (as
+    /// [`blob_size`](Self::blob_size) said).
     async fn blob(
         &self,
         repo: &RepoName,
         digest: &Digest,
+        size: u64,
         offset: u64,
         len: u64,
     ) -> Result<ByteStream>;
@@ -500,6 +505,7 @@ mod tests {
             &self,
             _: &RepoName,
             digest: &Digest,
+            _size: u64,
             offset: u64,
             len: u64,
         ) -> Result<ByteStream> {
@@ -535,7 +541,7 @@ mod tests {
             source: &dyn Source,
             source_repo: &RepoName,
         ) -> Result<u64> {
-            let mut s = source.blob(source_repo, digest, 0, size).await?;
+            let mut s = source.blob(source_repo, digest, size, 0, size).await?;
             let mut h = digest.algorithm().hasher();
             while let Some(c) = s.next().await {
                 h.update(&c.unwrap());

@@ -61,6 +61,7 @@ impl Source for LocalSource {
         &self,
         repo: &RepoName,
         digest: &Digest,
+        _size: u64,
         offset: u64,
         len: u64,
     ) -> Result<ByteStream> {
@@ -178,7 +179,7 @@ impl RemoteTarget {
             let mut failed = None;
             while offset < size {
                 let len = self.chunk_size.min(size - offset);
-                let body = source.blob(source_repo, digest, offset, len).await?;
+                let body = source.blob(source_repo, digest, size, offset, len).await?;
                 match c.upload_chunk(repo, &location, offset, len, body).await {
                     Ok(next) => {
                         location = next;
@@ -354,17 +355,18 @@ impl Source for UpstreamSource {
         &self,
         repo: &RepoName,
         digest: &Digest,
+        size: u64,
         offset: u64,
         len: u64,
     ) -> Result<ByteStream> {
-        let resp = self
+        let stream = self
             .client
-            .get_blob(repo, digest, offset)
+            .get_blob(repo, digest, offset, size)
             .await
             .map_err(|e| upstream_err(&format!("reading blob {digest}"), e))?;
-        // Exactly `len` bytes: the rest of the body is dropped.
-        let stream = resp
-            .stream
+        // The stream holds at most the blob's `size` bytes; exactly `len`
+        // of them are taken, the rest of the body is dropped.
+        let stream = stream
             .scan(len, |left, chunk| {
                 let out = match chunk {
                     _ if *left == 0 => None,
@@ -429,7 +431,7 @@ impl Target for LocalTarget {
         source: &dyn Source,
         source_repo: &RepoName,
     ) -> Result<u64> {
-        let stream = source.blob(source_repo, digest, 0, size).await?;
+        let stream = source.blob(source_repo, digest, size, 0, size).await?;
         self.registry
             .monolithic_upload(repo, digest, Some(size), stream, None)
             .await

@@ -5,7 +5,7 @@
 use std::error::Error as StdError;
 use std::future::Future;
 use std::io;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::GaiResolver;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -29,6 +30,7 @@ use tokio::time::Instant;
 use super::auth::{
     AuthScheme, Credentials, Secret, Token, TokenCache, TokenResponse, parse_www_authenticate,
 };
+use super::guard::{GuardedConnector, GuardedResolver, Policy, Refused, normal_host};
 use super::retry::{MAX_RETRY_AFTER, backoff, parse_retry_after};
 use super::{MAX_REDIRECTS, UpstreamError, UpstreamSettings};
 use crate::oci::ByteStream;
@@ -37,7 +39,7 @@ use crate::oci::ByteStream;
 /// (sent once).
 pub type ReqBody = UnsyncBoxBody<Bytes, io::Error>;
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, ReqBody>;
+type HttpClient = Client<HttpsConnector<GuardedConnector<HttpConnector<GuardedResolver>>>, ReqBody>;
 
 fn empty_body() -> ReqBody {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
@@ -126,6 +128,11 @@ pub struct Inner {
     max_retries: u32,
     credentials: Option<Credentials>,
     metrics: crate::metrics::UpstreamMetrics,
+    /// Hosts besides the upstream's own that may be its token realm.
+    realm_hosts: Arc<[String]>,
+    /// Where connections may go (the upstream, its realms, public
+    /// addresses, and addresses of the upstream's own kind).
+    policy: Arc<Policy>,
     /// How the upstream authenticates, once a challenge told us.
     scheme: Mutex<Option<AuthScheme>>,
     tokens: TokenCache,
@@ -175,7 +182,11 @@ fn extra_roots(settings: &UpstreamSettings) -> Result<Vec<CertificateDer<'static
     Ok(certs)
 }
 
-fn build_http(extra: &[CertificateDer<'static>], connect_timeout: Duration) -> HttpClient {
+fn build_http(
+    extra: &[CertificateDer<'static>],
+    connect_timeout: Duration,
+    policy: Arc<Policy>,
+) -> HttpClient {
     let mut roots = native_roots().clone();
     for cert in extra {
         // Checked by `extra_roots`.
@@ -184,7 +195,10 @@ fn build_http(extra: &[CertificateDer<'static>], connect_timeout: Duration) -> H
     let tls = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let mut tcp = HttpConnector::new();
+    let mut tcp = HttpConnector::new_with_resolver(GuardedResolver {
+        inner: GaiResolver::new(),
+        policy: policy.clone(),
+    });
     tcp.enforce_http(false);
     tcp.set_nodelay(true);
     tcp.set_connect_timeout(Some(connect_timeout));
@@ -192,7 +206,7 @@ fn build_http(extra: &[CertificateDer<'static>], connect_timeout: Duration) -> H
         .with_tls_config(tls)
         .https_or_http()
         .enable_all_versions()
-        .wrap_connector(tcp);
+        .wrap_connector(GuardedConnector { inner: tcp, policy });
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
@@ -229,7 +243,18 @@ impl Inner {
             .path_and_query("/")
             .build()
             .map_err(|e| invalid(e.to_string()))?;
+        let host = normal_host(authority.host());
+        let mut realm_hosts: Vec<String> = settings
+            .token_realm_hosts
+            .iter()
+            .map(|h| normal_host(h))
+            .collect();
+        if DOCKER_HUB_HOSTS.contains(&host.as_str()) {
+            realm_hosts.push(DOCKER_HUB_REALM.to_string());
+        }
         Ok(Inner {
+            policy: Arc::new(Policy::new(&host, &realm_hosts)),
+            realm_hosts: realm_hosts.into(),
             http: std::sync::OnceLock::new(),
             extra_roots: extra_roots(&settings)?,
             connect_timeout: settings.connect_timeout,
@@ -245,8 +270,9 @@ impl Inner {
     }
 
     fn http(&self) -> &HttpClient {
-        self.http
-            .get_or_init(|| build_http(&self.extra_roots, self.connect_timeout))
+        self.http.get_or_init(|| {
+            build_http(&self.extra_roots, self.connect_timeout, self.policy.clone())
+        })
     }
 
     pub fn read_timeout(&self) -> Duration {
@@ -508,7 +534,8 @@ impl Inner {
                     realm: realm.clone(),
                     service: service.clone(),
                     scopes,
-                    base_is_https: self.base.scheme_str() == Some("https"),
+                    base: self.base.clone(),
+                    realm_hosts: self.realm_hosts.clone(),
                 };
                 let token = self
                     .tokens
@@ -572,7 +599,10 @@ struct TokenFetch {
     realm: String,
     service: Option<String>,
     scopes: Vec<String>,
-    base_is_https: bool,
+    /// The upstream.
+    base: Uri,
+    /// Hosts besides the upstream's that may be its token realm.
+    realm_hosts: Arc<[String]>,
 }
 
 impl TokenFetch {
@@ -595,20 +625,12 @@ impl TokenFetch {
         let uri: Uri = url
             .parse()
             .map_err(|e| UpstreamError::Protocol(format!("bad token realm: {e}")))?;
-        match uri.scheme_str() {
-            Some("https") => {}
-            Some("http") if !(self.base_is_https && self.credentials.is_some()) => {}
-            Some("http") => {
-                return Err(UpstreamError::Protocol(
-                    "refusing to send credentials to a plain-http token realm".into(),
-                ));
-            }
-            _ => {
-                return Err(UpstreamError::Protocol(
-                    "token realm is not an http(s) URL".into(),
-                ));
-            }
-        }
+        realm_allowed(
+            &uri,
+            &self.base,
+            &self.realm_hosts,
+            self.credentials.is_some(),
+        )?;
         tracing::debug!(
             realm_host = uri.host().unwrap_or_default(),
             scopes = ?self.scopes,
@@ -647,6 +669,47 @@ impl TokenFetch {
             }),
             _ => Err(status_failure(resp, self.read_timeout).await.error),
         }
+    }
+}
+
+/// Docker Hub's registry hosts, whose token realm is [`DOCKER_HUB_REALM`].
+const DOCKER_HUB_HOSTS: &[&str] = &[
+    "docker.io",
+    "registry-1.docker.io",
+    "index.docker.io",
+    "registry.docker.io",
+];
+const DOCKER_HUB_REALM: &str = "auth.docker.io";
+
+/// Whether a token may be fetched from `realm` for the upstream `base`: the
+/// realm is on the upstream's host (any port) or on one of `realm_hosts`,
+/// with or without credentials (wharf contacts no host its configuration
+/// does not name). Credentials go over plain http only to the upstream's
+/// own host, and only when the upstream itself is plain http.
+fn realm_allowed(
+    realm: &Uri,
+    base: &Uri,
+    realm_hosts: &[String],
+    with_credentials: bool,
+) -> Result<(), UpstreamError> {
+    let host = normal_host(realm.host().unwrap_or_default());
+    let same_host = host == normal_host(base.host().unwrap_or_default());
+    if !same_host && !realm_hosts.contains(&host) {
+        return Err(UpstreamError::Refused(format!(
+            "the token realm {host} is neither the upstream's host nor one of its \
+             `token_realm_hosts`"
+        )));
+    }
+    match realm.scheme_str() {
+        Some("https") => Ok(()),
+        Some("http") if !with_credentials => Ok(()),
+        Some("http") if same_host && base.scheme_str() == Some("http") => Ok(()),
+        Some("http") => Err(UpstreamError::Refused(format!(
+            "not sending credentials over plain http to the token realm {host}"
+        ))),
+        _ => Err(UpstreamError::Protocol(
+            "token realm is not an http(s) URL".into(),
+        )),
     }
 }
 
@@ -725,6 +788,9 @@ fn chain_message(chain: &[&(dyn StdError + 'static)]) -> String {
 
 fn map_client_error(e: &hyper_util::client::legacy::Error) -> UpstreamError {
     let chain = error_chain(e);
+    if let Some(refused) = chain.iter().find_map(|e| e.downcast_ref::<Refused>()) {
+        return UpstreamError::Refused(refused.0.clone());
+    }
     if let Some(tls) = chain.iter().find_map(|e| e.downcast_ref::<rustls::Error>()) {
         return UpstreamError::Tls(tls.to_string());
     }
@@ -868,8 +934,8 @@ struct BodyState {
     body: Incoming,
     /// Bytes still to drop from the front (a 200 to a ranged request).
     skip: u64,
-    /// Bytes still expected according to `Content-Length`.
-    remaining: Option<u64>,
+    /// Bytes the body still has to bring (from the blob's known size).
+    remaining: u64,
     read_timeout: Duration,
     done: bool,
 }
@@ -891,19 +957,16 @@ fn body_error(e: &hyper::Error) -> io::Error {
     )
 }
 
-/// The body as a [`ByteStream`] that skips `skip` bytes and fails (instead
-/// of ending) when the body is shorter than `content_length`, breaks, or
-/// stays silent for `read_timeout`.
-pub fn body_stream(
-    body: Incoming,
-    skip: u64,
-    content_length: Option<u64>,
-    read_timeout: Duration,
-) -> ByteStream {
+/// The body as a [`ByteStream`] of exactly `expected` bytes (before
+/// skipping): it skips `skip` bytes, fails as soon as a chunk goes past
+/// `expected` (an endless body is cut there, whatever the upstream
+/// announced), and fails instead of ending when the body is shorter,
+/// breaks, or stays silent for `read_timeout`.
+pub fn body_stream(body: Incoming, skip: u64, expected: u64, read_timeout: Duration) -> ByteStream {
     let state = BodyState {
         body,
         skip,
-        remaining: content_length,
+        remaining: expected,
         read_timeout,
         done: false,
     };
@@ -923,10 +986,13 @@ pub fn body_stream(
                 }
                 Ok(None) => {
                     st.done = true;
-                    if st.remaining.is_some_and(|r| r > 0) || st.skip > 0 {
+                    if st.remaining > 0 || st.skip > 0 {
                         let e = io::Error::new(
                             io::ErrorKind::UnexpectedEof,
-                            "upstream body ended before its announced length",
+                            format!(
+                                "upstream body ended {} bytes before the blob's end",
+                                st.remaining
+                            ),
                         );
                         return Some((Err(e), st));
                     }
@@ -940,18 +1006,16 @@ pub fn body_stream(
                     let Ok(mut data) = frame.into_data() else {
                         continue;
                     };
-                    if let Some(r) = &mut st.remaining {
-                        let n = data.len() as u64;
-                        if n > *r {
-                            st.done = true;
-                            let e = io::Error::new(
-                                io::ErrorKind::InvalidData,
-                                "upstream body is longer than its Content-Length",
-                            );
-                            return Some((Err(e), st));
-                        }
-                        *r -= n;
+                    let n = data.len() as u64;
+                    if n > st.remaining {
+                        st.done = true;
+                        let e = io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "upstream body is longer than the blob",
+                        );
+                        return Some((Err(e), st));
                     }
+                    st.remaining -= n;
                     if st.skip > 0 {
                         let n = st.skip.min(data.len() as u64);
                         data = data.slice(n as usize..);
@@ -1324,6 +1388,93 @@ mod tests {
             "http://cdn.example/p"
         );
         assert!(resolve(&base, "http://").is_err());
+    }
+
+    #[test]
+    fn token_realms_stay_inside_the_upstreams_trust_boundary() {
+        let realm = |s: &str| -> Uri { s.parse().unwrap() };
+        let hub = Inner::new(UpstreamSettings::new(
+            "https://registry-1.docker.io".parse().unwrap(),
+        ))
+        .unwrap();
+        // Docker Hub's realm is allowed without configuration, for Docker
+        // Hub only.
+        for creds in [true, false] {
+            assert!(
+                realm_allowed(
+                    &realm("https://auth.docker.io/token"),
+                    &hub.base,
+                    &hub.realm_hosts,
+                    creds
+                )
+                .is_ok()
+            );
+        }
+        let other =
+            Inner::new(UpstreamSettings::new("https://r.example".parse().unwrap())).unwrap();
+        let refused = |r: &str, inner: &Inner, creds: bool| {
+            matches!(
+                realm_allowed(&realm(r), &inner.base, &inner.realm_hosts, creds),
+                Err(UpstreamError::Refused(_))
+            )
+        };
+        assert!(refused("https://auth.docker.io/token", &other, false));
+        assert!(refused("https://evil.example/token", &hub, true));
+        assert!(refused("https://evil.example/token", &hub, false));
+        // The upstream's own host, any port.
+        assert!(
+            realm_allowed(
+                &realm("https://r.example:8443/t"),
+                &other.base,
+                &other.realm_hosts,
+                true
+            )
+            .is_ok()
+        );
+        // A downgrade to http with credentials, even on the same host.
+        assert!(refused("http://r.example/token", &other, true));
+        assert!(
+            realm_allowed(
+                &realm("http://r.example/token"),
+                &other.base,
+                &other.realm_hosts,
+                false
+            )
+            .is_ok()
+        );
+        // Listed hosts, case-insensitively.
+        let mut s = UpstreamSettings::new("http://127.0.0.1:5000".parse().unwrap());
+        s.token_realm_hosts = vec!["Auth.Example".into()];
+        let listed = Inner::new(s).unwrap();
+        assert!(
+            realm_allowed(
+                &realm("https://auth.example/t"),
+                &listed.base,
+                &listed.realm_hosts,
+                true
+            )
+            .is_ok()
+        );
+        // Over plain http only to the (plain http) upstream's own host.
+        assert!(refused("http://auth.example/t", &listed, true));
+        assert!(
+            realm_allowed(
+                &realm("http://auth.example/t"),
+                &listed.base,
+                &listed.realm_hosts,
+                false
+            )
+            .is_ok()
+        );
+        assert!(
+            realm_allowed(
+                &realm("http://127.0.0.1:5001/t"),
+                &listed.base,
+                &listed.realm_hosts,
+                true
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! the registry token flow (`WWW-Authenticate: Bearer` → realm → cached
 //! token) and Basic auth, retries with `Retry-After` or backoff, redirects
 //! (to a CDN) without leaking credentials, and timeouts on tokio's clock.
+//! What the upstream may make wharf do is bounded (`guard.rs`): token
+//! realms only on its host or its `token_realm_hosts`, connections to
+//! loopback, private and link-local addresses only when the upstream is of
+//! that kind, and blob bodies of exactly the size the caller knows.
 //!
 //! Retries only happen before a response is handed to the caller: a blob
 //! body is a stream that fails (never ends cleanly) when the connection
@@ -17,6 +21,7 @@
 
 pub mod auth;
 mod client;
+pub mod guard;
 mod push;
 pub mod retry;
 
@@ -62,6 +67,10 @@ pub struct UpstreamSettings {
     pub read_timeout: Duration,
     /// Retries after the first attempt, for retryable failures.
     pub max_retries: u32,
+    /// Hosts besides the upstream's own that may be its token realm
+    /// (`auth.docker.io` is added for Docker Hub). A realm elsewhere is
+    /// refused, with or without credentials.
+    pub token_realm_hosts: Vec<String>,
     /// Where requests are counted (shared by every upstream client).
     pub metrics: crate::metrics::UpstreamMetrics,
 }
@@ -79,6 +88,7 @@ impl UpstreamSettings {
             response_timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(60),
             max_retries: 3,
+            token_realm_hosts: Vec::new(),
         }
     }
 }
@@ -91,23 +101,6 @@ pub struct ManifestMeta {
     /// body's `mediaType`).
     pub media_type: String,
     pub size: u64,
-}
-
-/// A blob being read from an upstream.
-pub struct BlobResponse {
-    /// The blob's whole size, when the upstream told it.
-    pub total_size: Option<u64>,
-    /// The bytes from the requested offset on. Ends with an `Err` (never a
-    /// clean end) if the body is cut short or stalls.
-    pub stream: ByteStream,
-}
-
-impl std::fmt::Debug for BlobResponse {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlobResponse")
-            .field("total_size", &self.total_size)
-            .finish_non_exhaustive()
-    }
 }
 
 /// One page of a tag listing.
@@ -140,6 +133,14 @@ pub enum UpstreamError {
     Protocol(String),
     #[error("upstream response is too large")]
     TooLarge,
+    /// A blob response announced another size than the one the blob is
+    /// known to have.
+    #[error("upstream announced {announced} bytes for a blob of {expected}")]
+    SizeMismatch { expected: u64, announced: u64 },
+    /// wharf refused to contact a host (a redirect or token realm outside
+    /// the upstream's trust boundary).
+    #[error("refused: {0}")]
+    Refused(String),
     #[error("upstream content does not match its digest: expected {expected}, computed {computed}")]
     DigestMismatch { expected: Digest, computed: Digest },
     /// Only from [`UpstreamClient::new`]: the settings cannot be used.
@@ -377,15 +378,28 @@ impl UpstreamClient {
             .await
     }
 
-    /// `GET` of a blob from byte `offset` on. Sends `Range: bytes=offset-`
-    /// when `offset > 0`; a `200` to that is handled by skipping `offset`
-    /// bytes. Redirects (to a CDN) are followed.
+    /// `GET` of a blob of `size` bytes from byte `offset` on. Sends
+    /// `Range: bytes=offset-` when `offset > 0`; a `200` to that is handled
+    /// by skipping `offset` bytes. Redirects (to a CDN) are followed.
+    ///
+    /// `size` is what the caller knows of the blob (a manifest's
+    /// descriptor, or a `HEAD`), never what this response says: a response
+    /// announcing another size (`Content-Length`, `Content-Range`) is
+    /// refused with [`UpstreamError::SizeMismatch`], and the stream fails as
+    /// soon as the body goes past `size` or ends before it, whether or not
+    /// the upstream announced a length.
     pub async fn get_blob(
         &self,
         repo: &RepoName,
         digest: &Digest,
         offset: u64,
-    ) -> Result<BlobResponse, UpstreamError> {
+        size: u64,
+    ) -> Result<ByteStream, UpstreamError> {
+        if offset > size {
+            return Err(UpstreamError::Protocol(format!(
+                "offset {offset} is past the blob's {size} bytes"
+            )));
+        }
         let mut op = Op::new(
             Method::GET,
             format!("/v2/{repo}/blobs/{digest}"),
@@ -398,7 +412,12 @@ impl UpstreamClient {
             .with_retries(&op, || async {
                 let resp = self.inner.execute(&op).await?;
                 let len = content_length(&resp)?;
-                let (total_size, skip) = match resp.status().as_u16() {
+                let mismatch = |announced: u64| UpstreamError::SizeMismatch {
+                    expected: size,
+                    announced,
+                };
+                // The body's first byte, as a position in the blob.
+                let start = match resp.status().as_u16() {
                     206 => {
                         let cr =
                             header_str(&resp, http::header::CONTENT_RANGE).ok_or_else(|| {
@@ -413,19 +432,12 @@ impl UpstreamClient {
                             ))
                             .into());
                         }
-                        (total, offset - start)
-                    }
-                    200 => {
-                        if let Some(len) = len
-                            && offset > len
-                        {
-                            return Err(UpstreamError::Protocol(format!(
-                                "offset {offset} is past the blob's {len} bytes"
-                            ))
-                            .into());
+                        if let Some(total) = total.filter(|t| *t != size) {
+                            return Err(mismatch(total).into());
                         }
-                        (len, offset)
+                        start
                     }
+                    200 => 0,
                     s => {
                         return Err(UpstreamError::Protocol(format!(
                             "unexpected status {s} for a blob"
@@ -433,15 +445,16 @@ impl UpstreamClient {
                         .into());
                     }
                 };
-                Ok(BlobResponse {
-                    total_size,
-                    stream: client::body_stream(
-                        resp.into_body(),
-                        skip,
-                        len,
-                        self.inner.read_timeout(),
-                    ),
-                })
+                let expected = size - start;
+                if let Some(len) = len.filter(|l| *l != expected) {
+                    return Err(mismatch(start + len).into());
+                }
+                Ok(client::body_stream(
+                    resp.into_body(),
+                    offset - start,
+                    expected,
+                    self.inner.read_timeout(),
+                ))
             })
             .await
     }

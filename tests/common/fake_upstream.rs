@@ -5,7 +5,8 @@
 //! lists with `n`/`last`/`Link`, referrers, `/v2/`), can demand Bearer
 //! tokens from its own `/token` realm or Basic credentials, injects faults
 //! (status with `Retry-After`, slow, stalled, truncated, corrupted or reset
-//! bodies, delayed headers, redirects, ignored ranges) per path or digest and
+//! bodies, endless or mis-announced bodies, delayed headers, redirects,
+//! ignored ranges, a token realm under another authority) per path or digest and
 //! optionally for the next N requests only, and records every request.
 //!
 //! It runs on its own thread with its own runtime (and its own clock), so it
@@ -68,6 +69,16 @@ pub enum Fault {
     IgnoreRange,
     /// Redirect to `location` (a path on this server or an absolute URL).
     Redirect { status: u16, location: String },
+    /// GET only: no `Content-Length`, the content's bytes, then zeros
+    /// forever, 64 KiB at a time (each after the `SlowBody` delay, if any);
+    /// HEAD still tells the true length.
+    Endless,
+    /// GET only: announce this `Content-Length` whatever the content's
+    /// length, send the content, then nothing more on an open connection
+    /// (HEAD still tells the true length).
+    ContentLength(u64),
+    /// GET only: no `Content-Length` (a chunked or close-delimited body).
+    NoContentLength,
 }
 
 impl Fault {
@@ -178,6 +189,9 @@ struct State {
     faults: Vec<FaultRule>,
     log: Vec<Recorded>,
     digest_header: bool,
+    /// Host (and port) named in Bearer challenges' realm instead of this
+    /// server's address.
+    realm_authority: Option<String>,
 }
 
 enum Ctl {
@@ -237,6 +251,7 @@ impl FakeUpstream {
             faults: Vec::new(),
             log: Vec::new(),
             digest_header: true,
+            realm_authority: None,
         }));
         let (tx, rx) = mpsc::unbounded_channel();
         let st = state.clone();
@@ -365,6 +380,13 @@ impl FakeUpstream {
         };
     }
 
+    /// Names `authority` (`host:port`) instead of this server's address in
+    /// the realm of Bearer challenges, e.g. `localhost:PORT` for this same
+    /// server under another host name, or another server.
+    pub fn realm_authority(&self, authority: &str) {
+        self.state().realm_authority = Some(authority.to_string());
+    }
+
     /// Whether the token realm issues tokens to requests without
     /// credentials (default no).
     pub fn allow_anonymous(&self, yes: bool) {
@@ -406,7 +428,8 @@ impl FakeUpstream {
     /// Injects `fault` into every request whose path (without query) equals
     /// `target` or ends with it (a digest, `/manifests/latest`, ...); `"*"`
     /// matches everything. Faults of different kinds combine; a status or
-    /// redirect fault answers in place of the content.
+    /// redirect fault answers in place of the content. A HEAD is answered
+    /// by status, delay and redirect faults only (and uses up no other).
     pub fn fault(&self, target: &str, fault: Fault) {
         self.add_fault(target, fault, None);
     }
@@ -463,12 +486,12 @@ impl FakeUpstream {
         self.state().log.clone()
     }
 
-    /// The `Range` header (if any) of each request to `path`, in order.
+    /// The `Range` header (if any) of each GET of `path`, in order.
     pub fn ranges(&self, path: &str) -> Vec<Option<String>> {
         self.state()
             .log
             .iter()
-            .filter(|r| r.path == path)
+            .filter(|r| r.path == path && r.method == "GET")
             .map(|r| r.header("range").map(str::to_string))
             .collect()
     }
@@ -751,9 +774,13 @@ fn check_auth(s: &mut State, path: &str, headers: &HeaderMap) -> Option<Response
                     Some(_) => {}
                 }
             }
+            let authority = s
+                .realm_authority
+                .clone()
+                .unwrap_or_else(|| s.addr.to_string());
             let mut challenge = format!(
-                "Bearer realm=\"{}://{}/token\",service=\"{SERVICE}\"",
-                s.scheme, s.addr
+                "Bearer realm=\"{}://{authority}/token\",service=\"{SERVICE}\"",
+                s.scheme
             );
             if let Some(repo) = repo {
                 challenge.push_str(&format!(",scope=\"repository:{repo}:pull\""));
@@ -819,12 +846,20 @@ fn token_endpoint(s: &mut State, query: Option<&str>, headers: &HeaderMap) -> Re
         .expect("response")
 }
 
-/// The faults matching `path`, consuming one use of each.
-fn take_faults(s: &mut State, path: &str) -> Vec<Fault> {
+/// The faults matching `path`, consuming one use of each. A HEAD neither
+/// gets nor uses up faults of the body.
+fn take_faults(s: &mut State, path: &str, head: bool) -> Vec<Fault> {
     let mut out = Vec::new();
     for rule in &mut s.faults {
         let matches = rule.target == "*" || path == rule.target || path.ends_with(&rule.target);
         if !matches || rule.remaining == Some(0) {
+            continue;
+        }
+        let body_only = !matches!(
+            rule.fault,
+            Fault::Status { .. } | Fault::DelayHeaders(_) | Fault::Redirect { .. }
+        );
+        if head && body_only {
             continue;
         }
         if let Some(n) = &mut rule.remaining {
@@ -844,6 +879,9 @@ struct BodyPlan {
     cut: Option<(usize, bool)>,
     wrong: bool,
     ignore_range: bool,
+    endless: bool,
+    content_length: Option<u64>,
+    no_length: bool,
 }
 
 async fn handle(
@@ -871,7 +909,7 @@ async fn handle(
         };
         match rejected {
             Some(r) => (Vec::new(), Some(r)),
-            None => (take_faults(&mut s, &path), None),
+            None => (take_faults(&mut s, &path, method == Method::HEAD), None),
         }
     };
     if let Some(r) = early {
@@ -886,6 +924,9 @@ async fn handle(
             Fault::Reset { after } => plan.cut = Some((*after, true)),
             Fault::WrongBytes => plan.wrong = true,
             Fault::IgnoreRange => plan.ignore_range = true,
+            Fault::Endless => plan.endless = true,
+            Fault::ContentLength(n) => plan.content_length = Some(*n),
+            Fault::NoContentLength => plan.no_length = true,
             Fault::Status { .. } | Fault::Redirect { .. } => {}
         }
     }
@@ -1169,9 +1210,14 @@ fn content(
         }
         Ok(None) => data,
     };
-    r = r.header("content-length", body.len());
     if head {
+        r = r.header("content-length", body.len());
         return r.body(empty()).expect("response");
+    }
+    match plan.content_length {
+        _ if plan.endless || plan.no_length => {}
+        Some(n) => r = r.header("content-length", n),
+        None => r = r.header("content-length", body.len()),
     }
     r.body(stream_body(body, plan, reset)).expect("response")
 }
@@ -1197,6 +1243,20 @@ fn stream_body(data: Bytes, plan: BodyPlan, reset: Arc<AtomicBool>) -> Body {
     let s = futures::stream::unfold(st, |mut st| async move {
         if st.failed {
             return None;
+        }
+        if st.plan.content_length.is_some() && st.pos >= st.data.len() {
+            // A body shorter than its announced length: the connection
+            // stays open (ending it would keep hyper from sending even the
+            // head).
+            std::future::pending::<()>().await;
+        }
+        if st.plan.endless && st.pos >= st.data.len() {
+            static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+            if let Some((_, delay)) = st.plan.chunk {
+                tokio::time::sleep(delay).await;
+            }
+            st.pos += ZEROS.len();
+            return Some((Ok(Frame::data(Bytes::from_static(&ZEROS))), st));
         }
         let limit = st
             .plan
@@ -1233,7 +1293,8 @@ fn stream_body(data: Bytes, plan: BodyPlan, reset: Arc<AtomicBool>) -> Body {
     StreamBody::new(s).boxed_unsync()
 }
 
-/// A throwaway CA and a server certificate it signed for IP 127.0.0.1, made
+/// A throwaway CA and a server certificate it signed for IP 127.0.0.1 (and
+/// the name `localhost`), made
 /// with the `openssl` tool (valid for a day).
 pub struct TestPki {
     /// The CA certificate (PEM), to trust.
@@ -1296,7 +1357,7 @@ impl TestPki {
         .concat());
         std::fs::write(
             dir.join("server.ext"),
-            "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+            "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
         )
         .expect("write extensions");
         run(&[
