@@ -717,7 +717,11 @@ async fn a_stalled_request_body_is_cut_off_and_its_upload_session_stays_usable()
         .into_iter()
         .filter(|(i, _)| i == &id)
         .collect();
-    assert_eq!(staged, vec![(id.clone(), first as u64)], "staged after the cut-off");
+    assert_eq!(
+        staged,
+        vec![(id.clone(), first as u64)],
+        "staged after the cut-off"
+    );
     let r = client.get(&loc).await;
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
     assert_eq!(r.header("range"), Some(format!("0-{}", first - 1).as_str()));
@@ -764,9 +768,15 @@ async fn connections_over_max_connections_get_503_while_accepted_ones_complete()
     for (i, blob) in blobs.iter().enumerate() {
         let mut raw = Raw::connect(w.addr).await;
         let repo = format!("limit/b{i}");
-        raw.send(&head_with_body("POST", &format!("/v2/{repo}/blobs/uploads/"), &host, 0, ""))
-            .await
-            .expect("send");
+        raw.send(&head_with_body(
+            "POST",
+            &format!("/v2/{repo}/blobs/uploads/"),
+            &host,
+            0,
+            "",
+        ))
+        .await
+        .expect("send");
         let r = raw.response().await.expect("start upload");
         assert_eq!(r.status, 202, "{r:?}");
         let loc = r.header("location").expect("Location").to_string();
@@ -783,7 +793,10 @@ async fn connections_over_max_connections_get_503_while_accepted_ones_complete()
         .send(format!("GET /v2/ HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
         .await
         .expect("send");
-    let r = third.response().await.expect("a response to the third connection");
+    let r = third
+        .response()
+        .await
+        .expect("a response to the third connection");
     assert_eq!(r.status, 503, "{r:?}");
     assert_eq!(r.header("retry-after"), Some("1"), "{r:?}");
     assert!(text(&r.body).contains("TOOMANYREQUESTS"), "{r:?}");
@@ -794,13 +807,17 @@ async fn connections_over_max_connections_get_503_while_accepted_ones_complete()
 
     // The accepted two finish their uploads on their own connections.
     for ((raw, repo, loc), blob) in accepted.iter_mut().zip(&blobs) {
-        raw.send(&blob[blob.len() / 2..]).await.expect("send the rest");
+        raw.send(&blob[blob.len() / 2..])
+            .await
+            .expect("send the rest");
         let r = raw.response().await.expect("PATCH response");
         assert_eq!(r.status, 202, "{r:?}");
         let put = with_query(loc, &format!("digest={}", common::sha256(blob)));
-        raw.send(format!("PUT {put} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n").as_bytes())
-            .await
-            .expect("send PUT");
+        raw.send(
+            format!("PUT {put} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("send PUT");
         let r = raw.response().await.expect("PUT response");
         assert_eq!(r.status, 201, "{r:?}");
         let _ = repo;
@@ -817,7 +834,10 @@ async fn connections_over_max_connections_get_503_while_accepted_ones_complete()
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    assert!(served, "no connection was served after the accepted ones closed");
+    assert!(
+        served,
+        "no connection was served after the accepted ones closed"
+    );
     for (i, blob) in blobs.iter().enumerate() {
         assert_blob(&client, &format!("limit/b{i}"), blob).await;
     }
@@ -838,9 +858,10 @@ async fn idle_http2_connections_are_closed_and_busy_ones_are_not() {
     let (loc, _) = start_upload(&client, repo).await;
 
     let tcp = TcpStream::connect(w.addr).await.expect("connect");
-    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-        .await
-        .expect("h2 handshake");
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake");
     let mut conn = tokio::spawn(conn);
 
     // A chunk trickled over 3 s (three idle timeouts): the connection stays
@@ -862,7 +883,9 @@ async fn idle_http2_connections_are_closed_and_busy_ones_are_not() {
     let response = tokio::spawn(send.send_request(req));
     for part in blob.chunks(3_000) {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        tx.send(Bytes::copy_from_slice(part)).await.expect("send part");
+        tx.send(Bytes::copy_from_slice(part))
+            .await
+            .expect("send part");
     }
     drop(tx);
     let r = response.await.expect("join").expect("PATCH over h2");

@@ -267,7 +267,7 @@ async fn serve(
                 let resp = app.handle(req).await?;
                 // The request is in flight until its response body is
                 // done with (sent, or dropped with the stream).
-                Ok::<_, Infallible>(resp.map(|b| InFlightBody::new(b, in_flight)))
+                Ok::<_, Infallible>(resp.map(|b| InFlightBody::boxed(b, in_flight)))
             }
         })
     };
@@ -371,7 +371,7 @@ struct InFlightBody {
 }
 
 impl InFlightBody {
-    fn new(inner: super::Body, in_flight: InFlight) -> super::Body {
+    fn boxed(inner: super::Body, in_flight: InFlight) -> super::Body {
         InFlightBody {
             inner,
             _in_flight: in_flight,

@@ -1527,6 +1527,53 @@ mod tests {
     }
 
     #[test]
+    fn connection_limits_have_defaults_overrides_and_bounds() {
+        let c = load_str("", &[]).unwrap();
+        assert_eq!(c.server.body_read_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.max_connections, 1024);
+        let c = load_str(
+            "[server]\nmax_connections = 10\nbody_read_timeout = \"5s\"\n",
+            &[("WHARF_SERVER_MAX_CONNECTIONS", "300")],
+        )
+        .unwrap();
+        assert_eq!(c.server.max_connections, 300);
+        assert_eq!(c.server.body_read_timeout, Duration::from_secs(5));
+        let c = load_str("", &[("WHARF_SERVER_BODY_READ_TIMEOUT", "2m")]).unwrap();
+        assert_eq!(c.server.body_read_timeout, Duration::from_secs(120));
+        for (toml, env, key) in [
+            (
+                "[server]\nmax_connections = 0\n",
+                None,
+                "server.max_connections:",
+            ),
+            (
+                "[server]\nmax_connections = -3\n",
+                None,
+                "server.max_connections:",
+            ),
+            (
+                "",
+                Some(("WHARF_SERVER_MAX_CONNECTIONS", "many")),
+                "server.max_connections:",
+            ),
+            (
+                "[server]\nbody_read_timeout = \"0s\"\n",
+                None,
+                "server.body_read_timeout:",
+            ),
+            (
+                "[server]\nbody_read_timeout = 5\n",
+                None,
+                "server.body_read_timeout:",
+            ),
+        ] {
+            let env: Vec<_> = env.into_iter().collect();
+            let e = load_str(toml, &env).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{toml:?} {env:?}: {e}");
+        }
+    }
+
+    #[test]
     fn refuses_unknown_keys_and_bad_values_with_the_key_path() {
         let e = load_str("[server]\nlisen = \"x\"\n", &[])
             .unwrap_err()

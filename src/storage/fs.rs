@@ -80,10 +80,7 @@ impl ChunkBuffer {
     }
 
     /// Writes out what is buffered.
-    async fn flush<W: tokio::io::AsyncWrite + Unpin>(
-        &mut self,
-        out: &mut W,
-    ) -> io::Result<()> {
+    async fn flush<W: tokio::io::AsyncWrite + Unpin>(&mut self, out: &mut W) -> io::Result<()> {
         if !self.buf.is_empty() {
             out.write_all(&self.buf).await?;
             self.buf.clear();
