@@ -872,7 +872,8 @@ async fn idle_http2_connections_are_closed_and_busy_ones_are_not() {
         rx.recv()
             .await
             .map(|b| (Ok::<_, std::convert::Infallible>(Frame::data(b)), rx))
-    })));
+    })))
+    .boxed();
     let req = http::Request::builder()
         .method(Method::PATCH)
         .uri(format!("{}{loc}", w.url()))
@@ -891,7 +892,18 @@ async fn idle_http2_connections_are_closed_and_busy_ones_are_not() {
     let r = response.await.expect("join").expect("PATCH over h2");
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     let _ = r.into_body().collect().await;
-    assert!(!conn.is_finished(), "closed while a request was in flight");
+    // Still open for new requests (no GOAWAY was sent meanwhile).
+    send.ready().await.expect("connection still usable");
+    let get = http::Request::builder()
+        .uri(format!("{}/v2/", w.url()))
+        .body(http_body_util::Empty::new().boxed())
+        .expect("request");
+    let r = send
+        .send_request(get)
+        .await
+        .expect("a request after a long one on the same connection");
+    assert_eq!(r.status(), StatusCode::OK);
+    let _ = r.into_body().collect().await;
 
     // Then nothing: the server closes it.
     let closed = tokio::time::timeout(Duration::from_secs(10), &mut conn).await;

@@ -122,7 +122,9 @@ pub async fn run(
     let refuser = Arc::new(refuser);
     let opts = Arc::new(opts);
     let stop = CancellationToken::new();
-    let max = opts.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+    let max = opts
+        .max_connections
+        .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
     let served = Arc::new(Semaphore::new(max));
     let refusing = Arc::new(Semaphore::new(REFUSING));
     tokio::pin!(shutdown);
