@@ -125,6 +125,7 @@ pub async fn run(
     let max = opts
         .max_connections
         .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+    open_files_for(max);
     let served = Arc::new(Semaphore::new(max));
     let refusing = Arc::new(Semaphore::new(REFUSING));
     tokio::pin!(shutdown);
@@ -199,6 +200,48 @@ pub async fn run(
         () = tokio::time::sleep(opts.shutdown_timeout) => {
             tracing::warn!(timeout = ?opts.shutdown_timeout, "shutdown deadline passed; closing remaining connections");
         }
+    }
+}
+
+/// Open files a process serving `max` connections may need: a socket and
+/// a file for each (an upload's staging file, a blob being read), the
+/// refused ones, and room for the stores and the rest.
+fn open_files_needed(max: usize) -> u64 {
+    2 * max as u64 + REFUSING as u64 + 256
+}
+
+/// Raises the soft open-file limit to the hard one when it is too low for
+/// `max` connections (as the Go runtime does at every start; the soft limit
+/// is often 1024), and warns when even the hard limit is: past it, accepted
+/// connections fail to open files.
+fn open_files_for(max: usize) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let needed = open_files_needed(max);
+    let limit = getrlimit(Resource::Nofile);
+    let Some(current) = limit.current else {
+        return; // unlimited
+    };
+    if current >= needed {
+        return;
+    }
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    let now = match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => limit.maximum,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot raise the open-file limit");
+            Some(current)
+        }
+    };
+    if let Some(now) = now.filter(|&n| n < needed) {
+        tracing::warn!(
+            max_connections = max,
+            open_file_limit = now,
+            needed,
+            "the open-file limit is too low for server.max_connections: lower it, or raise the limit (ulimit -n, LimitNOFILE=)"
+        );
     }
 }
 
