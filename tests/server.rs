@@ -843,6 +843,105 @@ async fn connections_over_max_connections_get_503_while_accepted_ones_complete()
     }
 }
 
+/// Sockets the process `pid` holds open (its listener and connections).
+fn open_sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter(|l| l.to_string_lossy().starts_with("socket:"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Sends the second half of `blob` on a connection whose PATCH of it is in
+/// flight, then commits it there.
+async fn finish_upload((raw, loc): &mut (Raw, String), blob: &[u8], host: &str) {
+    raw.send(&blob[blob.len() / 2..])
+        .await
+        .expect("send the rest");
+    let r = raw.response().await.expect("PATCH response");
+    assert_eq!(r.status, 202, "{r:?}");
+    let put = with_query(loc, &format!("digest={}", common::sha256(blob)));
+    raw.send(format!("PUT {put} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+        .await
+        .expect("send PUT");
+    let r = raw.response().await.expect("PUT response");
+    assert_eq!(r.status, 201, "{r:?}");
+}
+
+/// A flood of connections far beyond `max_connections` cannot make the
+/// server hold more than the served ones plus the 64 it answers or times
+/// out at once (the rest wait in the listen backlog, and are shed in
+/// turn), and the connections it serves finish their uploads meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_holds_a_bounded_number_of_sockets() {
+    const REFUSING: usize = 64;
+    let w = common::spawn_wharf_with("max_connections = 2\nheader_read_timeout = \"1s\"", "");
+    let pid = w.child.id();
+    // The listener and the runtime's own (signal handling).
+    let idle = open_sockets(pid);
+    let host = w.host();
+    let blobs = [random_bytes(MIB + 7, 51), random_bytes(MIB + 9, 52)];
+    let mut busy = Vec::new();
+    for (i, blob) in blobs.iter().enumerate() {
+        let mut raw = Raw::connect(w.addr).await;
+        let path = format!("/v2/flood/b{i}/blobs/uploads/");
+        raw.send(&head_with_body("POST", &path, &host, 0, ""))
+            .await
+            .expect("send");
+        let r = raw.response().await.expect("start upload");
+        assert_eq!(r.status, 202, "{r:?}");
+        let loc = r.header("location").expect("Location").to_string();
+        raw.send(&head_with_body("PATCH", &loc, &host, blob.len(), ""))
+            .await
+            .expect("send head");
+        raw.send(&blob[..blob.len() / 2]).await.expect("send");
+        busy.push((raw, loc));
+    }
+
+    // 200 clients connect and send nothing.
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        flood.push(TcpStream::connect(w.addr).await.expect("connect"));
+    }
+    let bound = idle + blobs.len() + REFUSING;
+    wait_until("the server to take up its refusal slots", PATIENCE, || {
+        open_sockets(pid) >= bound
+    })
+    .await;
+    // A round trip on a served connection (the accept loop ran meanwhile),
+    // then the count: never more than the bound.
+    let (first, second) = busy.split_at_mut(1);
+    finish_upload(&mut first[0], &blobs[0], &host).await;
+    let held = open_sockets(pid);
+    assert!(
+        held <= bound,
+        "the server holds {held} sockets with max_connections = 2 (at most {bound} expected, {idle} of them its own)"
+    );
+
+    // Every flooding connection is closed by the server in turn.
+    let closes = flood.into_iter().map(|mut s| async move {
+        let mut buf = [0u8; 1024];
+        matches!(
+            tokio::time::timeout(PATIENCE, s.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    });
+    let closed = futures::future::join_all(closes).await;
+    let open = closed.iter().filter(|c| !**c).count();
+    assert_eq!(open, 0, "flooding connections never closed");
+
+    // And the other served upload, in flight all along, completes.
+    finish_upload(&mut second[0], &blobs[1], &host).await;
+    drop(busy);
+    let client = HttpClient::new(w.url());
+    for (i, blob) in blobs.iter().enumerate() {
+        assert_blob(&client, &format!("flood/b{i}"), blob).await;
+    }
+}
+
 /// An HTTP/2 connection with no stream open is closed after
 /// `header_read_timeout`, as an idle HTTP/1.1 one is; one whose request is
 /// still in flight past that time is not.
