@@ -177,12 +177,15 @@ pub async fn run(
             }
             Slot::Refuse(permit) => {
                 tracing::debug!(%peer, max, "connection limit reached (server.max_connections); answering 503");
-                let refuser = refuser.clone();
+                let (refuser, stop) = (refuser.clone(), stop.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
                     let limit = accepted.opts.header_read_timeout;
                     let refused = accepted.run(|io, _, peer| refuse(refuser, io, peer));
-                    let _ = tokio::time::timeout(limit, refused).await;
+                    tokio::select! {
+                        _ = tokio::time::timeout(limit, refused) => {}
+                        () = stop.cancelled() => {}
+                    }
                 });
             }
         }
