@@ -553,6 +553,8 @@ fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Resul
             max_header_size: config.server.max_header_size.as_u64() as usize,
             shutdown_timeout: config.server.shutdown_timeout,
             tls_handshake_timeout: config.server.header_read_timeout,
+            body_read_timeout: config.server.body_read_timeout,
+            max_connections: config.server.max_connections,
         };
         let app =
             App::with_replication(registry, &upstream_metrics, replication).with_sync(sync_entries);

@@ -486,6 +486,13 @@ pub struct ServerConfig {
     /// gets 431.
     #[serde(default = "default_max_header_size")]
     pub max_header_size: bytesize::ByteSize,
+    /// A request body that sends no bytes for this long fails, and its
+    /// connection is closed.
+    #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Connections served at once; more are answered 503 and closed.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
     /// `text` (human) or `json` logs.
     #[serde(default)]
     pub log_format: LogFormat,
@@ -667,6 +674,12 @@ fn default_header_read_timeout() -> Duration {
 fn default_max_header_size() -> bytesize::ByteSize {
     bytesize::ByteSize::kib(64)
 }
+fn default_body_read_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_connections() -> usize {
+    1024
+}
 fn default_path() -> PathBuf {
     PathBuf::from("./wharf-data")
 }
@@ -685,6 +698,8 @@ impl Default for ServerConfig {
             shutdown_timeout: default_shutdown_timeout(),
             header_read_timeout: default_header_read_timeout(),
             max_header_size: default_max_header_size(),
+            body_read_timeout: default_body_read_timeout(),
+            max_connections: default_max_connections(),
             log_format: LogFormat::default(),
         }
     }
@@ -711,6 +726,8 @@ pub const ENV_OVERRIDES: &[&str] = &[
     "server.shutdown_timeout",
     "server.header_read_timeout",
     "server.max_header_size",
+    "server.body_read_timeout",
+    "server.max_connections",
     "server.log_format",
     "storage.type",
     "storage.path",
@@ -741,6 +758,9 @@ const ENV_BOOLS: &[&str] = &[
     "storage.s3.path_style",
     "storage.s3.redirect",
 ];
+
+/// Overridable keys whose value is an integer.
+const ENV_INTS: &[&str] = &["server.max_connections"];
 
 /// Variables with the `WHARF_` prefix that are not configuration keys.
 const ENV_RESERVED: &[&str] = &["WHARF_LOG"];
@@ -797,6 +817,11 @@ impl Config {
             let value = match (ENV_BOOLS.contains(path), value.as_str()) {
                 (true, "true") => toml::Value::Boolean(true),
                 (true, "false") => toml::Value::Boolean(false),
+                // Not a number: left a string, which the key then refuses.
+                _ if ENV_INTS.contains(path) => value
+                    .parse()
+                    .map(toml::Value::Integer)
+                    .unwrap_or(toml::Value::String(value)),
                 _ => toml::Value::String(value),
             };
             set_path(&mut table, path, value);
@@ -824,6 +849,18 @@ impl Config {
             return Err(invalid(
                 "server.header_read_timeout",
                 "must be greater than zero",
+            ));
+        }
+        if self.server.body_read_timeout.is_zero() {
+            return Err(invalid(
+                "server.body_read_timeout",
+                "must be greater than zero",
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.server.max_connections) {
+            return Err(invalid(
+                "server.max_connections",
+                "must be between 1 and 1000000",
             ));
         }
         if self.storage.upload_purge_interval.is_zero() {
@@ -1660,6 +1697,53 @@ mod tests {
         assert_eq!(c.server.listen, "127.0.0.1:7000".parse().unwrap());
         assert_eq!(c.storage.upload_max_age, Duration::from_secs(7200));
         assert_eq!(c.server.tls.unwrap().cert, PathBuf::from("c.pem"));
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_overrides_and_bounds() {
+        let c = load_str("", &[]).unwrap();
+        assert_eq!(c.server.body_read_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.max_connections, 1024);
+        let c = load_str(
+            "[server]\nmax_connections = 10\nbody_read_timeout = \"5s\"\n",
+            &[("WHARF_SERVER_MAX_CONNECTIONS", "300")],
+        )
+        .unwrap();
+        assert_eq!(c.server.max_connections, 300);
+        assert_eq!(c.server.body_read_timeout, Duration::from_secs(5));
+        let c = load_str("", &[("WHARF_SERVER_BODY_READ_TIMEOUT", "2m")]).unwrap();
+        assert_eq!(c.server.body_read_timeout, Duration::from_secs(120));
+        for (toml, env, key) in [
+            (
+                "[server]\nmax_connections = 0\n",
+                None,
+                "server.max_connections:",
+            ),
+            (
+                "[server]\nmax_connections = -3\n",
+                None,
+                "server.max_connections:",
+            ),
+            (
+                "",
+                Some(("WHARF_SERVER_MAX_CONNECTIONS", "many")),
+                "server.max_connections:",
+            ),
+            (
+                "[server]\nbody_read_timeout = \"0s\"\n",
+                None,
+                "server.body_read_timeout:",
+            ),
+            (
+                "[server]\nbody_read_timeout = 5\n",
+                None,
+                "server.body_read_timeout:",
+            ),
+        ] {
+            let env: Vec<_> = env.into_iter().collect();
+            let e = load_str(toml, &env).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{toml:?} {env:?}: {e}");
+        }
     }
 
     #[test]

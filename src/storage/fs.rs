@@ -28,8 +28,66 @@ use crate::oci::{Algorithm, Digest, Hasher, UploadId};
 
 /// Size of the mapped windows a published blob is served from.
 const MAP_WINDOW: u64 = 1024 * 1024;
-/// Write buffer for staged uploads.
+/// Staged uploads are written in pieces of up to this size.
 const WRITE_BUF: usize = 1024 * 1024;
+/// The write buffer's first allocation (it doubles from there).
+const WRITE_BUF_MIN: usize = 16 * 1024;
+
+/// Coalesces an upload's body chunks into writes of up to `limit` bytes.
+/// Unlike a `BufWriter`, it allocates as bytes arrive (doubling, never
+/// past `limit`), so an upload whose client stalls holds only what it was
+/// sent; chunks of `limit` bytes or more are written as they are.
+struct ChunkBuffer {
+    buf: Vec<u8>,
+    limit: usize,
+}
+
+impl ChunkBuffer {
+    fn new(limit: usize) -> Self {
+        ChunkBuffer {
+            buf: Vec::new(),
+            limit,
+        }
+    }
+
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Adds `chunk`, writing to `out` what no longer fits.
+    async fn write<W: tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        out: &mut W,
+        chunk: &[u8],
+    ) -> io::Result<()> {
+        if self.buf.len() + chunk.len() > self.limit {
+            self.flush(out).await?;
+        }
+        if chunk.len() >= self.limit {
+            return out.write_all(chunk).await;
+        }
+        let needed = self.buf.len() + chunk.len();
+        if needed > self.buf.capacity() {
+            let grown = (self.buf.capacity() * 2)
+                .max(needed)
+                .max(WRITE_BUF_MIN)
+                .min(self.limit);
+            self.buf.reserve_exact(grown - self.buf.len());
+        }
+        self.buf.extend_from_slice(chunk);
+        Ok(())
+    }
+
+    /// Writes out what is buffered.
+    async fn flush<W: tokio::io::AsyncWrite + Unpin>(&mut self, out: &mut W) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            out.write_all(&self.buf).await?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
 
 /// In-memory hash state of an upload in this process, valid while `hashed`
 /// equals the staged size. After a restart it is absent and commit reads the
@@ -352,8 +410,9 @@ impl UploadStore for FsStore {
         } else {
             None
         };
-        let mut out = tokio::io::BufWriter::with_capacity(WRITE_BUF, file);
+        let mut out = file;
         out.seek(io::SeekFrom::Start(current)).await?;
+        let mut buf = ChunkBuffer::new(WRITE_BUF);
         let mut received = 0u64;
         let result: Result<()> = async {
             while let Some(chunk) = body.next().await {
@@ -370,7 +429,7 @@ impl UploadStore for FsStore {
                 if let Some(h) = hasher.as_mut() {
                     h.update(&chunk);
                 }
-                out.write_all(&chunk).await?;
+                buf.write(&mut out, &chunk).await?;
             }
             if let Some(exp) = expected_len
                 && received != exp
@@ -380,8 +439,9 @@ impl UploadStore for FsStore {
                     actual: received,
                 });
             }
+            buf.flush(&mut out).await?;
             out.flush().await?;
-            out.get_ref().sync_data().await?;
+            out.sync_data().await?;
             Ok(())
         }
         .await;
@@ -393,11 +453,10 @@ impl UploadStore for FsStore {
             }
             Err(e) => {
                 // All-or-nothing: cut the file back (the hash state was
-                // never touched).
+                // never touched; what is still buffered is dropped).
                 let _ = out.flush().await;
-                let file = out.into_inner();
-                file.set_len(current).await?;
-                file.sync_data().await?;
+                out.set_len(current).await?;
+                out.sync_data().await?;
                 Err(e)
             }
         }
@@ -655,6 +714,75 @@ fn mapped_stream(file: Arc<std::fs::File>, range: Range<u64>) -> ByteStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records the size of every write it receives.
+    #[derive(Default)]
+    struct Writes(Vec<usize>, Vec<u8>);
+
+    impl tokio::io::AsyncWrite for Writes {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            this.0.push(buf.len());
+            this.1.extend_from_slice(buf);
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn write_buffer_grows_with_the_bytes_received_and_writes_in_large_pieces() {
+        let mut out = Writes::default();
+        let mut buf = ChunkBuffer::new(WRITE_BUF);
+        // Nothing is allocated before the first byte, and a stalled upload
+        // holds about what it was sent, not the whole write size.
+        assert_eq!(buf.capacity(), 0);
+        buf.write(&mut out, &[1u8; 100]).await.unwrap();
+        assert!(buf.capacity() <= WRITE_BUF_MIN, "{}", buf.capacity());
+        buf.write(&mut out, &[2u8; 40_000]).await.unwrap();
+        assert!(
+            buf.capacity() < 4 * 40_100,
+            "40 KB received, {} bytes held",
+            buf.capacity()
+        );
+        assert!(out.0.is_empty(), "written before the buffer filled");
+        // Many small chunks still go out as writes of the full size, and
+        // the buffer never grows past it.
+        let mut sent: Vec<u8> = vec![1u8; 100];
+        sent.extend_from_slice(&[2u8; 40_000]);
+        for i in 0..1000u32 {
+            let chunk = vec![(i % 251) as u8; 3_000 + (i as usize % 7)];
+            buf.write(&mut out, &chunk).await.unwrap();
+            sent.extend_from_slice(&chunk);
+            assert!(buf.capacity() <= WRITE_BUF);
+        }
+        // A chunk larger than the write size is written as it is.
+        let big = vec![9u8; WRITE_BUF + 1];
+        buf.write(&mut out, &big).await.unwrap();
+        sent.extend_from_slice(&big);
+        buf.flush(&mut out).await.unwrap();
+        assert_eq!(out.1, sent, "bytes written in order, none lost");
+        let (last, full) = out.0.split_last().unwrap();
+        assert_eq!(*last, WRITE_BUF + 1);
+        // Every write but the one before the big chunk is at least nearly
+        // the full size.
+        let small = full.iter().filter(|&&n| n < WRITE_BUF - 4096).count();
+        assert!(small <= 1, "write sizes: {full:?}");
+    }
 
     #[tokio::test]
     async fn conformance() {
