@@ -770,6 +770,51 @@ async fn invalid_names_tags_and_digests() {
     assert!(t.repos().await.is_empty());
 }
 
+/// Query values an endpoint cannot take are the client's mistake: 400 with
+/// the spec's code (UNSUPPORTED, "an invalid set of parameters", for `n`;
+/// DIGEST_INVALID and NAME_INVALID for a mount's `mount` and `from`), never
+/// 405, and nothing is created.
+#[tokio::test]
+async fn bad_query_values_are_400_and_create_nothing() {
+    let t = T::new();
+    t.push_image("q/src", "v1", "q").await;
+    let layer = sha(b"layer-q");
+    let repos = t.repos().await;
+    let stored = t.stored().await;
+    for path in [
+        "/v2/q/src/tags/list?n=-1",
+        "/v2/q/src/tags/list?n=abc",
+        "/v2/q/src/tags/list?n=1.5",
+        "/v2/q/src/tags/list?n=99999999999999999999999",
+        "/v2/_catalog?n=-1",
+        "/v2/_catalog?n=abc",
+    ] {
+        let r = t.get(path).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {r:?}");
+        assert_eq!(r.code(), "UNSUPPORTED", "{path}");
+    }
+    for (query, code) in [
+        ("mount=nope&from=q/src".to_string(), "DIGEST_INVALID"),
+        ("mount=&from=q/src".to_string(), "DIGEST_INVALID"),
+        (format!("mount={layer}&from=Q/SRC"), "NAME_INVALID"),
+        (format!("mount={layer}&from=../q/src"), "NAME_INVALID"),
+        (format!("mount={layer}&from="), "NAME_INVALID"),
+    ] {
+        let path = format!("/v2/q/dst/blobs/uploads/?{query}");
+        let r = t.req(Method::POST, &path, &[], b"").await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {r:?}");
+        assert_eq!(r.code(), code, "{path}");
+        assert!(r.headers.get("location").is_none(), "{path}");
+    }
+    assert_eq!(t.repos().await, repos, "no repository was created");
+    assert_eq!(t.stored().await, stored);
+    let staged: Vec<_> = std::fs::read_dir(t._dir.path().join("uploads"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(staged.is_empty(), "no upload session was opened: {staged:?}");
+}
+
 #[tokio::test]
 async fn path_traversal_is_refused() {
     let t = T::new();

@@ -385,7 +385,7 @@ impl App {
             let digest = parse_digest(mount)?;
             let from = match query.get("from") {
                 Some(f) => Some(f.parse::<RepoName>().map_err(|e| {
-                    RegistryError::Unsupported(format!("invalid from repository: {e}"))
+                    RegistryError::NameInvalid(format!("invalid from repository {f:?}: {e}"))
                 })?),
                 None => None,
             };
@@ -544,7 +544,7 @@ impl Query {
         match self.get("n") {
             None => Ok(None),
             Some(n) => n.parse().map(Some).map_err(|_| {
-                RegistryError::Unsupported(format!("n must be a non-negative integer, got {n:?}"))
+                RegistryError::ParamInvalid(format!("n must be a non-negative integer, got {n:?}"))
             }),
         }
     }

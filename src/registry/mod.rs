@@ -62,6 +62,13 @@ pub enum RegistryError {
     RangeNotSatisfiable { size: u64 },
     #[error("{0}")]
     Unsupported(String),
+    /// A query parameter with a value the endpoint cannot take (`n=abc`):
+    /// 400 with the spec's UNSUPPORTED ("invalid set of parameters").
+    #[error("{0}")]
+    ParamInvalid(String),
+    /// A repository name in a parameter (`from=`) that is not valid.
+    #[error("{0}")]
+    NameInvalid(String),
     /// A write into a pull-through namespace.
     #[error("{0}")]
     Denied(String),
