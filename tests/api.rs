@@ -176,6 +176,16 @@ async fn base_endpoint_and_unknown_routes() {
     assert_eq!(t.get("/healthz").await.status, StatusCode::OK);
 }
 
+/// The ETag a HEAD of `digest` in `r/one` answers.
+async fn r_etag(t: &T, digest: &str) -> String {
+    let r = t
+        .req(Method::HEAD, &format!("/v2/r/one/blobs/{digest}"), &[], b"")
+        .await;
+    let etag = r.h("etag").to_string();
+    assert_eq!(etag, format!("\"{digest}\""));
+    etag
+}
+
 #[tokio::test]
 async fn blob_reads_heads_and_ranges() {
     let t = T::new();
@@ -222,6 +232,41 @@ async fn blob_reads_heads_and_ranges() {
     assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(r.h("content-range"), "bytes */10000");
     assert_eq!(r.code(), "SIZE_INVALID");
+    // If-Range (RFC 9110, 13.1.5): the range is served only while the
+    // validator matches the blob's ETag; otherwise the whole blob, 200.
+    let etag = r_etag(&t, &d).await;
+    for (if_range, partial) in [
+        (etag.clone(), true),
+        (format!("W/{etag}"), false),
+        ("\"sha256:0000\"".to_string(), false),
+        (format!("\"{}\"", sha(b"other")), false),
+        ("Wed, 21 Oct 2015 07:28:00 GMT".to_string(), false),
+        ("garbage".to_string(), false),
+    ] {
+        for range in ["bytes=100-199", "bytes=10000-"] {
+            let r = t
+                .req(
+                    Method::GET,
+                    &format!("/v2/r/one/blobs/{d}"),
+                    &[("range", range), ("if-range", &if_range)],
+                    b"",
+                )
+                .await;
+            match (partial, range) {
+                (true, "bytes=100-199") => {
+                    assert_eq!(r.status, StatusCode::PARTIAL_CONTENT, "{if_range}");
+                    assert_eq!(&r.body[..], &data[100..200]);
+                }
+                (true, _) => assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE),
+                (false, _) => {
+                    assert_eq!(r.status, StatusCode::OK, "{if_range} {range}");
+                    assert!(r.headers.get("content-range").is_none());
+                    assert_eq!(r.h("content-length"), "10000");
+                    assert_eq!(&r.body[..], &data[..], "{if_range} {range}");
+                }
+            }
+        }
+    }
     // A blob is readable only through repositories it was pushed or mounted to.
     let r = t.get(&format!("/v2/r/two/blobs/{d}")).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);

@@ -341,7 +341,10 @@ impl App {
                 .insert("docker-content-digest", hv(digest.as_str()));
             return Ok(r);
         }
-        let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+        let range = headers
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok())
+            .filter(|_| if_range_holds(headers, digest));
         let blob = self.registry.blob(name, digest, range, ns).await?;
         let served = self.counters.bytes_served.clone();
         let stream = blob
@@ -611,6 +614,26 @@ fn link_next(r: &mut Resp, path: &str, page: &Page, n: Option<usize>) {
             hv(&format!("<{path}?n={n}&last={last}>; rel=\"next\"")),
         );
     }
+}
+
+/// Whether a `Range` may be honoured under the request's `If-Range`
+/// (RFC 9110, 13.1.5): yes without one; with an entity-tag, only if it is
+/// strongly equal to the blob's ETag (`"<digest>"`; a weak tag never is);
+/// with a date, never, since blobs are served without `Last-Modified` and a
+/// date is therefore no strong validator of them. When it does not hold the
+/// whole blob is sent (200), as if no `Range` had come.
+fn if_range_holds(h: &HeaderMap, digest: &Digest) -> bool {
+    let Some(v) = h.get(header::IF_RANGE) else {
+        return true;
+    };
+    let Ok(v) = v.to_str() else {
+        return false;
+    };
+    let v = v.trim();
+    v.len() == digest.as_str().len() + 2
+        && v.starts_with('"')
+        && v.ends_with('"')
+        && &v[1..v.len() - 1] == digest.as_str()
 }
 
 fn parse_digest(s: &str) -> Result<Digest, RegistryError> {
