@@ -744,6 +744,96 @@ async fn referrers_with_filter_and_subject_before_it_exists() {
     assert_eq!(r.code(), "DIGEST_INVALID");
 }
 
+/// The referrers API is paginated (one body for thousands of referrers is
+/// megabytes): a client that follows `Link: <...>; rel="next"` collects every
+/// referrer exactly once, with the default page and with a small `n`, with
+/// and without a filter.
+#[tokio::test]
+async fn referrers_are_paginated_by_link_headers() {
+    let t = T::new();
+    let (subject_bytes, subject) = t.push_image("many", "v1", "s").await;
+    let empty = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
+    let layer = t.push_blob("many", b"signature").await;
+    let mut sigs = std::collections::BTreeSet::new();
+    let mut all = std::collections::BTreeSet::new();
+    for i in 0..320 {
+        let atype = if i % 3 == 0 {
+            "application/vnd.example.sig"
+        } else {
+            "application/vnd.example.sbom"
+        };
+        let m = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": atype,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+            "layers": [{"mediaType": "application/octet-stream", "digest": layer, "size": 9}],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": subject, "size": subject_bytes.len()},
+            "annotations": {"org.example.i": i.to_string()},
+        }))
+        .unwrap();
+        let d = sha(&m);
+        let r = t
+            .req(
+                Method::PUT,
+                &format!("/v2/many/manifests/{d}"),
+                &[("content-type", OCI_MANIFEST)],
+                &m,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+        if i % 3 == 0 {
+            sigs.insert(d.clone());
+        }
+        all.insert(d);
+    }
+    let sig_filter = "artifactType=application%2Fvnd.example.sig";
+    for (first, expected, page) in [
+        (String::new(), &all, 250),
+        ("?n=7".to_string(), &all, 7),
+        (format!("?{sig_filter}"), &sigs, 250),
+        (format!("?n=10&{sig_filter}"), &sigs, 10),
+        ("?n=100000".to_string(), &all, 250),
+    ] {
+        let mut url = format!("/v2/many/referrers/{subject}{first}");
+        let mut seen = Vec::new();
+        let mut pages = 0;
+        loop {
+            let r = t.get(&url).await;
+            assert_eq!(r.status, StatusCode::OK, "{url}: {r:?}");
+            assert_eq!(r.h("content-type"), OCI_INDEX);
+            let body = r.json();
+            let got = body["manifests"].as_array().unwrap();
+            assert!(got.len() <= page, "{url}: {} on one page", got.len());
+            seen.extend(got.iter().map(|d| d["digest"].as_str().unwrap().to_string()));
+            pages += 1;
+            assert!(pages <= 1 + expected.len() / page, "{first}: too many pages");
+            match r.headers.get("link") {
+                None => break,
+                Some(link) => {
+                    assert_eq!(got.len(), page, "{url}: a short page before the last");
+                    let link = link.to_str().unwrap();
+                    let next = link
+                        .strip_prefix('<')
+                        .and_then(|l| l.strip_suffix(">; rel=\"next\""))
+                        .unwrap_or_else(|| panic!("bad Link {link}"));
+                    url = next.to_string();
+                }
+            }
+        }
+        let unique: std::collections::BTreeSet<String> = seen.iter().cloned().collect();
+        assert_eq!(unique.len(), seen.len(), "{first}: a referrer came twice");
+        assert_eq!(&unique, expected, "{first}: referrers lost or foreign");
+        let mut sorted = seen.clone();
+        sorted.sort();
+        assert_eq!(seen, sorted, "{first}: pages are in digest order");
+    }
+    let r = t.get(&format!("/v2/many/referrers/{subject}?n=abc")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.code(), "UNSUPPORTED");
+    let r = t.get(&format!("/v2/many/referrers/{subject}?last=nope")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.code(), "DIGEST_INVALID");
+}
+
 // ---- bad input: a clear error, and nothing stored ----
 
 #[tokio::test]

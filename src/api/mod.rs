@@ -494,16 +494,41 @@ impl App {
         ns: Option<&str>,
     ) -> Result<Resp, RegistryError> {
         let filter = query.get("artifactType");
-        let manifests = self.registry.referrers(name, digest, filter, ns).await?;
+        let n = query.page_size()?;
+        let last = query.get("last").map(parse_digest).transpose()?;
+        let page = self
+            .registry
+            .referrers_page(name, digest, filter, last.as_ref(), n, ns)
+            .await?;
         let body = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": OCI_INDEX,
-            "manifests": manifests,
+            "manifests": page.manifests,
         })
         .to_string();
         let mut r = json(StatusCode::OK, body);
         r.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(OCI_INDEX));
+        if let (true, Some(last)) = (page.more, page.manifests.last()) {
+            // The spec's pagination: the next page's URL in `Link`, carrying
+            // the filter (and `ns`, so a mirror's next page routes alike).
+            let enc = |v: &str| {
+                percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string()
+            };
+            let n = n
+                .unwrap_or(crate::registry::REFERRERS_PAGE)
+                .min(crate::registry::REFERRERS_PAGE);
+            let mut next = format!("/v2/{name}/referrers/{digest}?n={n}&last={}", last.digest);
+            if let Some(f) = filter {
+                next.push_str(&format!("&artifactType={}", enc(f)));
+            }
+            if let Some(ns) = ns {
+                next.push_str(&format!("&ns={}", enc(ns)));
+            }
+            r.headers_mut()
+                .insert(header::LINK, hv(&format!("<{next}>; rel=\"next\"")));
+        }
         if filter.is_some() {
             r.headers_mut().insert(
                 "oci-filters-applied",

@@ -147,6 +147,16 @@ pub enum MountOutcome {
     Session(UploadId),
 }
 
+/// Most referrers in one response of the referrers API, and the page size
+/// when the client asks for none (`n`); the rest follow by `Link`.
+pub const REFERRERS_PAGE: usize = 250;
+
+/// A page of referrers, ordered by digest, and whether more follow.
+pub struct ReferrersPage {
+    pub manifests: Vec<Descriptor>,
+    pub more: bool,
+}
+
 /// A page of names, and whether more follow.
 pub struct Page {
     pub items: Vec<String>,
@@ -953,6 +963,36 @@ impl Registry {
             all.retain(|d| d.artifact_type.as_deref() == Some(t));
         }
         Ok(all)
+    }
+}
+
+impl Registry {
+    /// One page of [`Registry::referrers`]: ordered by digest, those after
+    /// `last`, at most `n` (and at most [`REFERRERS_PAGE`]). A referrer
+    /// pushed while a client pages lands in its place in the order, so the
+    /// pages of one listing never repeat a referrer nor skip one that was
+    /// there throughout.
+    pub async fn referrers_page(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+        last: Option<&Digest>,
+        n: Option<usize>,
+        ns: Option<&str>,
+    ) -> Result<ReferrersPage> {
+        let mut all = self.referrers(repo, subject, artifact_type, ns).await?;
+        all.sort_by(|a, b| a.digest.cmp(&b.digest));
+        all.dedup_by(|a, b| a.digest == b.digest);
+        let n = n.unwrap_or(REFERRERS_PAGE).min(REFERRERS_PAGE);
+        let start = last.map_or(0, |l| all.partition_point(|d| &d.digest <= l));
+        let more = all.len() - start > n;
+        all.truncate(start + n.min(all.len() - start));
+        all.drain(..start);
+        Ok(ReferrersPage {
+            manifests: all,
+            more,
+        })
     }
 }
 
