@@ -1104,6 +1104,69 @@ fn check_config_accepts_the_shipped_example_and_names_bad_values() {
     }
 }
 
+/// `check-config` runs the validation `serve` runs: every configuration
+/// `serve` refuses at start (here: credentials in an upstream's URL, a CA
+/// file that is missing) `check-config` refuses too, with the same entry
+/// named and the same reason; and `serve` refuses before it creates storage.
+#[test]
+fn check_config_refuses_what_serve_refuses() {
+    for (extra, named, reason) in [
+        (
+            "[[pull_through]]\nprefix = \"hub\"\nupstream = \"https://user:secret@registry.example\"\n",
+            "pull_through[0] (hub)",
+            "not in the URL",
+        ),
+        (
+            "[[pull_through]]\nprefix = \"hub\"\nupstream = \"https://registry.example\"\n\
+             ca_file = \"/nonexistent/ca.pem\"\n",
+            "pull_through[0] (hub)",
+            "/nonexistent/ca.pem",
+        ),
+        (
+            "[[replication.destinations]]\nname = \"eu\"\n\
+             url = \"https://user:secret@wharf.eu.example\"\n\
+             [[replication.rules]]\nfilters = [{ prefix = \"prod/\" }]\ndestinations = [\"eu\"]\n",
+            "replication.destinations[0] (eu)",
+            "not in the URL",
+        ),
+        (
+            "[[sync]]\nupstream = \"https://user:secret@registry.example\"\n\
+             repositories = [\"library/alpine\"]\ntags = [\"3.*\"]\n",
+            "sync[0]",
+            "not in the URL",
+        ),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = write_config(dir.path(), "", "");
+        let mut body = std::fs::read_to_string(&config).unwrap();
+        body.push_str(extra);
+        std::fs::write(&config, &body).unwrap();
+        let serve = run_cmd(
+            wharf_cmd().arg("serve").arg("--config").arg(&config),
+            PATIENCE,
+        );
+        let serve_err = text(&serve.stderr);
+        assert!(!serve.status.success(), "serve accepted {extra}");
+        assert!(!text(&serve.stdout).contains("listening on"));
+        assert!(
+            serve_err.contains(named) && serve_err.contains(reason),
+            "serve: {serve_err}"
+        );
+        assert!(
+            !dir.path().join("data").exists(),
+            "serve created storage before refusing {extra}"
+        );
+        let check = run_cmd(wharf_cmd().arg("check-config").arg(&config), PATIENCE);
+        let check_err = text(&check.stderr);
+        assert!(!check.status.success(), "check-config accepted {extra}");
+        assert!(
+            check_err.contains(named) && check_err.contains(reason),
+            "check-config: {check_err}"
+        );
+        assert!(!dir.path().join("data").exists());
+    }
+}
+
 #[test]
 fn bad_environment_overrides_are_refused_with_the_key_path() {
     let dir = tempfile::tempdir().expect("tempdir");

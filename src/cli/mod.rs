@@ -130,11 +130,53 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
     let config = load(Some(file))?;
-    if let Some(tls) = &config.server.tls {
-        server::tls_acceptor(&tls.cert, &tls.key).context("server.tls")?;
-    }
+    prepare(&config, &UpstreamMetrics::default())?;
     println!("{}: ok", file.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Everything `serve` builds from the configuration before it opens storage
+/// or binds its address: the TLS acceptor, the S3 options (secrets and CA
+/// read), the pull-through rules, replication's destinations and rules and
+/// the sync entries, each with its upstream client. `check-config` builds
+/// the same and drops it, so both accept exactly the same configurations;
+/// only what needs the storage or the network is left to `serve`.
+struct Prepared {
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    s3: Option<S3Options>,
+    pull_through: Vec<Rule>,
+    /// `None` without replication rules (destinations are checked anyway).
+    replication: Option<(Vec<Destination>, Vec<ReplicationRule>)>,
+    sync: Vec<Arc<crate::replication::sync::SyncEntry>>,
+}
+
+fn prepare(config: &Config, upstream_metrics: &UpstreamMetrics) -> anyhow::Result<Prepared> {
+    let tls = match &config.server.tls {
+        Some(t) => Some(server::tls_acceptor(&t.cert, &t.key).context("server.tls")?),
+        None => None,
+    };
+    let s3 = storage_s3(config)?;
+    let destinations = replication_destinations(config, upstream_metrics)?;
+    let replication = (!config.replication.rules.is_empty()).then(|| {
+        let rules = config
+            .replication
+            .rules
+            .iter()
+            .map(|r| ReplicationRule {
+                prefixes: r.filters.iter().map(|f| f.prefix.clone()).collect(),
+                destinations: r.destinations.clone(),
+                include_pulled_through: r.include_pulled_through,
+            })
+            .collect();
+        (destinations, rules)
+    });
+    Ok(Prepared {
+        tls,
+        s3,
+        pull_through: pull_through_rules(config, upstream_metrics)?,
+        replication,
+        sync: open_sync(config, upstream_metrics)?,
+    })
 }
 
 /// Where the replication queue lives: the metadata database, or the
@@ -144,17 +186,17 @@ enum JobsAt {
     Bucket(Arc<dyn object_store::ObjectStore>, String),
 }
 
-/// Builds replication from the configuration, with its queue where the
-/// metadata is. `None` without rules.
+/// Builds replication from its prepared destinations and rules, with its
+/// queue where the metadata is. `None` without rules.
 fn open_replication(
     config: &Config,
+    prepared: Option<(Vec<Destination>, Vec<ReplicationRule>)>,
     jobs_at: JobsAt,
-    upstream_metrics: &UpstreamMetrics,
 ) -> anyhow::Result<Option<Arc<Replication>>> {
     let rc = &config.replication;
-    if rc.rules.is_empty() {
+    let Some((destinations, rules)) = prepared else {
         return Ok(None);
-    }
+    };
     let jobs: Arc<dyn JobStore> = match jobs_at {
         JobsAt::Database(db) => {
             Arc::new(RedbJobs::open(db).context("opening the replication queue")?)
@@ -163,6 +205,20 @@ fn open_replication(
             Arc::new(S3Jobs::new(S3Meta::new(client, &prefix), rc.job_lease))
         }
     };
+    Ok(Some(Arc::new(Replication::new(
+        destinations,
+        rules,
+        jobs,
+        rc.reconcile_interval,
+    ))))
+}
+
+/// Replication's destinations, each with its client.
+fn replication_destinations(
+    config: &Config,
+    upstream_metrics: &UpstreamMetrics,
+) -> anyhow::Result<Vec<Destination>> {
+    let rc = &config.replication;
     let mut destinations = Vec::new();
     for (i, d) in rc.destinations.iter().enumerate() {
         let ctx = || format!("replication.destinations[{i}] ({})", d.name);
@@ -193,21 +249,7 @@ fn open_replication(
             retry_max: d.retry_max,
         });
     }
-    let rules = rc
-        .rules
-        .iter()
-        .map(|r| ReplicationRule {
-            prefixes: r.filters.iter().map(|f| f.prefix.clone()).collect(),
-            destinations: r.destinations.clone(),
-            include_pulled_through: r.include_pulled_through,
-        })
-        .collect();
-    Ok(Some(Arc::new(Replication::new(
-        destinations,
-        rules,
-        jobs,
-        rc.reconcile_interval,
-    ))))
+    Ok(destinations)
 }
 
 /// The client credentials of a configuration entry, the secret read.
@@ -339,11 +381,18 @@ fn s3_options(s3: &crate::config::S3Config) -> anyhow::Result<S3Options> {
     })
 }
 
-fn open_stores(config: &Config) -> anyhow::Result<Stores> {
-    let root = &config.storage.path;
+/// The S3 options when storage is `s3`.
+fn storage_s3(config: &Config) -> anyhow::Result<Option<S3Options>> {
     match (config.storage.kind, &config.storage.s3) {
-        (StorageKind::S3, Some(s3)) => {
-            let opts = s3_options(s3)?;
+        (StorageKind::S3, Some(s3)) => Ok(Some(s3_options(s3)?)),
+        _ => Ok(None),
+    }
+}
+
+fn open_stores(config: &Config, s3_opts: Option<S3Options>) -> anyhow::Result<Stores> {
+    let root = &config.storage.path;
+    match (&config.storage.s3, s3_opts) {
+        (Some(s3), Some(opts)) => {
             let client = crate::storage::s3::connect(&opts).context("storage.s3")?;
             let store = Arc::new(
                 S3Store::new(client.clone(), &opts.prefix, root.clone()).with_context(|| {
@@ -412,7 +461,9 @@ fn open_stores(config: &Config) -> anyhow::Result<Stores> {
 /// and, when pull-through rules are configured, the cache in front of them.
 async fn open_registry(
     config: &Config,
-    upstream_metrics: &UpstreamMetrics,
+    s3: Option<S3Options>,
+    pull_through: Vec<Rule>,
+    replication: Option<(Vec<Destination>, Vec<ReplicationRule>)>,
     stop: &CancellationToken,
 ) -> anyhow::Result<(Registry, Option<Arc<Replication>>)> {
     let Stores {
@@ -425,7 +476,7 @@ async fn open_registry(
         leases,
         jobs_at,
         ..
-    } = open_stores(config)?;
+    } = open_stores(config, s3)?;
     if config.storage.kind == StorageKind::S3 {
         // Fail at start, not at the first request, when the bucket does not
         // answer (wrong endpoint, credentials, bucket or CA).
@@ -433,7 +484,7 @@ async fn open_registry(
             .await
             .context("storage.s3: the bucket does not answer")?;
     }
-    let replication = open_replication(config, jobs_at, upstream_metrics)?;
+    let replication = open_replication(config, replication, jobs_at)?;
     let mut registry = Registry::new(blobs.clone(), uploads, meta.clone());
     if let Some(r) = &replication {
         registry = registry.with_observer(r.clone());
@@ -444,9 +495,40 @@ async fn open_registry(
     if let Some(metrics) = hot {
         registry = registry.with_hot_metrics(metrics);
     }
-    if config.pull_through.is_empty() {
+    if pull_through.is_empty() {
         return Ok((registry, replication));
     }
+    let budget = Budget::open(config.cache.max_size.as_u64(), blobs.clone(), meta.clone())
+        .await
+        .context("loading the cache budget")?;
+    let mut cache = Cache::new(
+        Rules(pull_through),
+        blobs,
+        fills,
+        meta,
+        config.cache.prefetch,
+        config.cache.fill_wait_timeout,
+        config.cache.fill_max_age,
+        budget.clone(),
+        stop.clone(),
+    );
+    if let Some(r) = &replication {
+        cache = cache.with_observer(r.clone());
+    }
+    let cache = Arc::new(cache);
+    if let Some(leases) = leases {
+        cache.fills.set_cluster(leases);
+    }
+    let fills = cache.fills.clone();
+    tokio::spawn(budget.run(move |d| fills.in_progress(d).is_some(), stop.clone()));
+    Ok((registry.with_cache(cache), replication))
+}
+
+/// The pull-through rules, each with its upstream client.
+fn pull_through_rules(
+    config: &Config,
+    upstream_metrics: &UpstreamMetrics,
+) -> anyhow::Result<Vec<Rule>> {
     let mut rules = Vec::new();
     for (i, r) in config.pull_through.iter().enumerate() {
         let ctx = || format!("pull_through[{i}] ({})", r.prefix);
@@ -480,30 +562,7 @@ async fn open_registry(
             docker_hub,
         });
     }
-    let budget = Budget::open(config.cache.max_size.as_u64(), blobs.clone(), meta.clone())
-        .await
-        .context("loading the cache budget")?;
-    let mut cache = Cache::new(
-        Rules(rules),
-        blobs,
-        fills,
-        meta,
-        config.cache.prefetch,
-        config.cache.fill_wait_timeout,
-        config.cache.fill_max_age,
-        budget.clone(),
-        stop.clone(),
-    );
-    if let Some(r) = &replication {
-        cache = cache.with_observer(r.clone());
-    }
-    let cache = Arc::new(cache);
-    if let Some(leases) = leases {
-        cache.fills.set_cluster(leases);
-    }
-    let fills = cache.fills.clone();
-    tokio::spawn(budget.run(move |d| fills.in_progress(d).is_some(), stop.clone()));
-    Ok((registry.with_cache(cache), replication))
+    Ok(rules)
 }
 
 fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Result<ExitCode> {
@@ -513,17 +572,20 @@ fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Resul
         Some(LogFormatArg::Text) => LogFormat::Text,
         None => config.server.log_format,
     });
-    let tls = match &config.server.tls {
-        Some(t) => Some(server::tls_acceptor(&t.cert, &t.key).context("server.tls")?),
-        None => None,
-    };
     let rt = runtime()?;
     let _guard = rt.enter();
     let stop = CancellationToken::new();
     rt.block_on(async move {
         let upstream_metrics = UpstreamMetrics::default();
-        let (registry, replication) = open_registry(&config, &upstream_metrics, &stop).await?;
-        let sync_entries = open_sync(&config, &upstream_metrics)?;
+        let Prepared {
+            tls,
+            s3,
+            pull_through,
+            replication,
+            sync: sync_entries,
+        } = prepare(&config, &upstream_metrics)?;
+        let (registry, replication) =
+            open_registry(&config, s3, pull_through, replication, &stop).await?;
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("binding {}", config.server.listen))?;
@@ -626,7 +688,7 @@ fn fsck(file: Option<&Path>) -> anyhow::Result<ExitCode> {
     let config = load(file)?;
     let rt = runtime()?;
     let _guard = rt.enter();
-    let stores = open_stores(&config)?;
+    let stores = open_stores(&config, storage_s3(&config)?)?;
     tracing::debug!(storage = %stores.location, "fsck");
     let store = stores.blobs;
     rt.block_on(async move {
