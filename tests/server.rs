@@ -1241,6 +1241,43 @@ fn fsck(config: &Path) -> Output {
     )
 }
 
+/// `fsck` (and a second `serve`) over the data directory of a running
+/// server: refused with an error that says what to do, before touching
+/// anything (the running server's staging files survive); after the server
+/// stops, fsck runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsck_while_serve_runs_says_to_stop_the_server_and_touches_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "", "");
+    let data = dir.path().join("data");
+    let mut server = Server::start(&config);
+    let client = server.client();
+    let blob = random_bytes(100_000, 7);
+    client.push_blob("fsck/live", &blob).await;
+    // Work in progress of the running server, as a fill stages it.
+    let staging = data.join("uploads").join(".fill-in-progress");
+    std::fs::write(&staging, b"partial").unwrap();
+    for sub in ["fsck", "serve"] {
+        let out = run_cmd(
+            wharf_cmd().arg(sub).arg("--config").arg(&config),
+            PATIENCE,
+        );
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{sub} ran beside a server");
+        assert!(
+            stderr.contains("in use by another wharf process") && stderr.contains("stop"),
+            "{sub}: {stderr}"
+        );
+        assert!(staging.exists(), "{sub} removed the server's staging file");
+    }
+    assert_blob(&client, "fsck/live", &blob).await;
+    server.sigterm();
+    assert!(server.exited_within(PATIENCE).await.success());
+    let out = fsck(&config);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("checked 1 blobs: 0 corrupt"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fsck_quarantines_corrupt_blobs_which_are_then_not_served() {
     let dir = tempfile::tempdir().expect("tempdir");

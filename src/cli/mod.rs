@@ -435,13 +435,32 @@ fn open_stores(config: &Config, s3_opts: Option<S3Options>) -> anyhow::Result<St
             })
         }
         _ => {
+            // The database first: its lock says whether another wharf uses
+            // the directory, before opening the store clears staging files
+            // that would be that process's work in progress.
+            let meta = match RedbMeta::open(&root.join("meta.redb")) {
+                Ok(meta) => Arc::new(meta),
+                Err(crate::storage::StorageError::Io(e))
+                    if e.kind() == std::io::ErrorKind::ResourceBusy =>
+                {
+                    anyhow::bail!(
+                        "the data directory {} is in use by another wharf process \
+                         (a running `wharf serve`; {e}): stop that process first \
+                         (`wharf fsck` and a second `wharf serve` need the directory \
+                         to themselves)",
+                        root.display()
+                    );
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("opening metadata at {}", root.join("meta.redb").display())
+                    });
+                }
+            };
             let store = Arc::new(
                 FsStore::open(root)
                     .with_context(|| format!("opening storage at {}", root.display()))?,
             );
-            let meta = Arc::new(RedbMeta::open(&root.join("meta.redb")).with_context(|| {
-                format!("opening metadata at {}", root.join("meta.redb").display())
-            })?);
             Ok(Stores {
                 blobs: store.clone(),
                 uploads: store.clone(),
