@@ -605,6 +605,15 @@ fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Resul
         } = prepare(&config, &upstream_metrics)?;
         let (registry, replication) =
             open_registry(&config, s3, pull_through, replication, &stop).await?;
+        if config.storage.kind != StorageKind::S3 {
+            // This process holds the directory (the database's lock):
+            // staging no upload record names is an orphan of a crash.
+            match registry.discard_orphan_uploads().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "removed orphaned upload staging"),
+                Err(e) => tracing::warn!(error = %e, "removing orphaned upload staging failed"),
+            }
+        }
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("binding {}", config.server.listen))?;

@@ -812,11 +812,25 @@ impl Registry {
         } else {
             self.check_session(repo, id).await?;
         }
+        self.commit_upload(repo, id, digest, true).await
+    }
+
+    /// Verifies and publishes a staged upload, links the blob into `repo`;
+    /// `recorded`: the session has an upload record, which ends with it.
+    async fn commit_upload(
+        &self,
+        repo: &RepoName,
+        id: &UploadId,
+        digest: &Digest,
+        recorded: bool,
+    ) -> Result<()> {
         // Publishing and linking happen under a hold, so the cache budget
         // cannot evict a pulled-through copy of the same digest in between.
         let _hold = self.hold(digest).await;
         let result = self.uploads.commit(id, digest).await;
-        self.end_session(id).await;
+        if recorded {
+            self.end_session(id).await;
+        }
         match result {
             Ok(_) => {
                 self.meta.link_blob(repo, digest).await?;
@@ -833,7 +847,11 @@ impl Registry {
         }
     }
 
-    /// A whole blob in one request (`POST ?digest=`).
+    /// A whole blob in one request (`POST ?digest=`). Its staging has no
+    /// upload record: the session's id never leaves this request, so no
+    /// client can resume it, and staging without a record is an orphan that
+    /// [`Registry::discard_orphan_uploads`] removes at start (a push cut
+    /// short by a crash leaves nothing for long).
     pub async fn monolithic_upload(
         &self,
         repo: &RepoName,
@@ -842,14 +860,42 @@ impl Registry {
         body: ByteStream,
         ns: Option<&str>,
     ) -> Result<()> {
-        let id = self.start_upload(repo, ns).await?;
+        self.check_push(repo, ns).await?;
+        let id = UploadId::new_random();
+        self.uploads.create(&id).await?;
         let appended = self.append(&id, 0, length, body).await;
         if let Err(e) = appended {
             let _ = self.uploads.abort(&id).await;
-            self.end_session(&id).await;
             return Err(e);
         }
-        self.finish_upload(repo, &id, digest, None).await
+        self.commit_upload(repo, &id, digest, false).await
+    }
+
+    /// Removes staged uploads that have no upload record (monolithic pushes
+    /// and session starts cut short by a crash: no client holds their id)
+    /// and records whose staging is gone. Returns how many stagings went.
+    ///
+    /// Only for a store no other process uses while this runs (the
+    /// filesystem backend at start, which the database's lock guarantees):
+    /// beside another replica, its monolithic pushes in progress look the
+    /// same. Over S3 the periodic purge (`storage.upload_max_age`) removes
+    /// them instead.
+    pub async fn discard_orphan_uploads(&self) -> Result<usize> {
+        let records = self.meta.uploads().await?;
+        let staged = self.uploads.list().await?;
+        let mut discarded = 0;
+        for (id, _) in &staged {
+            if !records.iter().any(|(r, _)| r == id) {
+                self.uploads.abort(id).await?;
+                discarded += 1;
+            }
+        }
+        for (id, _) in &records {
+            if !staged.iter().any(|(s, _)| s == id) {
+                self.end_session(id).await;
+            }
+        }
+        Ok(discarded)
     }
 
     /// Cancels an upload session.
