@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api::App;
 use crate::api::server::{self, ServerOptions};
@@ -338,6 +339,8 @@ struct Stores {
     leases: Option<Arc<dyn crate::storage::FillLeases>>,
     /// Counters of the hot tier, when there is one.
     hot: Option<crate::storage::hot::HotMetrics>,
+    /// The hot tier, to shut its copies down.
+    hot_tier: Option<Arc<crate::storage::hot::HotTier>>,
     /// Presigned URLs for redirected blob GETs, with their lifetime.
     redirects: Option<(Arc<dyn crate::storage::BlobUrls>, std::time::Duration)>,
     /// Where the replication queue lives.
@@ -400,6 +403,7 @@ fn open_stores(config: &Config, s3_opts: Option<S3Options>) -> anyhow::Result<St
                 })?,
             );
             let mut hot = None;
+            let mut hot_tier = None;
             let blobs: Arc<dyn BlobStore> = match s3.hot_tier_max_size {
                 Some(max) => {
                     let dir = root.join("hot");
@@ -410,7 +414,9 @@ fn open_stores(config: &Config, s3_opts: Option<S3Options>) -> anyhow::Result<St
                     )
                     .with_context(|| format!("opening the hot tier at {}", dir.display()))?;
                     hot = Some(tier.metrics.clone());
-                    Arc::new(crate::storage::hot::HotBlobs(Arc::new(tier)))
+                    let tier = Arc::new(tier);
+                    hot_tier = Some(tier.clone());
+                    Arc::new(crate::storage::hot::HotBlobs(tier))
                 }
                 None => store.clone(),
             };
@@ -429,6 +435,7 @@ fn open_stores(config: &Config, s3_opts: Option<S3Options>) -> anyhow::Result<St
                     &opts.prefix,
                 ))),
                 hot,
+                hot_tier,
                 redirects,
                 jobs_at: JobsAt::Bucket(client, opts.prefix.clone()),
                 location: format!("s3://{}/{}", s3.bucket, s3.prefix),
@@ -469,6 +476,7 @@ fn open_stores(config: &Config, s3_opts: Option<S3Options>) -> anyhow::Result<St
                 meta,
                 leases: None,
                 hot: None,
+                hot_tier: None,
                 redirects: None,
                 location: root.display().to_string(),
             })
@@ -478,12 +486,15 @@ fn open_stores(config: &Config, s3_opts: Option<S3Options>) -> anyhow::Result<St
 
 /// Opens the configured stores, replication (when rules are configured)
 /// and, when pull-through rules are configured, the cache in front of them.
+/// Their background work (the evictor, fills, hot-tier copies) stops at
+/// `stop` and is tracked by `tasks`, which serve waits for at shutdown.
 async fn open_registry(
     config: &Config,
     s3: Option<S3Options>,
     pull_through: Vec<Rule>,
     replication: Option<(Vec<Destination>, Vec<ReplicationRule>)>,
     stop: &CancellationToken,
+    tasks: &TaskTracker,
 ) -> anyhow::Result<(Registry, Option<Arc<Replication>>)> {
     let Stores {
         blobs,
@@ -492,10 +503,18 @@ async fn open_registry(
         meta,
         redirects,
         hot,
+        hot_tier,
         leases,
         jobs_at,
         ..
     } = open_stores(config, s3)?;
+    if let Some(tier) = hot_tier {
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            stop.cancelled().await;
+            tier.shutdown().await;
+        });
+    }
     if config.storage.kind == StorageKind::S3 {
         // Fail at start, not at the first request, when the bucket does not
         // answer (wrong endpoint, credentials, bucket or CA).
@@ -539,7 +558,13 @@ async fn open_registry(
         cache.fills.set_cluster(leases);
     }
     let fills = cache.fills.clone();
-    tokio::spawn(budget.run(move |d| fills.in_progress(d).is_some(), stop.clone()));
+    tasks.spawn(budget.run(move |d| fills.in_progress(d).is_some(), stop.clone()));
+    let fills = cache.fills.clone();
+    let fills_stop = stop.clone();
+    tasks.spawn(async move {
+        fills_stop.cancelled().await;
+        fills.shutdown().await;
+    });
     Ok((registry.with_cache(cache), replication))
 }
 
@@ -603,8 +628,9 @@ fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Resul
             replication,
             sync: sync_entries,
         } = prepare(&config, &upstream_metrics)?;
+        let tasks = TaskTracker::new();
         let (registry, replication) =
-            open_registry(&config, s3, pull_through, replication, &stop).await?;
+            open_registry(&config, s3, pull_through, replication, &stop, &tasks).await?;
         if config.storage.kind != StorageKind::S3 {
             // This process holds the directory (the database's lock):
             // staging no upload record names is an orphan of a crash.
@@ -674,6 +700,10 @@ fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Resul
         for task in background {
             let _ = task.await;
         }
+        // The evictor (which saves access times last), fills and hot-tier
+        // copies.
+        tasks.close();
+        tasks.wait().await;
         tracing::info!("stopped");
         Ok(ExitCode::SUCCESS)
     })
