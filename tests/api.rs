@@ -803,9 +803,15 @@ async fn referrers_are_paginated_by_link_headers() {
             let body = r.json();
             let got = body["manifests"].as_array().unwrap();
             assert!(got.len() <= page, "{url}: {} on one page", got.len());
-            seen.extend(got.iter().map(|d| d["digest"].as_str().unwrap().to_string()));
+            seen.extend(
+                got.iter()
+                    .map(|d| d["digest"].as_str().unwrap().to_string()),
+            );
             pages += 1;
-            assert!(pages <= 1 + expected.len() / page, "{first}: too many pages");
+            assert!(
+                pages <= 1 + expected.len() / page,
+                "{first}: too many pages"
+            );
             match r.headers.get("link") {
                 None => break,
                 Some(link) => {
@@ -829,7 +835,9 @@ async fn referrers_are_paginated_by_link_headers() {
     let r = t.get(&format!("/v2/many/referrers/{subject}?n=abc")).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.code(), "UNSUPPORTED");
-    let r = t.get(&format!("/v2/many/referrers/{subject}?last=nope")).await;
+    let r = t
+        .get(&format!("/v2/many/referrers/{subject}?last=nope"))
+        .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.code(), "DIGEST_INVALID");
 }
@@ -947,7 +955,10 @@ async fn bad_query_values_are_400_and_create_nothing() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert!(staged.is_empty(), "no upload session was opened: {staged:?}");
+    assert!(
+        staged.is_empty(),
+        "no upload session was opened: {staged:?}"
+    );
 }
 
 #[tokio::test]

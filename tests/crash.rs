@@ -985,7 +985,10 @@ async fn sigkill_during_a_monolithic_push_leaves_no_orphan_after_restart() {
     ));
     let deadline = Instant::now() + Duration::from_secs(60);
     while largest_new_staged(&data, std::slice::from_ref(&session)) < 24 * MIB as u64 {
-        assert!(Instant::now() < deadline, "the monolithic push never staged 24 MiB");
+        assert!(
+            Instant::now() < deadline,
+            "the monolithic push never staged 24 MiB"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     server.kill9();

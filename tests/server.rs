@@ -1243,8 +1243,9 @@ fn fsck(config: &Path) -> Output {
 
 /// `fsck` (and a second `serve`) over the data directory of a running
 /// server: refused with an error that says what to do, before touching
-/// anything (the running server's staging files survive); after the server
-/// stops, fsck runs.
+/// anything (the running server's staging files survive); `fsck --server`
+/// has the running server do it (a corrupt blob is found, quarantined and
+/// no longer served); after the server stops, the offline fsck runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fsck_while_serve_runs_says_to_stop_the_server_and_touches_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1258,19 +1259,49 @@ async fn fsck_while_serve_runs_says_to_stop_the_server_and_touches_nothing() {
     let staging = data.join("uploads").join(".fill-in-progress");
     std::fs::write(&staging, b"partial").unwrap();
     for sub in ["fsck", "serve"] {
-        let out = run_cmd(
-            wharf_cmd().arg(sub).arg("--config").arg(&config),
-            PATIENCE,
-        );
+        let out = run_cmd(wharf_cmd().arg(sub).arg("--config").arg(&config), PATIENCE);
         let stderr = text(&out.stderr);
         assert!(!out.status.success(), "{sub} ran beside a server");
         assert!(
-            stderr.contains("in use by another wharf process") && stderr.contains("stop"),
+            stderr.contains("in use by another wharf process")
+                && stderr.contains("stop")
+                && stderr.contains("wharf fsck --server"),
             "{sub}: {stderr}"
         );
         assert!(staging.exists(), "{sub} removed the server's staging file");
     }
     assert_blob(&client, "fsck/live", &blob).await;
+
+    let server_url = format!("http://{}", server.addr);
+    let out = run_cmd(
+        wharf_cmd().args(["fsck", "--server", &server_url]),
+        PATIENCE,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("checked 1 blobs: 0 corrupt"));
+    let rotten = random_bytes(50_000, 8);
+    client.push_blob("fsck/live", &rotten).await;
+    let rotten_digest = common::sha256(&rotten);
+    let mut flipped = rotten.clone();
+    flipped[25_000] ^= 0xff;
+    std::fs::write(blob_path(&data, &rotten_digest), &flipped).unwrap();
+    let out = run_cmd(
+        wharf_cmd().args(["fsck", "--server", &server_url]),
+        PATIENCE,
+    );
+    let stdout = text(&out.stdout);
+    assert!(!out.status.success(), "a corrupt blob passed: {stdout}");
+    assert!(
+        stdout.contains(&format!("CORRUPT {rotten_digest}"))
+            && stdout.contains("checked 2 blobs: 1 corrupt"),
+        "{stdout}"
+    );
+    let r = client
+        .get(&format!("/v2/fsck/live/blobs/{rotten_digest}"))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{r:?}");
+    assert_blob(&client, "fsck/live", &blob).await;
+
     server.sigterm();
     assert!(server.exited_within(PATIENCE).await.success());
     let out = fsck(&config);

@@ -86,6 +86,8 @@ pub struct App {
     counters: ServerMetrics,
     replication: Option<Arc<crate::replication::Replication>>,
     sync: Vec<Arc<crate::replication::sync::SyncEntry>>,
+    /// Held while `POST /_wharf/fsck` runs (one at a time).
+    fsck_running: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl App {
@@ -121,6 +123,7 @@ impl App {
             counters,
             replication,
             sync: Vec::new(),
+            fsck_running: Arc::default(),
         }
     }
 

@@ -71,10 +71,16 @@ enum Command {
         command: replication::ReplicationCommand,
     },
     /// Re-hash every stored blob; quarantine and report any that do not
-    /// match their digest. Exits non-zero if any did not.
+    /// match their digest. Exits non-zero if any did not. Offline over the
+    /// configured storage, or with --server by the running wharf.
     Fsck {
-        #[arg(long, short)]
+        #[arg(long, short, conflicts_with = "server")]
         config: Option<PathBuf>,
+        /// A running wharf to do it (`POST /_wharf/fsck`), e.g.
+        /// http://127.0.0.1:5000; needed beside a running server on
+        /// filesystem storage.
+        #[arg(long)]
+        server: Option<String>,
     },
 }
 
@@ -89,7 +95,11 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config, log_format } => serve(config.as_deref(), log_format),
         Command::CheckConfig { file } => check_config(&file),
-        Command::Fsck { config } => fsck(config.as_deref()),
+        Command::Fsck {
+            server: Some(server),
+            ..
+        } => runtime().and_then(|rt| rt.block_on(fsck_server(&server))),
+        Command::Fsck { config, .. } => fsck(config.as_deref()),
         Command::Cache { command } => runtime()
             .and_then(|rt| rt.block_on(cache::run(command)))
             .map(|()| ExitCode::SUCCESS),
@@ -452,9 +462,9 @@ fn open_stores(config: &Config, s3_opts: Option<S3Options>) -> anyhow::Result<St
                 {
                     anyhow::bail!(
                         "the data directory {} is in use by another wharf process \
-                         (a running `wharf serve`; {e}): stop that process first \
-                         (`wharf fsck` and a second `wharf serve` need the directory \
-                         to themselves)",
+                         (a running `wharf serve`; {e}): stop that process first, \
+                         or run `wharf fsck --server URL` to have it check its blobs \
+                         (a second `wharf serve` needs another directory)",
                         root.display()
                     );
                 }
@@ -750,26 +760,61 @@ fn fsck(file: Option<&Path>) -> anyhow::Result<ExitCode> {
     tracing::debug!(storage = %stores.location, "fsck");
     let store = stores.blobs;
     rt.block_on(async move {
-        let digests = store.list().await?;
-        let mut bad = 0usize;
-        for digest in &digests {
-            let mut stream = store.read(digest, None).await?;
-            let mut hasher = digest.algorithm().hasher();
-            while let Some(chunk) = stream.next().await {
-                hasher.update(&chunk?);
-            }
-            let computed = hasher.finish();
-            if &computed != digest {
+        let mut checks = std::pin::pin!(crate::storage::fsck::check_all(store));
+        let (mut checked, mut bad) = (0u64, 0u64);
+        while let Some(c) = checks.next().await {
+            let c = c?;
+            checked += 1;
+            if let Some(computed) = c.corrupt {
                 bad += 1;
-                store.quarantine(digest).await?;
-                println!("CORRUPT {digest}: content hashes to {computed}; quarantined");
+                println!(
+                    "CORRUPT {}: content hashes to {computed}; quarantined",
+                    c.digest
+                );
             }
         }
-        println!("checked {} blobs: {} corrupt", digests.len(), bad);
+        println!("checked {checked} blobs: {bad} corrupt");
         Ok(if bad == 0 {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE
         })
+    })
+}
+
+/// `wharf fsck --server URL`: the running wharf re-hashes its blobs and
+/// streams what it finds; printed like the offline fsck.
+async fn fsck_server(server: &str) -> anyhow::Result<ExitCode> {
+    let client = cache::client(server)?;
+    let (status, body) = client
+        .call(http::Method::POST, "/_wharf/fsck")
+        .await
+        .with_context(|| format!("talking to wharf at {server}"))?;
+    if status != http::StatusCode::OK {
+        anyhow::bail!("{status}: {}", String::from_utf8_lossy(&body).trim());
+    }
+    let mut summary = None;
+    for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_slice(line).context("wharf answered with invalid JSON")?;
+        if let Some(d) = v["corrupt"].as_str().filter(|_| v["computed"].is_string()) {
+            println!(
+                "CORRUPT {d}: content hashes to {}; quarantined",
+                v["computed"].as_str().unwrap_or_default()
+            );
+        } else if let Some(e) = v["error"].as_str() {
+            anyhow::bail!("fsck failed in the server: {e}");
+        } else {
+            summary = Some((v["checked"].as_u64(), v["corrupt"].as_u64()));
+        }
+    }
+    let Some((Some(checked), Some(bad))) = summary else {
+        anyhow::bail!("the server's answer ended before its summary");
+    };
+    println!("checked {checked} blobs: {bad} corrupt");
+    Ok(if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
 }

@@ -296,6 +296,17 @@ impl Registry {
         self
     }
 
+    /// Re-hashes every stored blob, quarantining those that do not match
+    /// (see [`crate::storage::fsck`]).
+    pub fn fsck(
+        &self,
+    ) -> impl futures::Stream<
+        Item = std::result::Result<crate::storage::fsck::Checked, StorageError>,
+    > + Send
+    + use<> {
+        crate::storage::fsck::check_all(self.blobs.clone())
+    }
+
     pub fn cache(&self) -> Option<&Arc<Cache>> {
         self.cache.as_ref()
     }
