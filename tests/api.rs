@@ -178,6 +178,16 @@ async fn base_endpoint_and_unknown_routes() {
     assert_eq!(t.get("/healthz").await.status, StatusCode::OK);
 }
 
+/// The ETag a HEAD of `digest` in `r/one` answers.
+async fn r_etag(t: &T, digest: &str) -> String {
+    let r = t
+        .req(Method::HEAD, &format!("/v2/r/one/blobs/{digest}"), &[], b"")
+        .await;
+    let etag = r.h("etag").to_string();
+    assert_eq!(etag, format!("\"{digest}\""));
+    etag
+}
+
 #[tokio::test]
 async fn blob_reads_heads_and_ranges() {
     let t = T::new();
@@ -224,6 +234,41 @@ async fn blob_reads_heads_and_ranges() {
     assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(r.h("content-range"), "bytes */10000");
     assert_eq!(r.code(), "SIZE_INVALID");
+    // If-Range (RFC 9110, 13.1.5): the range is served only while the
+    // validator matches the blob's ETag; otherwise the whole blob, 200.
+    let etag = r_etag(&t, &d).await;
+    for (if_range, partial) in [
+        (etag.clone(), true),
+        (format!("W/{etag}"), false),
+        ("\"sha256:0000\"".to_string(), false),
+        (format!("\"{}\"", sha(b"other")), false),
+        ("Wed, 21 Oct 2015 07:28:00 GMT".to_string(), false),
+        ("garbage".to_string(), false),
+    ] {
+        for range in ["bytes=100-199", "bytes=10000-"] {
+            let r = t
+                .req(
+                    Method::GET,
+                    &format!("/v2/r/one/blobs/{d}"),
+                    &[("range", range), ("if-range", &if_range)],
+                    b"",
+                )
+                .await;
+            match (partial, range) {
+                (true, "bytes=100-199") => {
+                    assert_eq!(r.status, StatusCode::PARTIAL_CONTENT, "{if_range}");
+                    assert_eq!(&r.body[..], &data[100..200]);
+                }
+                (true, _) => assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE),
+                (false, _) => {
+                    assert_eq!(r.status, StatusCode::OK, "{if_range} {range}");
+                    assert!(r.headers.get("content-range").is_none());
+                    assert_eq!(r.h("content-length"), "10000");
+                    assert_eq!(&r.body[..], &data[..], "{if_range} {range}");
+                }
+            }
+        }
+    }
     // A blob is readable only through repositories it was pushed or mounted to.
     let r = t.get(&format!("/v2/r/two/blobs/{d}")).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
@@ -701,6 +746,104 @@ async fn referrers_with_filter_and_subject_before_it_exists() {
     assert_eq!(r.code(), "DIGEST_INVALID");
 }
 
+/// The referrers API is paginated (one body for thousands of referrers is
+/// megabytes): a client that follows `Link: <...>; rel="next"` collects every
+/// referrer exactly once, with the default page and with a small `n`, with
+/// and without a filter.
+#[tokio::test]
+async fn referrers_are_paginated_by_link_headers() {
+    let t = T::new();
+    let (subject_bytes, subject) = t.push_image("many", "v1", "s").await;
+    let empty = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
+    let layer = t.push_blob("many", b"signature").await;
+    let mut sigs = std::collections::BTreeSet::new();
+    let mut all = std::collections::BTreeSet::new();
+    for i in 0..320 {
+        let atype = if i % 3 == 0 {
+            "application/vnd.example.sig"
+        } else {
+            "application/vnd.example.sbom"
+        };
+        let m = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": atype,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+            "layers": [{"mediaType": "application/octet-stream", "digest": layer, "size": 9}],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": subject, "size": subject_bytes.len()},
+            "annotations": {"org.example.i": i.to_string()},
+        }))
+        .unwrap();
+        let d = sha(&m);
+        let r = t
+            .req(
+                Method::PUT,
+                &format!("/v2/many/manifests/{d}"),
+                &[("content-type", OCI_MANIFEST)],
+                &m,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+        if i % 3 == 0 {
+            sigs.insert(d.clone());
+        }
+        all.insert(d);
+    }
+    let sig_filter = "artifactType=application%2Fvnd.example.sig";
+    for (first, expected, page) in [
+        (String::new(), &all, 250),
+        ("?n=7".to_string(), &all, 7),
+        (format!("?{sig_filter}"), &sigs, 250),
+        (format!("?n=10&{sig_filter}"), &sigs, 10),
+        ("?n=100000".to_string(), &all, 250),
+    ] {
+        let mut url = format!("/v2/many/referrers/{subject}{first}");
+        let mut seen = Vec::new();
+        let mut pages = 0;
+        loop {
+            let r = t.get(&url).await;
+            assert_eq!(r.status, StatusCode::OK, "{url}: {r:?}");
+            assert_eq!(r.h("content-type"), OCI_INDEX);
+            let body = r.json();
+            let got = body["manifests"].as_array().unwrap();
+            assert!(got.len() <= page, "{url}: {} on one page", got.len());
+            seen.extend(
+                got.iter()
+                    .map(|d| d["digest"].as_str().unwrap().to_string()),
+            );
+            pages += 1;
+            assert!(
+                pages <= 1 + expected.len() / page,
+                "{first}: too many pages"
+            );
+            match r.headers.get("link") {
+                None => break,
+                Some(link) => {
+                    assert_eq!(got.len(), page, "{url}: a short page before the last");
+                    let link = link.to_str().unwrap();
+                    let next = link
+                        .strip_prefix('<')
+                        .and_then(|l| l.strip_suffix(">; rel=\"next\""))
+                        .unwrap_or_else(|| panic!("bad Link {link}"));
+                    url = next.to_string();
+                }
+            }
+        }
+        let unique: std::collections::BTreeSet<String> = seen.iter().cloned().collect();
+        assert_eq!(unique.len(), seen.len(), "{first}: a referrer came twice");
+        assert_eq!(&unique, expected, "{first}: referrers lost or foreign");
+        let mut sorted = seen.clone();
+        sorted.sort();
+        assert_eq!(seen, sorted, "{first}: pages are in digest order");
+    }
+    let r = t.get(&format!("/v2/many/referrers/{subject}?n=abc")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.code(), "UNSUPPORTED");
+    let r = t
+        .get(&format!("/v2/many/referrers/{subject}?last=nope"))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.code(), "DIGEST_INVALID");
+}
+
 // ---- bad input: a clear error, and nothing stored ----
 
 #[tokio::test]
@@ -770,6 +913,54 @@ async fn invalid_names_tags_and_digests() {
     assert_eq!(r.code(), "DIGEST_INVALID");
     assert!(t.stored().await.is_empty());
     assert!(t.repos().await.is_empty());
+}
+
+/// Query values an endpoint cannot take are the client's mistake: 400 with
+/// the spec's code (UNSUPPORTED, "an invalid set of parameters", for `n`;
+/// DIGEST_INVALID and NAME_INVALID for a mount's `mount` and `from`), never
+/// 405, and nothing is created.
+#[tokio::test]
+async fn bad_query_values_are_400_and_create_nothing() {
+    let t = T::new();
+    t.push_image("q/src", "v1", "q").await;
+    let layer = sha(b"layer-q");
+    let repos = t.repos().await;
+    let stored = t.stored().await;
+    for path in [
+        "/v2/q/src/tags/list?n=-1",
+        "/v2/q/src/tags/list?n=abc",
+        "/v2/q/src/tags/list?n=1.5",
+        "/v2/q/src/tags/list?n=99999999999999999999999",
+        "/v2/_catalog?n=-1",
+        "/v2/_catalog?n=abc",
+    ] {
+        let r = t.get(path).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {r:?}");
+        assert_eq!(r.code(), "UNSUPPORTED", "{path}");
+    }
+    for (query, code) in [
+        ("mount=nope&from=q/src".to_string(), "DIGEST_INVALID"),
+        ("mount=&from=q/src".to_string(), "DIGEST_INVALID"),
+        (format!("mount={layer}&from=Q/SRC"), "NAME_INVALID"),
+        (format!("mount={layer}&from=../q/src"), "NAME_INVALID"),
+        (format!("mount={layer}&from="), "NAME_INVALID"),
+    ] {
+        let path = format!("/v2/q/dst/blobs/uploads/?{query}");
+        let r = t.req(Method::POST, &path, &[], b"").await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {r:?}");
+        assert_eq!(r.code(), code, "{path}");
+        assert!(r.headers.get("location").is_none(), "{path}");
+    }
+    assert_eq!(t.repos().await, repos, "no repository was created");
+    assert_eq!(t.stored().await, stored);
+    let staged: Vec<_> = std::fs::read_dir(t._dir.path().join("uploads"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        staged.is_empty(),
+        "no upload session was opened: {staged:?}"
+    );
 }
 
 #[tokio::test]

@@ -914,3 +914,132 @@ async fn acknowledged_writes_survive_sigkill_and_interrupted_ones_leave_no_trace
     assert!(l.images.len() >= 4, "too few acknowledged images");
     eprintln!("crash test: {:?} in all", started.elapsed());
 }
+
+/// Bytes of every file under `dir`, recursively.
+fn disk_usage(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => disk_usage(&e.path()),
+            _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+        })
+        .sum()
+}
+
+/// A monolithic push (`POST ?digest=`) killed by SIGKILL mid-body leaves
+/// its staged bytes on disk, and no client can ever resume it: the next
+/// start removes them, so the disk usage is back at once (not after
+/// `storage.upload_max_age`). A chunked session whose client holds its
+/// Location survives the same restart and completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_monolithic_push_leaves_no_orphan_after_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path());
+    let data = dir.path().join("data");
+    let repo = "crash/orphans";
+    let mut server = Server::start(&config);
+    let c = TryClient::new(server.addr);
+    let uploads_before = disk_usage(&data.join("uploads"));
+
+    let chunked = random_bytes(2 * MIB, 11);
+    let r = c
+        .send(
+            Method::POST,
+            &format!("/v2/{repo}/blobs/uploads/"),
+            &[],
+            Bytes::new(),
+        )
+        .await
+        .expect("start upload");
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{r:?}");
+    let loc = r.header("location").expect("Location").to_string();
+    let session = loc.rsplit('/').next().unwrap().to_string();
+    let r = c
+        .send(
+            Method::PATCH,
+            &loc,
+            &[("content-range", &format!("0-{}", MIB - 1))],
+            Bytes::copy_from_slice(&chunked[..MIB]),
+        )
+        .await
+        .expect("patch");
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{r:?}");
+
+    let big = Arc::new(random_bytes(BIG, 12));
+    let head = format!(
+        "POST /v2/{repo}/blobs/uploads/?digest={} HTTP/1.1\r\nHost: {}\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: {BIG}\r\n\r\n",
+        common::sha256(&big),
+        server.addr
+    );
+    let sent = Arc::new(AtomicU64::new(0));
+    let streamer = tokio::spawn(stream_big(
+        server.addr,
+        head,
+        big.clone(),
+        Stream::Monolithic,
+        sent,
+    ));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while largest_new_staged(&data, std::slice::from_ref(&session)) < 24 * MIB as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "the monolithic push never staged 24 MiB"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.kill9();
+    tokio::time::timeout(PATIENCE, streamer)
+        .await
+        .expect("the streamer did not notice the kill")
+        .expect("streamer panicked");
+    let left = disk_usage(&data.join("uploads"));
+    assert!(
+        left >= uploads_before + 24 * MIB as u64,
+        "the kill left {left} bytes staged"
+    );
+
+    // The orphan is gone by the time the restarted server listens.
+    let mut server = Server::start(&config);
+    let c = TryClient::new(server.addr);
+    assert_eq!(
+        staged(&data),
+        vec![(session.clone(), MIB as u64)],
+        "only the chunked session is left"
+    );
+    let usage = disk_usage(&data.join("uploads"));
+    assert!(
+        usage <= uploads_before + MIB as u64,
+        "{usage} bytes staged after the restart (before the pushes: {uploads_before})"
+    );
+    assert_eq!(
+        c.get(&format!("/v2/{repo}/blobs/{}", common::sha256(&big)))
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    // The chunked session resumes where it was.
+    let r = c.get(&loc).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    assert_eq!(r.header("range"), Some(format!("0-{}", MIB - 1).as_str()));
+    let r = c
+        .send(
+            Method::PUT,
+            &with_query(&loc, &format!("digest={}", common::sha256(&chunked))),
+            &[("content-range", &format!("{MIB}-{}", 2 * MIB - 1))],
+            Bytes::copy_from_slice(&chunked[MIB..]),
+        )
+        .await
+        .expect("finish");
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let b = Blob {
+        repo: repo.to_string(),
+        digest: common::sha256(&chunked),
+        size: chunked.len() as u64,
+    };
+    assert_blob_intact(&c, &b, "resumed").await;
+    assert!(server.terminate().await.success());
+}

@@ -1603,6 +1603,69 @@ fn check_config_accepts_the_shipped_example_and_names_bad_values() {
     }
 }
 
+/// `check-config` runs the validation `serve` runs: every configuration
+/// `serve` refuses at start (here: credentials in an upstream's URL, a CA
+/// file that is missing) `check-config` refuses too, with the same entry
+/// named and the same reason; and `serve` refuses before it creates storage.
+#[test]
+fn check_config_refuses_what_serve_refuses() {
+    for (extra, named, reason) in [
+        (
+            "[[pull_through]]\nprefix = \"hub\"\nupstream = \"https://user:secret@registry.example\"\n",
+            "pull_through[0] (hub)",
+            "not in the URL",
+        ),
+        (
+            "[[pull_through]]\nprefix = \"hub\"\nupstream = \"https://registry.example\"\n\
+             ca_file = \"/nonexistent/ca.pem\"\n",
+            "pull_through[0] (hub)",
+            "/nonexistent/ca.pem",
+        ),
+        (
+            "[[replication.destinations]]\nname = \"eu\"\n\
+             url = \"https://user:secret@wharf.eu.example\"\n\
+             [[replication.rules]]\nfilters = [{ prefix = \"prod/\" }]\ndestinations = [\"eu\"]\n",
+            "replication.destinations[0] (eu)",
+            "not in the URL",
+        ),
+        (
+            "[[sync]]\nupstream = \"https://user:secret@registry.example\"\n\
+             repositories = [\"library/alpine\"]\ntags = [\"3.*\"]\n",
+            "sync[0]",
+            "not in the URL",
+        ),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = write_config(dir.path(), "", "");
+        let mut body = std::fs::read_to_string(&config).unwrap();
+        body.push_str(extra);
+        std::fs::write(&config, &body).unwrap();
+        let serve = run_cmd(
+            wharf_cmd().arg("serve").arg("--config").arg(&config),
+            PATIENCE,
+        );
+        let serve_err = text(&serve.stderr);
+        assert!(!serve.status.success(), "serve accepted {extra}");
+        assert!(!text(&serve.stdout).contains("listening on"));
+        assert!(
+            serve_err.contains(named) && serve_err.contains(reason),
+            "serve: {serve_err}"
+        );
+        assert!(
+            !dir.path().join("data").exists(),
+            "serve created storage before refusing {extra}"
+        );
+        let check = run_cmd(wharf_cmd().arg("check-config").arg(&config), PATIENCE);
+        let check_err = text(&check.stderr);
+        assert!(!check.status.success(), "check-config accepted {extra}");
+        assert!(
+            check_err.contains(named) && check_err.contains(reason),
+            "check-config: {check_err}"
+        );
+        assert!(!dir.path().join("data").exists());
+    }
+}
+
 #[test]
 fn bad_environment_overrides_are_refused_with_the_key_path() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1675,6 +1738,74 @@ fn fsck(config: &Path) -> Output {
         wharf_cmd().arg("fsck").arg("--config").arg(config),
         Duration::from_secs(60),
     )
+}
+
+/// `fsck` (and a second `serve`) over the data directory of a running
+/// server: refused with an error that says what to do, before touching
+/// anything (the running server's staging files survive); `fsck --server`
+/// has the running server do it (a corrupt blob is found, quarantined and
+/// no longer served); after the server stops, the offline fsck runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsck_while_serve_runs_says_to_stop_the_server_and_touches_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "", "");
+    let data = dir.path().join("data");
+    let mut server = Server::start(&config);
+    let client = server.client();
+    let blob = random_bytes(100_000, 7);
+    client.push_blob("fsck/live", &blob).await;
+    // Work in progress of the running server, as a fill stages it.
+    let staging = data.join("uploads").join(".fill-in-progress");
+    std::fs::write(&staging, b"partial").unwrap();
+    for sub in ["fsck", "serve"] {
+        let out = run_cmd(wharf_cmd().arg(sub).arg("--config").arg(&config), PATIENCE);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{sub} ran beside a server");
+        assert!(
+            stderr.contains("in use by another wharf process")
+                && stderr.contains("stop")
+                && stderr.contains("wharf fsck --server"),
+            "{sub}: {stderr}"
+        );
+        assert!(staging.exists(), "{sub} removed the server's staging file");
+    }
+    assert_blob(&client, "fsck/live", &blob).await;
+
+    let server_url = format!("http://{}", server.addr);
+    let out = run_cmd(
+        wharf_cmd().args(["fsck", "--server", &server_url]),
+        PATIENCE,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("checked 1 blobs: 0 corrupt"));
+    let rotten = random_bytes(50_000, 8);
+    client.push_blob("fsck/live", &rotten).await;
+    let rotten_digest = common::sha256(&rotten);
+    let mut flipped = rotten.clone();
+    flipped[25_000] ^= 0xff;
+    std::fs::write(blob_path(&data, &rotten_digest), &flipped).unwrap();
+    let out = run_cmd(
+        wharf_cmd().args(["fsck", "--server", &server_url]),
+        PATIENCE,
+    );
+    let stdout = text(&out.stdout);
+    assert!(!out.status.success(), "a corrupt blob passed: {stdout}");
+    assert!(
+        stdout.contains(&format!("CORRUPT {rotten_digest}"))
+            && stdout.contains("checked 2 blobs: 1 corrupt"),
+        "{stdout}"
+    );
+    let r = client
+        .get(&format!("/v2/fsck/live/blobs/{rotten_digest}"))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{r:?}");
+    assert_blob(&client, "fsck/live", &blob).await;
+
+    server.sigterm();
+    assert!(server.exited_within(PATIENCE).await.success());
+    let out = fsck(&config);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("checked 1 blobs: 0 corrupt"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1978,4 +2109,76 @@ async fn uploads_younger_than_max_age_survive_busy_purge_passes() {
         lost.is_empty(),
         "upload sessions younger than upload_max_age (2s) were purged: {lost:?}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Background work at shutdown
+// ---------------------------------------------------------------------------
+
+/// SIGTERM waits for the cache's background work: the evictor saves the
+/// access times it keeps in memory before the process exits, so the least
+/// recently used order survives a clean restart. Several rounds over one
+/// data directory, each reading the two blobs in the other order: every
+/// round's last read must be the most recent after the exit. (Before the
+/// evictor was joined, its last save raced the process's exit and was lost
+/// in about one round of three.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_the_cache_evictor_to_save_access_times() {
+    use wharf::storage::MetaStore as _;
+    let fake = common::fake_upstream::FakeUpstream::start();
+    let first = common::cache::random_bytes(50_000, 1);
+    let second = common::cache::random_bytes(50_000, 2);
+    let a = fake.add_blob("lib/app", first.clone());
+    let b = fake.add_blob("lib/app", second.clone());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "", "");
+    let mut body = std::fs::read_to_string(&config).unwrap();
+    body.push_str(&common::cache::rule("up", &fake, ""));
+    std::fs::write(&config, body).unwrap();
+    for round in 0..6 {
+        let (newest, older) = if round % 2 == 0 {
+            ((&a, &first), (&b, &second))
+        } else {
+            ((&b, &second), (&a, &first))
+        };
+        let mut server = Server::start(&config);
+        let client = server.client();
+        for (i, (d, bytes)) in [newest, older, newest].iter().enumerate() {
+            if i == 2 {
+                // Both blobs are published and budgeted (a fill does that
+                // after its clients had every byte): this read is the latest.
+                let deadline = Instant::now() + PATIENCE;
+                loop {
+                    let r = client.get("/_wharf/cache/stats").await;
+                    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+                    if v["budget"]["blobs"] == 2 && v["fills"]["in_progress"] == 0 {
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "fills never finished: {v}");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            let r = client.get(&format!("/v2/up/lib/app/blobs/{d}")).await;
+            assert_eq!(r.status, StatusCode::OK, "{r:?}");
+            assert_eq!(&r.body[..], &bytes[..]);
+        }
+        server.sigterm();
+        assert!(server.exited_within(PATIENCE).await.success());
+        let meta =
+            wharf::storage::meta::RedbMeta::open(&dir.path().join("data/meta.redb")).unwrap();
+        let entries = meta.cache_entries().await.unwrap();
+        let accessed = |d: &wharf::oci::Digest| {
+            entries
+                .iter()
+                .find(|(e, _)| e == d)
+                .unwrap_or_else(|| panic!("{d} is not budgeted: {entries:?}"))
+                .1
+                .accessed
+        };
+        assert!(
+            accessed(newest.0) > accessed(older.0),
+            "round {round}: the last read of {} was not saved at shutdown: {entries:?}",
+            newest.0
+        );
+    }
 }

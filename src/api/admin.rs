@@ -19,6 +19,13 @@
 //!
 //! - `GET /_wharf/sync/status`: each `[[sync]]` entry and its last pass.
 //!
+//! - `POST /_wharf/fsck`: re-hash every stored blob now, quarantining those
+//!   that do not match (`wharf fsck --server`). The answer streams as JSON
+//!   lines: `{"corrupt":D,"computed":C}` per bad blob, an empty line at
+//!   most every second while blobs check out, and last
+//!   `{"checked":N,"corrupt":M}` (or `{"error":...}`). One at a time (429
+//!   while one runs); it stops if the client goes away.
+//!
 //! Errors use the distribution spec's JSON error format.
 
 use http::{HeaderValue, Method, Response, StatusCode, header};
@@ -66,6 +73,7 @@ impl App {
                 self.replication_sync(&Query::parse(query)).await
             }
             (&Method::GET, "/_wharf/sync/status") => self.sync_status(),
+            (&Method::POST, "/_wharf/fsck") => self.fsck(),
             (
                 _,
                 "/healthz"
@@ -76,7 +84,8 @@ impl App {
                 | "/_wharf/replication/status"
                 | "/_wharf/replication/retry"
                 | "/_wharf/replication/sync"
-                | "/_wharf/sync/status",
+                | "/_wharf/sync/status"
+                | "/_wharf/fsck",
             ) => error_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 ErrorCode::Unsupported,
@@ -85,6 +94,77 @@ impl App {
             _ => return None,
         };
         Some(resp)
+    }
+
+    fn fsck(&self) -> Resp {
+        use futures::StreamExt as _;
+        let Ok(guard) = self.fsck_running.clone().try_lock_owned() else {
+            return error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::TooManyRequests,
+                "an fsck is already running",
+            );
+        };
+        struct Run<S> {
+            checks: std::pin::Pin<Box<S>>,
+            checked: u64,
+            corrupt: u64,
+            last: tokio::time::Instant,
+            done: bool,
+            _one_at_a_time: tokio::sync::OwnedMutexGuard<()>,
+        }
+        let run = Run {
+            checks: Box::pin(self.registry.fsck()),
+            checked: 0,
+            corrupt: 0,
+            last: tokio::time::Instant::now(),
+            done: false,
+            _one_at_a_time: guard,
+        };
+        let line = |v: serde_json::Value| bytes::Bytes::from(format!("{v}\n"));
+        let body = futures::stream::unfold(run, move |mut run| async move {
+            if run.done {
+                return None;
+            }
+            loop {
+                let out = match run.checks.next().await {
+                    Some(Ok(c)) => {
+                        run.checked += 1;
+                        match c.corrupt {
+                            Some(computed) => {
+                                run.corrupt += 1;
+                                tracing::error!(digest = %c.digest, %computed, "fsck: corrupt blob quarantined");
+                                line(serde_json::json!({
+                                    "corrupt": c.digest.as_str(),
+                                    "computed": computed.as_str(),
+                                }))
+                            }
+                            None if run.last.elapsed() >= std::time::Duration::from_secs(1) => {
+                                bytes::Bytes::from_static(b"\n")
+                            }
+                            None => continue,
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "fsck failed");
+                        run.done = true;
+                        line(serde_json::json!({ "error": e.to_string() }))
+                    }
+                    None => {
+                        run.done = true;
+                        line(serde_json::json!({ "checked": run.checked, "corrupt": run.corrupt }))
+                    }
+                };
+                run.last = tokio::time::Instant::now();
+                return Some((Ok(out), run));
+            }
+        });
+        let mut r = Response::new(super::stream_body(body.boxed()));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-ndjson"),
+        );
+        r
     }
 
     async fn readyz(&self) -> Resp {

@@ -58,6 +58,8 @@ pub fn registry_error(e: &RegistryError) -> Resp {
             return r;
         }
         E::Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::Unsupported),
+        E::ParamInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::Unsupported),
+        E::NameInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
         E::Denied(_) => (StatusCode::FORBIDDEN, ErrorCode::Denied),
         E::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests),
         // Not found upstream, or upstream failing with nothing cached: a 404

@@ -86,6 +86,8 @@ pub struct App {
     counters: ServerMetrics,
     replication: Option<Arc<crate::replication::Replication>>,
     sync: Vec<Arc<crate::replication::sync::SyncEntry>>,
+    /// Held while `POST /_wharf/fsck` runs (one at a time).
+    fsck_running: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl App {
@@ -125,6 +127,7 @@ impl App {
             counters,
             replication,
             sync: Vec::new(),
+            fsck_running: Arc::default(),
         }
     }
 
@@ -345,7 +348,10 @@ impl App {
                 .insert("docker-content-digest", hv(digest.as_str()));
             return Ok(r);
         }
-        let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+        let range = headers
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok())
+            .filter(|_| if_range_holds(headers, digest));
         let blob = self.registry.blob(name, digest, range, ns).await?;
         let served = self.counters.bytes_served.clone();
         let stream = blob
@@ -389,7 +395,7 @@ impl App {
             let digest = parse_digest(mount)?;
             let from = match query.get("from") {
                 Some(f) => Some(f.parse::<RepoName>().map_err(|e| {
-                    RegistryError::Unsupported(format!("invalid from repository: {e}"))
+                    RegistryError::NameInvalid(format!("invalid from repository {f:?}: {e}"))
                 })?),
                 None => None,
             };
@@ -495,16 +501,41 @@ impl App {
         ns: Option<&str>,
     ) -> Result<Resp, RegistryError> {
         let filter = query.get("artifactType");
-        let manifests = self.registry.referrers(name, digest, filter, ns).await?;
+        let n = query.page_size()?;
+        let last = query.get("last").map(parse_digest).transpose()?;
+        let page = self
+            .registry
+            .referrers_page(name, digest, filter, last.as_ref(), n, ns)
+            .await?;
         let body = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": OCI_INDEX,
-            "manifests": manifests,
+            "manifests": page.manifests,
         })
         .to_string();
         let mut r = json(StatusCode::OK, body);
         r.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(OCI_INDEX));
+        if let (true, Some(last)) = (page.more, page.manifests.last()) {
+            // The spec's pagination: the next page's URL in `Link`, carrying
+            // the filter (and `ns`, so a mirror's next page routes alike).
+            let enc = |v: &str| {
+                percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string()
+            };
+            let n = n
+                .unwrap_or(crate::registry::REFERRERS_PAGE)
+                .min(crate::registry::REFERRERS_PAGE);
+            let mut next = format!("/v2/{name}/referrers/{digest}?n={n}&last={}", last.digest);
+            if let Some(f) = filter {
+                next.push_str(&format!("&artifactType={}", enc(f)));
+            }
+            if let Some(ns) = ns {
+                next.push_str(&format!("&ns={}", enc(ns)));
+            }
+            r.headers_mut()
+                .insert(header::LINK, hv(&format!("<{next}>; rel=\"next\"")));
+        }
         if filter.is_some() {
             r.headers_mut().insert(
                 "oci-filters-applied",
@@ -548,7 +579,7 @@ impl Query {
         match self.get("n") {
             None => Ok(None),
             Some(n) => n.parse().map(Some).map_err(|_| {
-                RegistryError::Unsupported(format!("n must be a non-negative integer, got {n:?}"))
+                RegistryError::ParamInvalid(format!("n must be a non-negative integer, got {n:?}"))
             }),
         }
     }
@@ -615,6 +646,26 @@ fn link_next(r: &mut Resp, path: &str, page: &Page, n: Option<usize>) {
             hv(&format!("<{path}?n={n}&last={last}>; rel=\"next\"")),
         );
     }
+}
+
+/// Whether a `Range` may be honoured under the request's `If-Range`
+/// (RFC 9110, 13.1.5): yes without one; with an entity-tag, only if it is
+/// strongly equal to the blob's ETag (`"<digest>"`; a weak tag never is);
+/// with a date, never, since blobs are served without `Last-Modified` and a
+/// date is therefore no strong validator of them. When it does not hold the
+/// whole blob is sent (200), as if no `Range` had come.
+fn if_range_holds(h: &HeaderMap, digest: &Digest) -> bool {
+    let Some(v) = h.get(header::IF_RANGE) else {
+        return true;
+    };
+    let Ok(v) = v.to_str() else {
+        return false;
+    };
+    let v = v.trim();
+    v.len() == digest.as_str().len() + 2
+        && v.starts_with('"')
+        && v.ends_with('"')
+        && &v[1..v.len() - 1] == digest.as_str()
 }
 
 fn parse_digest(s: &str) -> Result<Digest, RegistryError> {

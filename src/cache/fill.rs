@@ -124,6 +124,8 @@ pub struct Fills {
     wait_timeout: Duration,
     max_age: Duration,
     stop: CancellationToken,
+    /// Every fill task (and staging aborts), joined by [`Fills::shutdown`].
+    tasks: tokio_util::task::TaskTracker,
     pub counters: Arc<FillCounters>,
     cluster: std::sync::OnceLock<Cluster>,
 }
@@ -149,6 +151,7 @@ impl Fills {
             wait_timeout,
             max_age,
             stop,
+            tasks: tokio_util::task::TaskTracker::new(),
             counters: Arc::default(),
             cluster: std::sync::OnceLock::new(),
         }
@@ -162,6 +165,13 @@ impl Fills {
             leases,
             holder: uuid::Uuid::new_v4().to_string(),
         });
+    }
+
+    /// Waits until every fill task has ended. Each ends at the stop token
+    /// given to [`Fills::new`]: cancel it first.
+    pub async fn shutdown(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     /// How many fills are running.
@@ -211,7 +221,7 @@ impl Fills {
             if let Some(f) = active.get(digest).filter(|f| f.joinable(self.max_age)) {
                 let f = f.clone();
                 drop(active);
-                tokio::spawn(writer.abort());
+                self.tasks.spawn(writer.abort());
                 bump(&self.counters.coalesced, 1);
                 f.add_repo(local);
                 return Ok(f);
@@ -228,7 +238,7 @@ impl Fills {
             tx,
         };
         let f = fill.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let stop = this.stop.clone();
             tokio::select! {
                 () = task.run(writer, &this, &f) => {}

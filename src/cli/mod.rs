@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api::App;
 use crate::api::server::{self, ServerOptions};
@@ -70,10 +71,16 @@ enum Command {
         command: replication::ReplicationCommand,
     },
     /// Re-hash every stored blob; quarantine and report any that do not
-    /// match their digest. Exits non-zero if any did not.
+    /// match their digest. Exits non-zero if any did not. Offline over the
+    /// configured storage, or with --server by the running wharf.
     Fsck {
-        #[arg(long, short)]
+        #[arg(long, short, conflicts_with = "server")]
         config: Option<PathBuf>,
+        /// A running wharf to do it (`POST /_wharf/fsck`), e.g.
+        /// http://127.0.0.1:5000; needed beside a running server on
+        /// filesystem storage.
+        #[arg(long)]
+        server: Option<String>,
     },
 }
 
@@ -88,7 +95,11 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config, log_format } => serve(config.as_deref(), log_format),
         Command::CheckConfig { file } => check_config(&file),
-        Command::Fsck { config } => fsck(config.as_deref()),
+        Command::Fsck {
+            server: Some(server),
+            ..
+        } => runtime().and_then(|rt| rt.block_on(fsck_server(&server))),
+        Command::Fsck { config, .. } => fsck(config.as_deref()),
         Command::Cache { command } => runtime()
             .and_then(|rt| rt.block_on(cache::run(command)))
             .map(|()| ExitCode::SUCCESS),
@@ -130,11 +141,53 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
     let config = load(Some(file))?;
-    if let Some(tls) = &config.server.tls {
-        server::tls_acceptor(&tls.cert, &tls.key).context("server.tls")?;
-    }
+    prepare(&config, &UpstreamMetrics::default())?;
     println!("{}: ok", file.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Everything `serve` builds from the configuration before it opens storage
+/// or binds its address: the TLS acceptor, the S3 options (secrets and CA
+/// read), the pull-through rules, replication's destinations and rules and
+/// the sync entries, each with its upstream client. `check-config` builds
+/// the same and drops it, so both accept exactly the same configurations;
+/// only what needs the storage or the network is left to `serve`.
+struct Prepared {
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    s3: Option<S3Options>,
+    pull_through: Vec<Rule>,
+    /// `None` without replication rules (destinations are checked anyway).
+    replication: Option<(Vec<Destination>, Vec<ReplicationRule>)>,
+    sync: Vec<Arc<crate::replication::sync::SyncEntry>>,
+}
+
+fn prepare(config: &Config, upstream_metrics: &UpstreamMetrics) -> anyhow::Result<Prepared> {
+    let tls = match &config.server.tls {
+        Some(t) => Some(server::tls_acceptor(&t.cert, &t.key).context("server.tls")?),
+        None => None,
+    };
+    let s3 = storage_s3(config)?;
+    let destinations = replication_destinations(config, upstream_metrics)?;
+    let replication = (!config.replication.rules.is_empty()).then(|| {
+        let rules = config
+            .replication
+            .rules
+            .iter()
+            .map(|r| ReplicationRule {
+                prefixes: r.filters.iter().map(|f| f.prefix.clone()).collect(),
+                destinations: r.destinations.clone(),
+                include_pulled_through: r.include_pulled_through,
+            })
+            .collect();
+        (destinations, rules)
+    });
+    Ok(Prepared {
+        tls,
+        s3,
+        pull_through: pull_through_rules(config, upstream_metrics)?,
+        replication,
+        sync: open_sync(config, upstream_metrics)?,
+    })
 }
 
 /// Where the replication queue lives: the metadata database, or the
@@ -144,17 +197,17 @@ enum JobsAt {
     Bucket(Arc<dyn object_store::ObjectStore>, String),
 }
 
-/// Builds replication from the configuration, with its queue where the
-/// metadata is. `None` without rules.
+/// Builds replication from its prepared destinations and rules, with its
+/// queue where the metadata is. `None` without rules.
 fn open_replication(
     config: &Config,
+    prepared: Option<(Vec<Destination>, Vec<ReplicationRule>)>,
     jobs_at: JobsAt,
-    upstream_metrics: &UpstreamMetrics,
 ) -> anyhow::Result<Option<Arc<Replication>>> {
     let rc = &config.replication;
-    if rc.rules.is_empty() {
+    let Some((destinations, rules)) = prepared else {
         return Ok(None);
-    }
+    };
     let jobs: Arc<dyn JobStore> = match jobs_at {
         JobsAt::Database(db) => {
             Arc::new(RedbJobs::open(db).context("opening the replication queue")?)
@@ -163,6 +216,20 @@ fn open_replication(
             Arc::new(S3Jobs::new(S3Meta::new(client, &prefix), rc.job_lease))
         }
     };
+    Ok(Some(Arc::new(Replication::new(
+        destinations,
+        rules,
+        jobs,
+        rc.reconcile_interval,
+    ))))
+}
+
+/// Replication's destinations, each with its client.
+fn replication_destinations(
+    config: &Config,
+    upstream_metrics: &UpstreamMetrics,
+) -> anyhow::Result<Vec<Destination>> {
+    let rc = &config.replication;
     let mut destinations = Vec::new();
     for (i, d) in rc.destinations.iter().enumerate() {
         let ctx = || format!("replication.destinations[{i}] ({})", d.name);
@@ -189,21 +256,7 @@ fn open_replication(
             retry_max: d.retry_max,
         });
     }
-    let rules = rc
-        .rules
-        .iter()
-        .map(|r| ReplicationRule {
-            prefixes: r.filters.iter().map(|f| f.prefix.clone()).collect(),
-            destinations: r.destinations.clone(),
-            include_pulled_through: r.include_pulled_through,
-        })
-        .collect();
-    Ok(Some(Arc::new(Replication::new(
-        destinations,
-        rules,
-        jobs,
-        rc.reconcile_interval,
-    ))))
+    Ok(destinations)
 }
 
 /// The client credentials of a configuration entry, the secret read.
@@ -280,6 +333,8 @@ struct Stores {
     leases: Option<Arc<dyn crate::storage::FillLeases>>,
     /// Counters of the hot tier, when there is one.
     hot: Option<crate::storage::hot::HotMetrics>,
+    /// The hot tier, to shut its copies down.
+    hot_tier: Option<Arc<crate::storage::hot::HotTier>>,
     /// Presigned URLs for redirected blob GETs, with their lifetime.
     redirects: Option<(Arc<dyn crate::storage::BlobUrls>, std::time::Duration)>,
     /// Where the replication queue lives.
@@ -323,11 +378,18 @@ fn s3_options(s3: &crate::config::S3Config) -> anyhow::Result<S3Options> {
     })
 }
 
-fn open_stores(config: &Config) -> anyhow::Result<Stores> {
-    let root = &config.storage.path;
+/// The S3 options when storage is `s3`.
+fn storage_s3(config: &Config) -> anyhow::Result<Option<S3Options>> {
     match (config.storage.kind, &config.storage.s3) {
-        (StorageKind::S3, Some(s3)) => {
-            let opts = s3_options(s3)?;
+        (StorageKind::S3, Some(s3)) => Ok(Some(s3_options(s3)?)),
+        _ => Ok(None),
+    }
+}
+
+fn open_stores(config: &Config, s3_opts: Option<S3Options>) -> anyhow::Result<Stores> {
+    let root = &config.storage.path;
+    match (&config.storage.s3, s3_opts) {
+        (Some(s3), Some(opts)) => {
             let client = crate::storage::s3::connect(&opts).context("storage.s3")?;
             let store = Arc::new(
                 S3Store::new(client.clone(), &opts.prefix, root.clone()).with_context(|| {
@@ -335,6 +397,7 @@ fn open_stores(config: &Config) -> anyhow::Result<Stores> {
                 })?,
             );
             let mut hot = None;
+            let mut hot_tier = None;
             let blobs: Arc<dyn BlobStore> = match s3.hot_tier_max_size {
                 Some(max) => {
                     let dir = root.join("hot");
@@ -345,7 +408,9 @@ fn open_stores(config: &Config) -> anyhow::Result<Stores> {
                     )
                     .with_context(|| format!("opening the hot tier at {}", dir.display()))?;
                     hot = Some(tier.metrics.clone());
-                    Arc::new(crate::storage::hot::HotBlobs(Arc::new(tier)))
+                    let tier = Arc::new(tier);
+                    hot_tier = Some(tier.clone());
+                    Arc::new(crate::storage::hot::HotBlobs(tier))
                 }
                 None => store.clone(),
             };
@@ -364,19 +429,39 @@ fn open_stores(config: &Config) -> anyhow::Result<Stores> {
                     &opts.prefix,
                 ))),
                 hot,
+                hot_tier,
                 redirects,
                 jobs_at: JobsAt::Bucket(client, opts.prefix.clone()),
                 location: format!("s3://{}/{}", s3.bucket, s3.prefix),
             })
         }
         _ => {
+            // The database first: its lock says whether another wharf uses
+            // the directory, before opening the store clears staging files
+            // that would be that process's work in progress.
+            let meta = match RedbMeta::open(&root.join("meta.redb")) {
+                Ok(meta) => Arc::new(meta),
+                Err(crate::storage::StorageError::Io(e))
+                    if e.kind() == std::io::ErrorKind::ResourceBusy =>
+                {
+                    anyhow::bail!(
+                        "the data directory {} is in use by another wharf process \
+                         (a running `wharf serve`; {e}): stop that process first, \
+                         or run `wharf fsck --server URL` to have it check its blobs \
+                         (a second `wharf serve` needs another directory)",
+                        root.display()
+                    );
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("opening metadata at {}", root.join("meta.redb").display())
+                    });
+                }
+            };
             let store = Arc::new(
                 FsStore::open(root)
                     .with_context(|| format!("opening storage at {}", root.display()))?,
             );
-            let meta = Arc::new(RedbMeta::open(&root.join("meta.redb")).with_context(|| {
-                format!("opening metadata at {}", root.join("meta.redb").display())
-            })?);
             Ok(Stores {
                 blobs: store.clone(),
                 uploads: store.clone(),
@@ -385,6 +470,7 @@ fn open_stores(config: &Config) -> anyhow::Result<Stores> {
                 meta,
                 leases: None,
                 hot: None,
+                hot_tier: None,
                 redirects: None,
                 location: root.display().to_string(),
             })
@@ -394,10 +480,15 @@ fn open_stores(config: &Config) -> anyhow::Result<Stores> {
 
 /// Opens the configured stores, replication (when rules are configured)
 /// and, when pull-through rules are configured, the cache in front of them.
+/// Their background work (the evictor, fills, hot-tier copies) stops at
+/// `stop` and is tracked by `tasks`, which serve waits for at shutdown.
 async fn open_registry(
     config: &Config,
-    upstream_metrics: &UpstreamMetrics,
+    s3: Option<S3Options>,
+    pull_through: Vec<Rule>,
+    replication: Option<(Vec<Destination>, Vec<ReplicationRule>)>,
     stop: &CancellationToken,
+    tasks: &TaskTracker,
 ) -> anyhow::Result<(Registry, Option<Arc<Replication>>)> {
     let Stores {
         blobs,
@@ -406,10 +497,18 @@ async fn open_registry(
         meta,
         redirects,
         hot,
+        hot_tier,
         leases,
         jobs_at,
         ..
-    } = open_stores(config)?;
+    } = open_stores(config, s3)?;
+    if let Some(tier) = hot_tier {
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            stop.cancelled().await;
+            tier.shutdown().await;
+        });
+    }
     if config.storage.kind == StorageKind::S3 {
         // Fail at start, not at the first request, when the bucket does not
         // answer (wrong endpoint, credentials, bucket or CA).
@@ -417,7 +516,7 @@ async fn open_registry(
             .await
             .context("storage.s3: the bucket does not answer")?;
     }
-    let replication = open_replication(config, jobs_at, upstream_metrics)?;
+    let replication = open_replication(config, replication, jobs_at)?;
     let mut registry = Registry::new(blobs.clone(), uploads, meta.clone());
     if let Some(r) = &replication {
         registry = registry.with_observer(r.clone());
@@ -428,9 +527,46 @@ async fn open_registry(
     if let Some(metrics) = hot {
         registry = registry.with_hot_metrics(metrics);
     }
-    if config.pull_through.is_empty() {
+    if pull_through.is_empty() {
         return Ok((registry, replication));
     }
+    let budget = Budget::open(config.cache.max_size.as_u64(), blobs.clone(), meta.clone())
+        .await
+        .context("loading the cache budget")?;
+    let mut cache = Cache::new(
+        Rules(pull_through),
+        blobs,
+        fills,
+        meta,
+        config.cache.prefetch,
+        config.cache.fill_wait_timeout,
+        config.cache.fill_max_age,
+        budget.clone(),
+        stop.clone(),
+    );
+    if let Some(r) = &replication {
+        cache = cache.with_observer(r.clone());
+    }
+    let cache = Arc::new(cache);
+    if let Some(leases) = leases {
+        cache.fills.set_cluster(leases);
+    }
+    let fills = cache.fills.clone();
+    tasks.spawn(budget.run(move |d| fills.in_progress(d).is_some(), stop.clone()));
+    let fills = cache.fills.clone();
+    let fills_stop = stop.clone();
+    tasks.spawn(async move {
+        fills_stop.cancelled().await;
+        fills.shutdown().await;
+    });
+    Ok((registry.with_cache(cache), replication))
+}
+
+/// The pull-through rules, each with its upstream client.
+fn pull_through_rules(
+    config: &Config,
+    upstream_metrics: &UpstreamMetrics,
+) -> anyhow::Result<Vec<Rule>> {
     let mut rules = Vec::new();
     for (i, r) in config.pull_through.iter().enumerate() {
         let ctx = || format!("pull_through[{i}] ({})", r.prefix);
@@ -457,30 +593,7 @@ async fn open_registry(
             docker_hub,
         });
     }
-    let budget = Budget::open(config.cache.max_size.as_u64(), blobs.clone(), meta.clone())
-        .await
-        .context("loading the cache budget")?;
-    let mut cache = Cache::new(
-        Rules(rules),
-        blobs,
-        fills,
-        meta,
-        config.cache.prefetch,
-        config.cache.fill_wait_timeout,
-        config.cache.fill_max_age,
-        budget.clone(),
-        stop.clone(),
-    );
-    if let Some(r) = &replication {
-        cache = cache.with_observer(r.clone());
-    }
-    let cache = Arc::new(cache);
-    if let Some(leases) = leases {
-        cache.fills.set_cluster(leases);
-    }
-    let fills = cache.fills.clone();
-    tokio::spawn(budget.run(move |d| fills.in_progress(d).is_some(), stop.clone()));
-    Ok((registry.with_cache(cache), replication))
+    Ok(rules)
 }
 
 fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Result<ExitCode> {
@@ -490,17 +603,30 @@ fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Resul
         Some(LogFormatArg::Text) => LogFormat::Text,
         None => config.server.log_format,
     });
-    let tls = match &config.server.tls {
-        Some(t) => Some(server::tls_acceptor(&t.cert, &t.key).context("server.tls")?),
-        None => None,
-    };
     let rt = runtime()?;
     let _guard = rt.enter();
     let stop = CancellationToken::new();
     rt.block_on(async move {
         let upstream_metrics = UpstreamMetrics::default();
-        let (registry, replication) = open_registry(&config, &upstream_metrics, &stop).await?;
-        let sync_entries = open_sync(&config, &upstream_metrics)?;
+        let Prepared {
+            tls,
+            s3,
+            pull_through,
+            replication,
+            sync: sync_entries,
+        } = prepare(&config, &upstream_metrics)?;
+        let tasks = TaskTracker::new();
+        let (registry, replication) =
+            open_registry(&config, s3, pull_through, replication, &stop, &tasks).await?;
+        if config.storage.kind != StorageKind::S3 {
+            // This process holds the directory (the database's lock):
+            // staging no upload record names is an orphan of a crash.
+            match registry.discard_orphan_uploads().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "removed orphaned upload staging"),
+                Err(e) => tracing::warn!(error = %e, "removing orphaned upload staging failed"),
+            }
+        }
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("binding {}", config.server.listen))?;
@@ -563,6 +689,10 @@ fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Resul
         for task in background {
             let _ = task.await;
         }
+        // The evictor (which saves access times last), fills and hot-tier
+        // copies.
+        tasks.close();
+        tasks.wait().await;
         tracing::info!("stopped");
         Ok(ExitCode::SUCCESS)
     })
@@ -605,30 +735,65 @@ fn fsck(file: Option<&Path>) -> anyhow::Result<ExitCode> {
     let config = load(file)?;
     let rt = runtime()?;
     let _guard = rt.enter();
-    let stores = open_stores(&config)?;
+    let stores = open_stores(&config, storage_s3(&config)?)?;
     tracing::debug!(storage = %stores.location, "fsck");
     let store = stores.blobs;
     rt.block_on(async move {
-        let digests = store.list().await?;
-        let mut bad = 0usize;
-        for digest in &digests {
-            let mut stream = store.read(digest, None).await?;
-            let mut hasher = digest.algorithm().hasher();
-            while let Some(chunk) = stream.next().await {
-                hasher.update(&chunk?);
-            }
-            let computed = hasher.finish();
-            if &computed != digest {
+        let mut checks = std::pin::pin!(crate::storage::fsck::check_all(store));
+        let (mut checked, mut bad) = (0u64, 0u64);
+        while let Some(c) = checks.next().await {
+            let c = c?;
+            checked += 1;
+            if let Some(computed) = c.corrupt {
                 bad += 1;
-                store.quarantine(digest).await?;
-                println!("CORRUPT {digest}: content hashes to {computed}; quarantined");
+                println!(
+                    "CORRUPT {}: content hashes to {computed}; quarantined",
+                    c.digest
+                );
             }
         }
-        println!("checked {} blobs: {} corrupt", digests.len(), bad);
+        println!("checked {checked} blobs: {bad} corrupt");
         Ok(if bad == 0 {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE
         })
+    })
+}
+
+/// `wharf fsck --server URL`: the running wharf re-hashes its blobs and
+/// streams what it finds; printed like the offline fsck.
+async fn fsck_server(server: &str) -> anyhow::Result<ExitCode> {
+    let client = cache::client(server)?;
+    let (status, body) = client
+        .call(http::Method::POST, "/_wharf/fsck")
+        .await
+        .with_context(|| format!("talking to wharf at {server}"))?;
+    if status != http::StatusCode::OK {
+        anyhow::bail!("{status}: {}", String::from_utf8_lossy(&body).trim());
+    }
+    let mut summary = None;
+    for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_slice(line).context("wharf answered with invalid JSON")?;
+        if let Some(d) = v["corrupt"].as_str().filter(|_| v["computed"].is_string()) {
+            println!(
+                "CORRUPT {d}: content hashes to {}; quarantined",
+                v["computed"].as_str().unwrap_or_default()
+            );
+        } else if let Some(e) = v["error"].as_str() {
+            anyhow::bail!("fsck failed in the server: {e}");
+        } else {
+            summary = Some((v["checked"].as_u64(), v["corrupt"].as_u64()));
+        }
+    }
+    let Some((Some(checked), Some(bad))) = summary else {
+        anyhow::bail!("the server's answer ended before its summary");
+    };
+    println!("checked {checked} blobs: {bad} corrupt");
+    Ok(if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
 }

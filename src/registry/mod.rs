@@ -64,6 +64,13 @@ pub enum RegistryError {
     RangeNotSatisfiable { size: u64 },
     #[error("{0}")]
     Unsupported(String),
+    /// A query parameter with a value the endpoint cannot take (`n=abc`):
+    /// 400 with the spec's UNSUPPORTED ("invalid set of parameters").
+    #[error("{0}")]
+    ParamInvalid(String),
+    /// A repository name in a parameter (`from=`) that is not valid.
+    #[error("{0}")]
+    NameInvalid(String),
     /// A write into a pull-through namespace.
     #[error("{0}")]
     Denied(String),
@@ -142,6 +149,16 @@ pub enum MountOutcome {
     Mounted,
     /// The blob could not be mounted; a fresh upload session was opened.
     Session(UploadId),
+}
+
+/// Most referrers in one response of the referrers API, and the page size
+/// when the client asks for none (`n`); the rest follow by `Link`.
+pub const REFERRERS_PAGE: usize = 250;
+
+/// A page of referrers, ordered by digest, and whether more follow.
+pub struct ReferrersPage {
+    pub manifests: Vec<Descriptor>,
+    pub more: bool,
 }
 
 /// A page of names, and whether more follow.
@@ -281,6 +298,17 @@ impl Registry {
     pub fn with_cache(mut self, cache: Arc<Cache>) -> Registry {
         self.cache = Some(cache);
         self
+    }
+
+    /// Re-hashes every stored blob, quarantining those that do not match
+    /// (see [`crate::storage::fsck`]).
+    pub fn fsck(
+        &self,
+    ) -> impl futures::Stream<
+        Item = std::result::Result<crate::storage::fsck::Checked, StorageError>,
+    > + Send
+    + use<> {
+        crate::storage::fsck::check_all(self.blobs.clone())
     }
 
     pub fn cache(&self) -> Option<&Arc<Cache>> {
@@ -912,11 +940,25 @@ impl Registry {
         } else {
             self.check_session(repo, id).await?;
         }
+        self.commit_upload(repo, id, digest, true).await
+    }
+
+    /// Verifies and publishes a staged upload, links the blob into `repo`;
+    /// `recorded`: the session has an upload record, which ends with it.
+    async fn commit_upload(
+        &self,
+        repo: &RepoName,
+        id: &UploadId,
+        digest: &Digest,
+        recorded: bool,
+    ) -> Result<()> {
         // Publishing and linking happen under a hold, so the cache budget
         // cannot evict a pulled-through copy of the same digest in between.
         let _hold = self.hold(digest).await;
         let result = self.uploads.commit(id, digest).await;
-        self.end_session(id).await;
+        if recorded {
+            self.end_session(id).await;
+        }
         match result {
             Ok(_) => {
                 self.meta.link_blob(repo, RepoKind::Hosted, digest).await?;
@@ -933,7 +975,11 @@ impl Registry {
         }
     }
 
-    /// A whole blob in one request (`POST ?digest=`).
+    /// A whole blob in one request (`POST ?digest=`). Its staging has no
+    /// upload record: the session's id never leaves this request, so no
+    /// client can resume it, and staging without a record is an orphan that
+    /// [`Registry::discard_orphan_uploads`] removes at start (a push cut
+    /// short by a crash leaves nothing for long).
     pub async fn monolithic_upload(
         &self,
         repo: &RepoName,
@@ -942,14 +988,42 @@ impl Registry {
         body: ByteStream,
         ns: Option<&str>,
     ) -> Result<()> {
-        let id = self.start_upload(repo, ns).await?;
+        self.check_push(repo, ns).await?;
+        let id = UploadId::new_random();
+        self.uploads.create(&id).await?;
         let appended = self.append(&id, 0, length, body).await;
         if let Err(e) = appended {
             let _ = self.uploads.abort(&id).await;
-            self.end_session(&id).await;
             return Err(e);
         }
-        self.finish_upload(repo, &id, digest, None).await
+        self.commit_upload(repo, &id, digest, false).await
+    }
+
+    /// Removes staged uploads that have no upload record (monolithic pushes
+    /// and session starts cut short by a crash: no client holds their id)
+    /// and records whose staging is gone. Returns how many stagings went.
+    ///
+    /// Only for a store no other process uses while this runs (the
+    /// filesystem backend at start, which the database's lock guarantees):
+    /// beside another replica, its monolithic pushes in progress look the
+    /// same. Over S3 the periodic purge (`storage.upload_max_age`) removes
+    /// them instead.
+    pub async fn discard_orphan_uploads(&self) -> Result<usize> {
+        let records = self.meta.uploads().await?;
+        let staged = self.uploads.list().await?;
+        let mut discarded = 0;
+        for (id, _) in &staged {
+            if !records.iter().any(|(r, _)| r == id) {
+                self.uploads.abort(id).await?;
+                discarded += 1;
+            }
+        }
+        for (id, _) in &records {
+            if !staged.iter().any(|(s, _)| s == id) {
+                self.end_session(id).await;
+            }
+        }
+        Ok(discarded)
     }
 
     /// Cancels an upload session.
@@ -1063,6 +1137,36 @@ impl Registry {
             all.retain(|d| d.artifact_type.as_deref() == Some(t));
         }
         Ok(all)
+    }
+}
+
+impl Registry {
+    /// One page of [`Registry::referrers`]: ordered by digest, those after
+    /// `last`, at most `n` (and at most [`REFERRERS_PAGE`]). A referrer
+    /// pushed while a client pages lands in its place in the order, so the
+    /// pages of one listing never repeat a referrer nor skip one that was
+    /// there throughout.
+    pub async fn referrers_page(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+        last: Option<&Digest>,
+        n: Option<usize>,
+        ns: Option<&str>,
+    ) -> Result<ReferrersPage> {
+        let mut all = self.referrers(repo, subject, artifact_type, ns).await?;
+        all.sort_by(|a, b| a.digest.cmp(&b.digest));
+        all.dedup_by(|a, b| a.digest == b.digest);
+        let n = n.unwrap_or(REFERRERS_PAGE).min(REFERRERS_PAGE);
+        let start = last.map_or(0, |l| all.partition_point(|d| &d.digest <= l));
+        let more = all.len() - start > n;
+        all.truncate(start + n.min(all.len() - start));
+        all.drain(..start);
+        Ok(ReferrersPage {
+            manifests: all,
+            more,
+        })
     }
 }
 

@@ -9,6 +9,11 @@
 //! a deletion also drops the local copy. The local copies are an
 //! [`FsStore`], so they are published by rename only after verification,
 //! and survive restarts (they are re-indexed at start, oldest first).
+//!
+//! At most [`MAX_COPIES`] copies run at once; a read that would start one
+//! more is served from the remote store without a copy (a later read copies
+//! it). The copies are tracked: [`HotTier::shutdown`] cancels them and
+//! waits until every one has ended.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
@@ -20,10 +25,15 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::fs::FsStore;
 use super::{BlobStore, ByteStream, FillStore, Result};
 use crate::oci::Digest;
+
+/// Most copies from the remote store in flight at once.
+pub const MAX_COPIES: usize = 4;
 
 #[derive(Default)]
 struct State {
@@ -51,6 +61,9 @@ pub struct HotTier {
     max: u64,
     state: Mutex<State>,
     pub metrics: HotMetrics,
+    /// The copies in flight, and what stops them.
+    copies: TaskTracker,
+    stop: CancellationToken,
 }
 
 impl HotTier {
@@ -87,7 +100,22 @@ impl HotTier {
             max,
             state: Mutex::new(state),
             metrics: HotMetrics::default(),
+            copies: TaskTracker::new(),
+            stop: CancellationToken::new(),
         })
+    }
+
+    /// Cancels the copies in flight (nothing half-copied is kept) and
+    /// waits until all have ended; no copy starts afterwards.
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        self.copies.close();
+        self.copies.wait().await;
+    }
+
+    /// Copies in flight.
+    pub fn copies_in_flight(&self) -> usize {
+        self.lock().filling.len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -120,20 +148,24 @@ impl HotTier {
 
     /// Copies `digest` (of `size` bytes) from the remote store to local
     /// disk, verifying it, then evicts down to the bound. In the
-    /// background; at most one copy per digest.
+    /// background; at most one copy per digest, at most [`MAX_COPIES`] in
+    /// all (none is started beyond), none after shutdown.
     fn start_fill(self: &Arc<Self>, digest: &Digest, size: u64) {
-        if size > self.max {
+        if size > self.max || self.stop.is_cancelled() {
             return;
         }
         {
             let mut st = self.lock();
-            if st.entries.contains_key(digest) || !st.filling.insert(digest.clone()) {
+            if st.entries.contains_key(digest)
+                || st.filling.len() >= MAX_COPIES
+                || !st.filling.insert(digest.clone())
+            {
                 return;
             }
         }
         let me = self.clone();
         let digest = digest.clone();
-        tokio::spawn(async move {
+        self.copies.spawn(async move {
             let outcome = me.fill(&digest).await;
             me.finish_fill(&digest, outcome);
             me.evict().await;
@@ -164,13 +196,40 @@ impl HotTier {
         }
     }
 
+    /// One copy; at shutdown it stops where it is and removes its staging.
     async fn fill(&self, digest: &Digest) -> Result<u64> {
+        let stopped = || super::StorageError::Io(std::io::Error::other("shutting down"));
         let mut w = self.local.begin_fill().await?;
-        let mut stream = self.remote.read(digest, None).await?;
-        while let Some(chunk) = stream.next().await {
-            match chunk {
-                Ok(c) => w.write(&c).await?,
+        let mut stream = tokio::select! {
+            s = self.remote.read(digest, None) => match s {
+                Ok(s) => s,
                 Err(e) => {
+                    w.abort().await;
+                    return Err(e);
+                }
+            },
+            () = self.stop.cancelled() => {
+                w.abort().await;
+                return Err(stopped());
+            }
+        };
+        loop {
+            let chunk = tokio::select! {
+                c = stream.next() => c,
+                () = self.stop.cancelled() => {
+                    w.abort().await;
+                    return Err(stopped());
+                }
+            };
+            match chunk {
+                None => break,
+                Some(Ok(c)) => {
+                    if let Err(e) = w.write(&c).await {
+                        w.abort().await;
+                        return Err(e);
+                    }
+                }
+                Some(Err(e)) => {
                     w.abort().await;
                     return Err(e.into());
                 }
@@ -295,5 +354,115 @@ impl crate::metrics::Report for HotMetrics {
             "Copies into the hot tier that did not match their digest (nothing kept)",
             self.rejected.clone(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    /// A remote store whose reads send one chunk and then stall, counting
+    /// the streams still open.
+    struct Stalling {
+        inner: FsStore,
+        open: Arc<AtomicUsize>,
+    }
+
+    struct Open(Arc<AtomicUsize>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    #[async_trait]
+    impl BlobStore for Stalling {
+        async fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
+            self.inner.stat(digest).await
+        }
+        async fn read(&self, _: &Digest, _: Option<Range<u64>>) -> Result<ByteStream> {
+            self.open.fetch_add(1, Ordering::SeqCst);
+            let open = Open(self.open.clone());
+            let first = futures::stream::once(async { Ok(Bytes::from_static(b"x")) });
+            Ok(first
+                .chain(futures::stream::pending())
+                .map(move |c| {
+                    let _ = &open;
+                    c
+                })
+                .boxed())
+        }
+        async fn put(&self, digest: &Digest, bytes: Bytes) -> Result<()> {
+            self.inner.put(digest, bytes).await
+        }
+        async fn delete(&self, digest: &Digest) -> Result<bool> {
+            self.inner.delete(digest).await
+        }
+        async fn list(&self) -> Result<Vec<Digest>> {
+            self.inner.list().await
+        }
+        async fn quarantine(&self, digest: &Digest) -> Result<()> {
+            self.inner.quarantine(digest).await
+        }
+    }
+
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !cond() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("never: {what}"));
+    }
+
+    /// Reads of many blobs whose copies cannot finish start at most
+    /// MAX_COPIES copies; shutdown cancels them, waits for them, keeps
+    /// nothing half-copied, and no copy starts after it.
+    #[tokio::test]
+    async fn copies_are_bounded_and_shutdown_ends_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = Arc::new(AtomicUsize::new(0));
+        let remote = Arc::new(Stalling {
+            inner: FsStore::open(dir.path().join("remote")).unwrap(),
+            open: open.clone(),
+        });
+        let mut digests = Vec::new();
+        for i in 0..10u8 {
+            let bytes = Bytes::from(vec![i; 1000]);
+            let d = Digest::sha256_of(&bytes);
+            remote.put(&d, bytes).await.unwrap();
+            digests.push(d);
+        }
+        let hot_dir = dir.path().join("hot");
+        let tier = Arc::new(HotTier::open(remote, hot_dir.clone(), 1 << 20).unwrap());
+        let blobs = HotBlobs(tier.clone());
+        for d in &digests {
+            drop(blobs.read(d, None).await.unwrap());
+        }
+        // Whether a read starts a copy is decided within the read.
+        assert_eq!(tier.copies_in_flight(), MAX_COPIES);
+        assert_eq!(tier.copies.len(), MAX_COPIES, "tasks tracked");
+        until("the copies read the remote store", || {
+            open.load(Ordering::SeqCst) == MAX_COPIES
+        })
+        .await;
+
+        tokio::time::timeout(Duration::from_secs(10), tier.shutdown())
+            .await
+            .expect("shutdown waits only for the cancelled copies");
+        assert_eq!(tier.copies_in_flight(), 0);
+        assert_eq!(open.load(Ordering::SeqCst), 0, "every copy's read ended");
+        assert!(digests.iter().all(|d| !tier.contains(d)));
+        let staging: Vec<_> = std::fs::read_dir(hot_dir.join("uploads"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(staging.is_empty(), "half copies left: {staging:?}");
+        drop(blobs.read(&digests[0], None).await.unwrap());
+        assert_eq!(tier.copies_in_flight(), 0, "no copy after shutdown");
+        assert!(tier.copies.is_empty());
     }
 }

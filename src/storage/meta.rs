@@ -60,7 +60,14 @@ impl RedbMeta {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let db = Database::create(path).map_err(meta_err)?;
+        let db = Database::create(path).map_err(|e| match e {
+            // Another process holds the file's lock (a running wharf).
+            redb::DatabaseError::DatabaseAlreadyOpen => StorageError::Io(std::io::Error::new(
+                std::io::ErrorKind::ResourceBusy,
+                format!("{} is open in another process", path.display()),
+            )),
+            e => meta_err(e),
+        })?;
         let txn = db.begin_write().map_err(meta_err)?;
         {
             txn.open_table(REPOS).map_err(meta_err)?;

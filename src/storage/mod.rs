@@ -11,6 +11,7 @@
 
 pub mod conformance;
 pub mod fs;
+pub mod fsck;
 pub mod hot;
 pub mod jobs;
 pub mod meta;
