@@ -1002,3 +1002,51 @@ async fn credentials_go_to_an_allowed_realm_host_over_https() {
     assert_eq!(c.head_blob(&name("r"), &d).await.unwrap(), 100);
     assert_eq!(fake.token_requests(), 1);
 }
+
+/// wharf pages its referrers (250 at a time, `Link: <...>; rel="next"`); its
+/// own client, which the cache and replication use, follows every page, so
+/// no referrer of a subject with more than one page is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn referrers_listings_are_followed_across_pages() {
+    use common::http::HttpClient;
+    use common::replication::{push_image, push_referrer};
+    let w = common::spawn_wharf("");
+    let http = HttpClient::new(w.url());
+    let subject = push_image(
+        &http,
+        "signed/app",
+        Some("v1"),
+        &[b"layer".to_vec()],
+        "amd64",
+    )
+    .await;
+    let mut pushed = std::collections::BTreeSet::new();
+    for i in 0..600 {
+        let r = push_referrer(&http, "signed/app", &subject, format!("sig {i}").as_bytes()).await;
+        pushed.insert(r.digest);
+    }
+    let first = http
+        .get(&format!("/v2/signed/app/referrers/{}", subject.digest))
+        .await;
+    assert!(
+        first.header("link").is_some(),
+        "the listing spans pages: {:?}",
+        first.headers
+    );
+    let c = UpstreamClient::new(UpstreamSettings::new(w.url().parse().unwrap())).unwrap();
+    let repo: RepoName = "signed/app".parse().unwrap();
+    let digest: Digest = subject.digest.parse().unwrap();
+    let body = c.referrers(&repo, &digest, None).await.unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let got: Vec<String> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["digest"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got.len(), pushed.len(), "no referrer twice, none lost");
+    assert_eq!(
+        got.into_iter().collect::<std::collections::BTreeSet<_>>(),
+        pushed
+    );
+}

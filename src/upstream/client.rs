@@ -1062,25 +1062,29 @@ pub fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
 }
 
 /// Whether a `Link` header value (RFC 8288) has a `rel="next"` (or
-/// `rel=next`) link. `,` and `;` inside the `<URI-Reference>` or inside a
-/// quoted parameter value are data, not separators.
+/// `rel=next`) link.
 pub fn link_has_next(v: &str) -> bool {
+    link_next(v).is_some()
+}
+
+/// The target of the `rel="next"` link of a `Link` header value (RFC 8288).
+/// `,` and `;` inside the `<URI-Reference>` or inside a quoted parameter
+/// value are data, not separators.
+pub fn link_next(v: &str) -> Option<String> {
     let mut chars = v.chars().peekable();
     loop {
         // Each link-value: `<uri>` then `; name=value` parameters.
         while chars.next_if(|c| *c == ',' || c.is_whitespace()).is_some() {}
         if chars.next() != Some('<') {
-            return false;
+            return None;
         }
-        if !chars.by_ref().any(|c| c == '>') {
-            return false;
-        }
+        let target: String = chars.by_ref().take_while(|c| *c != '>').collect();
         loop {
             while chars.next_if(|c| c.is_whitespace()).is_some() {}
             match chars.next() {
                 Some(';') => {}
                 Some(',') => break,
-                _ => return false,
+                _ => return None,
             }
             while chars.next_if(|c| c.is_whitespace()).is_some() {}
             let mut name = String::new();
@@ -1099,7 +1103,7 @@ pub fn link_has_next(v: &str) -> bool {
                             Some('\\') => value.extend(chars.next()),
                             Some('"') => break,
                             Some(c) => value.push(c),
-                            None => return false,
+                            None => return None,
                         }
                     }
                 } else {
@@ -1115,7 +1119,7 @@ pub fn link_has_next(v: &str) -> bool {
                     .split_whitespace()
                     .any(|r| r.eq_ignore_ascii_case("next"))
             {
-                return true;
+                return Some(target);
             }
         }
     }

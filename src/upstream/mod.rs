@@ -175,6 +175,9 @@ impl UpstreamError {
     }
 }
 
+/// Pages of a referrers listing followed at most (wharf pages 250 at a time).
+pub const MAX_REFERRER_PAGES: usize = 1000;
+
 /// A client for one upstream registry. Cheap to clone (shared pool, token
 /// cache and settings).
 #[derive(Clone)]
@@ -530,30 +533,103 @@ impl UpstreamClient {
             .await
     }
 
-    /// The referrers index of `digest`, as the upstream returned it.
+    /// The referrers index of `digest`: every page the upstream announces
+    /// (`Link: <...>; rel="next"`, as wharf itself pages them) followed and
+    /// merged into one index, up to [`MAX_REFERRER_PAGES`] pages. A next
+    /// link is followed only on this upstream, under the same referrers path.
     pub async fn referrers(
         &self,
         repo: &RepoName,
         digest: &Digest,
         artifact_type: Option<&str>,
     ) -> Result<Bytes, UpstreamError> {
-        let mut path = format!("/v2/{repo}/referrers/{digest}");
+        let base = format!("/v2/{repo}/referrers/{digest}");
+        let mut path = base.clone();
         if let Some(t) = artifact_type {
             path.push_str("?artifactType=");
             path.push_str(&query_value(t));
         }
-        let op = Op::new(Method::GET, path, Some(repo_scope(repo))).header(ACCEPT, OCI_INDEX);
+        let mut merged: Option<serde_json::Value> = None;
+        let mut pages = 0;
+        loop {
+            let (body, next) = self.referrers_page(repo, &path).await?;
+            pages += 1;
+            let next = next.and_then(|n| self.same_listing(&n, &base));
+            if merged.is_none() && next.is_none() {
+                return Ok(body);
+            }
+            let page: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| UpstreamError::Protocol(format!("bad referrers index: {e}")))?;
+            match &mut merged {
+                None => merged = Some(page),
+                Some(all) => {
+                    let more = page["manifests"].as_array().cloned().unwrap_or_default();
+                    match all["manifests"].as_array_mut() {
+                        Some(list) => list.extend(more),
+                        None => all["manifests"] = serde_json::Value::Array(more),
+                    }
+                }
+            }
+            match next {
+                Some(_) if pages >= MAX_REFERRER_PAGES => {
+                    return Err(UpstreamError::Protocol(format!(
+                        "the referrers of {digest} span more than {MAX_REFERRER_PAGES} pages"
+                    )));
+                }
+                Some(n) => path = n,
+                None => break,
+            }
+        }
+        let all = merged.expect("merged after the first page");
+        Ok(Bytes::from(serde_json::to_vec(&all).map_err(|e| {
+            UpstreamError::Protocol(format!("referrers index: {e}"))
+        })?))
+    }
+
+    /// One page of a referrers listing and its next link, if any.
+    async fn referrers_page(
+        &self,
+        repo: &RepoName,
+        path: &str,
+    ) -> Result<(Bytes, Option<String>), UpstreamError> {
+        let op = Op::new(Method::GET, path.to_string(), Some(repo_scope(repo)))
+            .header(ACCEPT, OCI_INDEX);
         self.inner
             .with_retries(&op, || async {
                 let resp = self.inner.execute(&op).await?;
-                Ok(client::read_body(
+                let next = resp
+                    .headers()
+                    .get_all(LINK)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .find_map(client::link_next);
+                let body = client::read_body(
                     resp.into_body(),
                     MAX_LISTING_SIZE,
                     self.inner.read_timeout(),
                 )
-                .await?)
+                .await?;
+                Ok((body, next))
             })
             .await
+    }
+
+    /// A next link's path and query, if it stays on this upstream under
+    /// `base` (a path, or an absolute URL of this upstream's authority).
+    fn same_listing(&self, next: &str, base: &str) -> Option<String> {
+        let path_and_query = if next.starts_with('/') {
+            next.to_string()
+        } else {
+            let uri: http::Uri = next.parse().ok()?;
+            if uri.scheme() != self.inner.base.scheme()
+                || uri.authority() != self.inner.base.authority()
+            {
+                return None;
+            }
+            uri.path_and_query()?.as_str().to_string()
+        };
+        let path = path_and_query.split('?').next().unwrap_or("");
+        (path == base).then_some(path_and_query)
     }
 
     /// `GET /v2/`: the upstream answers (a 401 counts as reachable).
