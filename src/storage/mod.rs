@@ -163,10 +163,11 @@ pub enum LeaseState {
 /// upstream fetch per blob for the whole cluster).
 ///
 /// Contract: at most one unexpired lease per digest; parts are written at
-/// increasing offsets by the lease holder and never change; `part` returns
-/// the bytes at `offset` (a whole part, or a piece of the published blob
-/// once the holder published it and removed its parts), or `None` if they
-/// are not there yet.
+/// increasing offsets by the lease holder, each once (create-only), and
+/// never change; `part` returns bytes starting at `offset` (the rest of
+/// the part that holds it, or a piece of the published blob once the
+/// holder published it and removed its parts), or `None` if they are not
+/// there yet.
 #[async_trait]
 pub trait FillLeases: Send + Sync + 'static {
     /// Takes the lease of `digest` if it is free or expired.
@@ -187,7 +188,9 @@ pub trait FillLeases: Send + Sync + 'static {
     ) -> Result<bool>;
     /// Whether a lease exists: `(unexpired, total)`.
     async fn state(&self, digest: &Digest) -> Result<Option<(bool, Option<u64>)>>;
-    async fn put_part(&self, digest: &Digest, offset: u64, bytes: Bytes) -> Result<()>;
+    /// Writes the part at `offset` unless one is there: `false` if it was
+    /// (another holder wrote it, so this one is no longer the holder).
+    async fn put_part(&self, digest: &Digest, offset: u64, bytes: Bytes) -> Result<bool>;
     /// With the blob's size when the bytes came from the published blob.
     async fn part(&self, digest: &Digest, offset: u64) -> Result<Option<(Bytes, Option<u64>)>>;
     /// Removes the lease and the parts (only the holder's).
