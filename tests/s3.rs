@@ -964,7 +964,216 @@ async fn fill_parts_are_written_once() {
     assert_eq!(b, new_holder, "the first part stays");
     let (b, _) = leases.part(&d, 4).await.unwrap().unwrap();
     assert_eq!(b, new_holder.slice(4..), "read from inside a part");
-    assert!(leases.part(&d, new_holder.len() as u64).await.unwrap().is_none());
+    assert!(
+        leases
+            .part(&d, new_holder.len() as u64)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// Two replicas over one bucket: replica A's evictor evicts blobs it
+/// pulled through the cache while replica B pushes the same digests into
+/// a hosted repository, many times, at varying offsets. Every push that
+/// was acknowledged keeps its blob, and its image (a manifest naming the
+/// blob) is whole afterwards.
+async fn pushes_race_evictions(client: Arc<dyn object_store::ObjectStore>, rounds: u64) {
+    let scratch = tempfile::tempdir().unwrap();
+    let store =
+        |n: &str| Arc::new(S3Store::new(client.clone(), "race", scratch.path().join(n)).unwrap());
+    let (blobs_a, blobs_b) = (store("a"), store("b"));
+    let meta_a = Arc::new(S3Meta::new(client.clone(), "race"));
+    let meta_b = Arc::new(S3Meta::new(client.clone(), "race"));
+    // Over budget with any blob: A evicts every cached blob it can.
+    let budget = Budget::open(0, blobs_a.clone(), meta_a.clone())
+        .await
+        .unwrap();
+    let b = Registry::new(blobs_b.clone(), blobs_b.clone(), meta_b);
+    race_rounds(blobs_a, meta_a, budget, b, rounds).await;
+}
+
+use wharf::cache::budget::Budget;
+use wharf::registry::Registry;
+use wharf::storage::{BlobStore, MetaStore};
+
+/// The rounds of [`pushes_race_evictions`]: `budget` evicts from
+/// `blobs_a` (described by `meta_a`) while `b` pushes.
+async fn race_rounds(
+    blobs_a: Arc<dyn BlobStore>,
+    meta_a: Arc<dyn MetaStore>,
+    budget: Arc<Budget>,
+    b: Registry,
+    rounds: u64,
+) {
+    use wharf::oci::{Digest, Reference, RepoName};
+    let b = Arc::new(b);
+    let cached: RepoName = "up/app".parse().unwrap();
+    let hosted: RepoName = "team/app".parse().unwrap();
+    let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+    let config_digest = Digest::sha256_of(&config);
+    b.monolithic_upload(
+        &hosted,
+        &config_digest,
+        Some(config.len() as u64),
+        stream_of(vec![config.clone()]),
+        None,
+    )
+    .await
+    .unwrap();
+    let mut acknowledged = Vec::new();
+    for round in 0..rounds {
+        let layer = common::cache::random_bytes(64 * 1024, 1000 + round);
+        let d = Digest::sha256_of(&layer);
+        // A pulled it through the cache: stored, linked into a cached
+        // repository, budgeted.
+        blobs_a.put(&d, Bytes::from(layer.clone())).await.unwrap();
+        meta_a.mark_cached(&cached).await.unwrap();
+        meta_a.link_blob(&cached, &d).await.unwrap();
+        budget.add(&d, layer.len() as u64).await.unwrap();
+        // A evicts while B pushes, starting a little later each round.
+        // Odd rounds by a few task switches (stores in memory answer in
+        // microseconds), even ones by up to 10 ms (a bucket's requests).
+        let (yields, delay) = match round % 2 {
+            1 => (round % 64, Duration::ZERO),
+            _ => (0, Duration::from_micros((round / 2 % 20) * 500)),
+        };
+        let evict = {
+            let budget = budget.clone();
+            tokio::spawn(async move {
+                for _ in 0..yields {
+                    tokio::task::yield_now().await;
+                }
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                budget.evict(&|_: &Digest| false).await
+            })
+        };
+        let push = {
+            let (b, d, hosted, layer) = (b.clone(), d.clone(), hosted.clone(), layer.clone());
+            tokio::spawn(async move {
+                b.monolithic_upload(
+                    &hosted,
+                    &d,
+                    Some(layer.len() as u64),
+                    stream_of(vec![layer]),
+                    None,
+                )
+                .await
+            })
+        };
+        let pushed = push.await.unwrap();
+        evict.await.unwrap().unwrap();
+        if pushed.is_ok() {
+            let m = manifest(
+                (config_digest.as_str(), config.len()),
+                (d.as_str(), layer.len()),
+                &format!("round {round}"),
+            );
+            let tag: Reference = format!("r{round}").parse().unwrap();
+            let image = b
+                .put_manifest(&hosted, &tag, Some(OCI_MANIFEST), Bytes::from(m), None)
+                .await;
+            acknowledged.push((round, d, layer, image.is_ok()));
+        }
+    }
+    assert!(!acknowledged.is_empty(), "no push was acknowledged");
+    assert!(
+        budget.metrics.evictions.get() > 0,
+        "the evictor deleted blobs (pushes that came later published them again)"
+    );
+    let mut lost = Vec::new();
+    for (round, d, layer, image) in &acknowledged {
+        let whole = match blobs_a.stat(d).await.unwrap() {
+            Some(_) => read_all(blobs_a.read(d, None).await.unwrap()).await == *layer,
+            None => false,
+        };
+        if !whole || !image {
+            lost.push((*round, whole, *image));
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "acknowledged pushes that lost their blob or image (round, blob whole, image pushed): {lost:?} of {}",
+        acknowledged.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pushes_racing_evictions_keep_every_blob_on_seaweedfs() {
+    let sw = SeaweedFs::start().await;
+    pushes_race_evictions(sw.object_store(), 60).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pushes_racing_evictions_keep_every_blob_in_memory() {
+    pushes_race_evictions(Arc::new(object_store::memory::InMemory::new()), 1500).await;
+}
+
+/// The same race in one process over the filesystem and redb, where the
+/// registry also holds the blob in the cache budget while it pushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pushes_racing_evictions_keep_every_blob_on_the_filesystem() {
+    use wharf::cache::Cache;
+    use wharf::cache::rules::Rules;
+    use wharf::storage::fs::FsStore;
+    use wharf::storage::meta::RedbMeta;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FsStore::open(dir.path()).unwrap());
+    let meta = Arc::new(RedbMeta::open(&dir.path().join("meta.redb")).unwrap());
+    let budget = Budget::open(0, store.clone(), meta.clone()).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let cache = Cache::new(
+        Rules(Vec::new()),
+        store.clone(),
+        store.clone(),
+        meta.clone(),
+        false,
+        Duration::from_secs(60),
+        Duration::from_secs(3600),
+        budget.clone(),
+        stop,
+    );
+    let b = Registry::new(store.clone(), store.clone(), meta.clone()).with_cache(Arc::new(cache));
+    race_rounds(store, meta, budget, b, 200).await;
+}
+
+/// An evictor that dies holding its claim: a push of the digest waits
+/// for the claim to expire, then pins it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_eviction_claim_expires() {
+    use wharf::oci::Digest;
+    use wharf::storage::{EvictionClaim, MetaStore};
+    let client: Arc<dyn object_store::ObjectStore> =
+        Arc::new(object_store::memory::InMemory::new());
+    let evictor =
+        S3Meta::new(client.clone(), "stale").with_eviction_claim(Duration::from_millis(300));
+    let pusher = S3Meta::new(client, "stale");
+    let d = Digest::sha256_of(b"stale claim");
+    let EvictionClaim::Claimed { within, .. } = evictor.claim_eviction(&d).await.unwrap() else {
+        panic!("an unpinned blob can be claimed");
+    };
+    assert_eq!(within, Some(Duration::from_millis(100)));
+    assert_eq!(
+        pusher.claim_eviction(&d).await.unwrap(),
+        EvictionClaim::Busy
+    );
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), pusher.pin_blob(&d))
+        .await
+        .expect("the pin takes the expired claim over")
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "the pin waited for the claim: {:?}",
+        started.elapsed()
+    );
+    assert!(pusher.blob_pinned(&d).await.unwrap());
+    assert_eq!(
+        evictor.claim_eviction(&d).await.unwrap(),
+        EvictionClaim::Pinned
+    );
 }
 
 /// The local hot tier in front of S3: the conformance suite through it;

@@ -478,6 +478,7 @@ impl Registry {
         for blob in &manifest.blobs {
             if !self.meta.blob_linked(repo, blob).await? || self.blobs.stat(blob).await?.is_none() {
                 if blob.as_str() == EMPTY_JSON_DIGEST {
+                    self.meta.pin_blob(blob).await?;
                     self.blobs.put(blob, Bytes::from_static(b"{}")).await?;
                     self.meta.link_blob(repo, blob).await?;
                     continue;
@@ -491,6 +492,9 @@ impl Registry {
             }
         }
         let size = body.len() as u64;
+        // Pinned first, like a pushed blob (a blob of the same digest
+        // pulled through the cache is then never evicted).
+        self.meta.pin_blob(&digest).await?;
         self.blobs.put(&digest, body.clone()).await?;
         self.manifests.insert(digest.clone(), body);
         let record = ManifestRecord {
@@ -682,6 +686,13 @@ impl Registry {
         }
     }
 
+    /// Pins `digest` (see [`MetaStore::pin_blob`]) and tells whether it is
+    /// stored: if so, it stays stored.
+    async fn pinned_and_stored(&self, digest: &Digest) -> Result<bool> {
+        self.meta.pin_blob(digest).await?;
+        Ok(self.blobs.stat(digest).await?.is_some())
+    }
+
     /// A push linked `digest` into a hosted repository (which pinned it):
     /// it leaves the cache budget.
     async fn unbudget(&self, digest: &Digest) -> Result<()> {
@@ -796,8 +807,11 @@ impl Registry {
             self.check_session(repo, id).await?;
         }
         // Publishing and linking happen under a hold, so the cache budget
-        // cannot evict a pulled-through copy of the same digest in between.
+        // cannot evict a pulled-through copy of the same digest in between;
+        // the pin comes first, so no replica's evictor deletes the blob
+        // once the commit found it stored or published it.
         let _hold = self.hold(digest).await;
+        self.meta.pin_blob(digest).await?;
         let result = self.uploads.commit(id, digest).await;
         self.end_session(id).await;
         match result {
@@ -855,8 +869,10 @@ impl Registry {
         self.check_push(repo, ns).await?;
         if let Some(from) = from {
             let _hold = self.hold(digest).await;
+            // Stored after the pin: no evictor deletes it any more.
             if self.meta.blob_linked(from, digest).await?
                 && self.blobs.stat(digest).await?.is_some()
+                && self.pinned_and_stored(digest).await?
             {
                 self.meta.link_blob(repo, digest).await?;
                 self.unbudget(digest).await?;

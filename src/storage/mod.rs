@@ -222,6 +222,22 @@ pub struct CacheEntry {
     pub accessed: u64,
 }
 
+/// What [`MetaStore::claim_eviction`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EvictionClaim {
+    /// The blob is the evictor's to delete: it must have deleted it
+    /// within `within` (`None`: no deadline) and then end the claim with
+    /// `token`; past the deadline it must not delete it any more.
+    Claimed {
+        token: String,
+        within: Option<std::time::Duration>,
+    },
+    /// A push pinned it: it is never evicted.
+    Pinned,
+    /// Another evictor's claim stands.
+    Busy,
+}
+
 /// An upload session's metadata.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UploadRecord {
@@ -250,8 +266,9 @@ pub trait MetaStore: Send + Sync + 'static {
     /// `link_blob` and `put_manifest` create unknown repositories as hosted.
     async fn mark_cached(&self, repo: &RepoName) -> Result<()>;
     /// Makes `digest` readable through `repo` (creating the repository).
-    /// Linking into a hosted repository also pins the blob, in the same
-    /// transaction: the cache budget never evicts a pinned blob.
+    /// Linking into a hosted repository also pins the blob first (as
+    /// `pin_blob` does, waiting out an eviction claim): the cache budget
+    /// never evicts a pinned blob.
     async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()>;
     async fn blob_linked(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
     /// Returns whether a link existed.
@@ -306,6 +323,18 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Whether `digest` was ever linked into a hosted repository.
     async fn blob_pinned(&self, digest: &Digest) -> Result<bool>;
+    /// Pins `digest` before a push publishes or links it. While an
+    /// eviction claim on it stands, this waits until the claim ends (the
+    /// blob then deleted or kept) or expires; once it returns, no evictor
+    /// deletes `digest`, so a blob the caller finds stored (or publishes)
+    /// after this stays.
+    async fn pin_blob(&self, digest: &Digest) -> Result<()>;
+    /// Claims `digest` for deletion by the cache's evictor: refused if it
+    /// is pinned or another claim stands. A claim makes `pin_blob` wait.
+    async fn claim_eviction(&self, digest: &Digest) -> Result<EvictionClaim>;
+    /// Ends a claim `claim_eviction` gave (a claim taken over since is
+    /// left alone).
+    async fn end_eviction(&self, digest: &Digest, token: &str) -> Result<()>;
     /// Every blob the cache budget accounts for.
     async fn cache_entries(&self) -> Result<Vec<(Digest, CacheEntry)>>;
     /// Inserts or replaces budget entries, in one transaction.
