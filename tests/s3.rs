@@ -940,6 +940,82 @@ async fn slow_upstream_keeps_one_fetch_per_cluster() {
     );
 }
 
+/// A holder that loses its lease (another replica took it over while
+/// this one stalled) stops fetching from upstream at once and finishes
+/// from the new holder's parts, from wherever its own bytes end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_demoted_fill_holder_stops_fetching_and_follows() {
+    use common::fake_upstream::{FakeUpstream, Fault};
+    use object_store::{ObjectStoreExt, PutPayload};
+    let sw = SeaweedFs::start().await;
+    let fake = FakeUpstream::start();
+    let layer = common::cache::random_bytes(1024 * 1024, 23);
+    let (_, ld, _) = common::cache::seed_image(&fake, "team/app", "v1", &layer);
+    // Eight pieces 4 s apart: upstream needs 28 s for the whole blob.
+    fake.fault(
+        &ld,
+        Fault::SlowBody {
+            chunk: 128 * 1024,
+            delay: Duration::from_secs(4),
+        },
+    );
+    let a = sw.spawn_pull_through_with(
+        "demoted",
+        &common::cache::rule("up", &fake, ""),
+        &[("WHARF_STORAGE_S3_FILL_LEASE", "3s")],
+    );
+    let upstream_path = format!("/v2/team/app/blobs/{ld}");
+    let ca = HttpClient::new(a.url());
+    let p = format!("/v2/up/team/app/blobs/{ld}");
+    let pull = tokio::spawn(async move { ca.get(&p).await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while fake.count("GET", &upstream_path) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A never asked upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Another holder takes the lease and publishes the whole blob as one
+    // part.
+    let store = sw.object_store();
+    let dir = format!(
+        "demoted/fills/sha256-{}",
+        ld.strip_prefix("sha256:").unwrap()
+    );
+    store
+        .put(
+            &object_store::path::Path::from(format!("{dir}/{:020}", 0)),
+            PutPayload::from(layer.clone()),
+        )
+        .await
+        .unwrap();
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 60_000;
+    let lease =
+        serde_json::json!({"holder": "another replica", "expires": expires, "total": layer.len()});
+    store
+        .put(
+            &object_store::path::Path::from(format!("{dir}/lease")),
+            PutPayload::from(serde_json::to_vec(&lease).unwrap()),
+        )
+        .await
+        .unwrap();
+    let stolen = std::time::Instant::now();
+    let r = pull.await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(sha256(&r.body), ld, "the body hashes to the digest");
+    assert!(
+        stolen.elapsed() < Duration::from_secs(15),
+        "A finished from the new holder's part instead of upstream: {:?} after the lease was taken",
+        stolen.elapsed()
+    );
+    assert_eq!(fake.count("GET", &upstream_path), 1);
+}
+
 /// Fill parts are written once: a holder that lost its lease (and does
 /// not know yet) cannot overwrite the part the new holder wrote, and
 /// learns from the refusal that it was demoted; a follower reads from any
