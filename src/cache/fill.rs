@@ -814,10 +814,18 @@ impl LeaseKeeper {
         }
     }
 
-    /// Stops renewing (the lease then ends by release or expiry).
-    async fn stop(self) {
+    /// Stops renewing (the lease then ends by release or expiry) and
+    /// waits for a renewal in flight.
+    async fn stop(mut self) {
         self.stop.cancel();
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for LeaseKeeper {
+    /// A fill that fails or is cancelled stops renewing too.
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 

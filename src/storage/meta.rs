@@ -501,12 +501,28 @@ impl MetaStore for RedbMeta {
     }
 
     async fn pin_blob(&self, digest: &Digest) -> Result<()> {
+        if self.blob_pinned(digest).await? {
+            return Ok(());
+        }
         loop {
             let ended = self.evictions_ended.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
             let d = digest.to_string();
-            if self.run(move |db| write(db, |txn| pin(txn, &d))).await? {
+            // Not fsynced by itself: every caller commits a link or a
+            // manifest record next, before it answers, and that durable
+            // commit persists this one too.
+            let pinned = self
+                .run(move |db| {
+                    let mut txn = db.begin_write().map_err(meta_err)?;
+                    txn.set_durability(redb::Durability::None)
+                        .map_err(meta_err)?;
+                    let pinned = pin(&txn, &d)?;
+                    txn.commit().map_err(meta_err)?;
+                    Ok(pinned)
+                })
+                .await?;
+            if pinned {
                 return Ok(());
             }
             ended.await;

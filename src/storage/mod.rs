@@ -327,7 +327,8 @@ pub trait MetaStore: Send + Sync + 'static {
     /// eviction claim on it stands, this waits until the claim ends (the
     /// blob then deleted or kept) or expires; once it returns, no evictor
     /// deletes `digest`, so a blob the caller finds stored (or publishes)
-    /// after this stays.
+    /// after this stays. The pin is durable once the caller's next
+    /// mutation (a link, a manifest record) returns.
     async fn pin_blob(&self, digest: &Digest) -> Result<()>;
     /// Claims `digest` for deletion by the cache's evictor: refused if it
     /// is pinned or another claim stands. A claim makes `pin_blob` wait.
