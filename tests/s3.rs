@@ -1016,6 +1016,54 @@ async fn a_demoted_fill_holder_stops_fetching_and_follows() {
     assert_eq!(fake.count("GET", &upstream_path), 1);
 }
 
+/// A replica that finds the expired lease of a holder that died, with the
+/// parts it published, takes those bytes from the bucket and asks
+/// upstream only for the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holders_parts_are_not_fetched_again() {
+    use common::fake_upstream::FakeUpstream;
+    use object_store::{ObjectStoreExt, PutPayload};
+    let sw = SeaweedFs::start().await;
+    let fake = FakeUpstream::start();
+    let layer = common::cache::random_bytes(1024 * 1024, 24);
+    let (_, ld, _) = common::cache::seed_image(&fake, "team/app", "v1", &layer);
+    let store = sw.object_store();
+    let dir = format!("dead/fills/sha256-{}", ld.strip_prefix("sha256:").unwrap());
+    let published = 300 * 1024;
+    store
+        .put(
+            &object_store::path::Path::from(format!("{dir}/{:020}", 0)),
+            PutPayload::from(layer[..published].to_vec()),
+        )
+        .await
+        .unwrap();
+    let expired = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        - 1000;
+    let lease =
+        serde_json::json!({"holder": "a dead replica", "expires": expired, "total": layer.len()});
+    store
+        .put(
+            &object_store::path::Path::from(format!("{dir}/lease")),
+            PutPayload::from(serde_json::to_vec(&lease).unwrap()),
+        )
+        .await
+        .unwrap();
+    let a = sw.spawn_pull_through("dead", &common::cache::rule("up", &fake, ""));
+    let r = HttpClient::new(a.url())
+        .get(&format!("/v2/up/team/app/blobs/{ld}"))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(sha256(&r.body), ld);
+    assert_eq!(
+        fake.ranges(&format!("/v2/team/app/blobs/{ld}")),
+        vec![Some(format!("bytes={published}-"))],
+        "one upstream GET, for the bytes the dead holder had not published"
+    );
+}
+
 /// Fill parts are written once: a holder that lost its lease (and does
 /// not know yet) cannot overwrite the part the new holder wrote, and
 /// learns from the refusal that it was demoted; a follower reads from any

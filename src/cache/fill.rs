@@ -631,24 +631,15 @@ impl FillTask {
                 .map_err(lease_err)?;
             match state {
                 LeaseState::Ours => {
-                    // A holder that published the blob and released its
-                    // lease just before: read the blob, not upstream.
-                    if let Some((_, Some(_))) = c
-                        .leases
-                        .part(&self.digest, writer.written())
-                        .await
-                        .map_err(lease_err)?
-                    {
-                        c.leases
-                            .release(&self.digest, &c.holder)
-                            .await
-                            .map_err(lease_err)?;
-                        if self.follow(c, writer, None).await? {
-                            return Ok(());
-                        }
-                        continue;
-                    }
                     let k = LeaseKeeper::start(c, &self.digest, &fills.stop);
+                    // First the bytes already in the bucket: the parts of
+                    // a holder that died, or the blob of one that
+                    // published it and released its lease just before.
+                    // Upstream is asked only for the rest.
+                    if self.follow(c, writer, None, false).await? {
+                        *keeper = Some(k);
+                        return Ok(());
+                    }
                     let mut p = Publisher {
                         c,
                         digest: &self.digest,
@@ -675,7 +666,7 @@ impl FillTask {
                         followed = true;
                         bump(&fills.counters.followed, 1);
                     }
-                    if self.follow(c, writer, total).await? {
+                    if self.follow(c, writer, total, true).await? {
                         return Ok(());
                     }
                     tracing::info!(digest = %self.digest, offset = writer.written(), "the fill's lease expired; taking it over");
@@ -686,12 +677,14 @@ impl FillTask {
 
     /// Streams another replica's parts into `writer`. `Ok(true)` once every
     /// byte is there; `Ok(false)` when the holder's lease expired or it gave
-    /// up without publishing.
+    /// up without publishing. Without `poll`, takes only what is there now
+    /// (`Ok(false)` at the first part missing).
     async fn follow(
         &self,
         c: &Cluster,
         writer: &mut dyn crate::storage::FillWriter,
         mut total: Option<u64>,
+        poll: bool,
     ) -> Result<bool, FillFailure> {
         let lease_err = |e: crate::storage::StorageError| {
             FillFailure::Failed(format!("reading another replica's fill: {e}").into())
@@ -731,13 +724,22 @@ impl FillTask {
                 self.tx.send_modify(|s| s.written = w);
                 continue;
             }
-            match c.leases.state(&self.digest).await.map_err(lease_err)? {
-                Some((true, t)) => {
-                    if total.is_none() && t.is_some() {
-                        total = t;
-                        announce(total, &self.tx);
-                    }
-                }
+            let state = c.leases.state(&self.digest).await.map_err(lease_err)?;
+            if let Some((_, t)) = state
+                && total.is_none()
+                && t.is_some()
+            {
+                total = t;
+                announce(total, &self.tx);
+            }
+            if total.is_some_and(|t| offset >= t) {
+                return Ok(true);
+            }
+            if !poll {
+                return Ok(false);
+            }
+            match state {
+                Some((true, _)) => {}
                 // Expired, or released without the blob: take over.
                 Some((false, _)) | None => return Ok(false),
             }

@@ -228,7 +228,9 @@ impl FillLeases for S3Leases {
         }
         // Inside a part (a holder that lost its lease follows from where
         // its own bytes end, which need not be where a part starts).
-        if let Some(b) = self.inside_part(digest, offset).await? {
+        if offset > 0
+            && let Some(b) = self.inside_part(digest, offset).await?
+        {
             return Ok(Some((b, None)));
         }
         // The holder published the blob and removed its parts: the rest
