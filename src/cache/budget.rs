@@ -2,9 +2,13 @@
 //! through the cache; over budget, the least recently used are evicted.
 //!
 //! What is never evicted:
-//! - pushed content: a blob linked into a hosted repository is pinned in the
-//!   metadata store in the same transaction as the link, and the evictor
-//!   re-checks the pin before deleting;
+//! - pushed content: a push pins its blob in the metadata store before it
+//!   publishes or links it, and the evictor deletes a blob only under an
+//!   eviction claim that the metadata store refuses for a pinned blob; a
+//!   pin waits while a claim stands (the claim ends once the blob is
+//!   deleted), so a push on any replica either pins first and the blob
+//!   is never deleted, or pins after the delete and publishes the blob
+//!   again (see `MetaStore::pin_blob` and ARCHITECTURE.md, invariant 10);
 //! - a blob held by a [`Hold`]: every response streaming it, every fill in
 //!   progress and every push committing or linking it holds it. Taking a
 //!   hold waits while the blob is being evicted, and the evictor only starts
@@ -24,7 +28,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::oci::Digest;
-use crate::storage::{BlobStore, CacheEntry, MetaStore, Result};
+use crate::storage::{BlobStore, CacheEntry, EvictionClaim, MetaStore, Result, StorageError};
 
 /// How often the evictor wakes on its own (to flush access times, and to
 /// retry blobs that were held at its last pass).
@@ -308,14 +312,39 @@ impl Budget {
         Ok(evicted)
     }
 
-    /// Deletes one claimed blob unless a push pinned it. Ok(false): pinned,
-    /// kept and no longer budgeted.
+    /// Deletes one blob unless a push pinned it, under an eviction claim
+    /// in the metadata store (pushes on every replica wait for it before
+    /// they pin). Ok(false): kept (pinned, or another replica's evictor
+    /// has it) and no longer budgeted.
     async fn evict_one(&self, digest: &Digest) -> Result<bool> {
-        if self.meta.blob_pinned(digest).await? {
-            self.meta.delete_cache_entry(digest).await?;
-            return Ok(false);
+        let (token, within) = match self.meta.claim_eviction(digest).await? {
+            EvictionClaim::Pinned => {
+                self.meta.delete_cache_entry(digest).await?;
+                return Ok(false);
+            }
+            EvictionClaim::Busy => return Ok(false),
+            EvictionClaim::Claimed { token, within } => (token, within),
+        };
+        let deleted = match within {
+            None => self.blobs.delete(digest).await,
+            Some(t) => match tokio::time::timeout(t, self.blobs.delete(digest)).await {
+                Ok(r) => r,
+                Err(_) => Err(StorageError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "deleting the blob took longer than its eviction claim allows",
+                ))),
+            },
+        };
+        if let Err(e) = deleted {
+            // Whether a delete still lands is unknown with a deadline: the
+            // claim is left to expire, never ended early. Without one (a
+            // single process), nothing is in flight any more.
+            if within.is_none() {
+                self.meta.end_eviction(digest, &token).await?;
+            }
+            return Err(e);
         }
-        self.blobs.delete(digest).await?;
+        self.meta.end_eviction(digest, &token).await?;
         self.meta.delete_cache_entry(digest).await?;
         Ok(true)
     }

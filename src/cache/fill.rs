@@ -40,15 +40,15 @@ const MAX_RESUMES: u32 = 5;
 /// Chunk size served to waiters from the staged bytes.
 const SERVE_CHUNK: usize = 512 * 1024;
 /// Cluster-wide fills: the size of the parts the lease holder publishes,
-/// how long its lease lasts without renewal, and how often the other
-/// replicas look for new parts.
+/// and how often the other replicas look for new parts.
 const CLUSTER_PART: usize = 8 * 1024 * 1024;
-const LEASE_TTL: Duration = Duration::from_secs(30);
 const FOLLOW_POLL: Duration = Duration::from_millis(100);
 
 /// Fills shared by the replicas over one bucket.
 struct Cluster {
     leases: Arc<dyn FillLeases>,
+    /// How long a lease lasts unless renewed.
+    ttl: Duration,
     /// This process, as a lease holder.
     holder: String,
 }
@@ -160,9 +160,10 @@ impl Fills {
     /// Makes fills cluster-wide: one replica holding `leases`' lease of a
     /// digest fetches it from upstream and publishes its parts, the others
     /// stream those parts. Set once, before the first fill.
-    pub fn set_cluster(&self, leases: Arc<dyn FillLeases>) {
+    pub fn set_cluster(&self, leases: Arc<dyn FillLeases>, ttl: Duration) {
         let _ = self.cluster.set(Cluster {
             leases,
+            ttl,
             holder: uuid::Uuid::new_v4().to_string(),
         });
     }
@@ -427,9 +428,14 @@ impl FillTask {
         fill: &Fill,
     ) {
         let cluster = fills.cluster.get();
+        // The lease this fill holds, renewed until the blob is published.
+        let mut keeper: Option<LeaseKeeper> = None;
         let outcome = match cluster {
-            None => self.fetch(&mut *writer, fills, None).await,
-            Some(c) => self.fetch_clustered(c, &mut *writer, fills).await,
+            None => self.fetch(&mut *writer, fills, None).await.map(|_| ()),
+            Some(c) => {
+                self.fetch_clustered(c, &mut *writer, fills, &mut keeper)
+                    .await
+            }
         };
         // Verified bytes are released to the waiters at once: making them
         // durable and publishing them (an fsync of the whole blob, or an
@@ -464,6 +470,9 @@ impl FillTask {
                 Err(f)
             }
         };
+        if let Some(k) = keeper {
+            k.stop().await;
+        }
         if let Some(c) = cluster {
             // Only the holder's lease and parts go; followers keep reading
             // the rest from the published blob.
@@ -516,13 +525,15 @@ impl FillTask {
     }
 
     /// Streams the blob from upstream into `writer`, resuming with Range
-    /// requests when the connection breaks.
+    /// requests when the connection breaks. With a `publisher` (this
+    /// replica holds the cluster's lease), stops at once with
+    /// [`Fetched::Demoted`] when the lease is lost.
     async fn fetch(
         &self,
         writer: &mut dyn crate::storage::FillWriter,
         fills: &Fills,
         mut publisher: Option<&mut Publisher<'_>>,
-    ) -> Result<(), FillFailure> {
+    ) -> Result<Fetched, FillFailure> {
         let mut resumes = 0u32;
         let size = match self.size {
             Some(size) => size,
@@ -533,13 +544,18 @@ impl FillTask {
             },
         };
         let mut announced = false;
+        // Cancelled when the lease is lost (never without a publisher).
+        let lost = publisher
+            .as_ref()
+            .map_or_else(CancellationToken::new, |p| p.lost.clone());
         loop {
             let offset = writer.written();
-            let resp = match self
-                .upstream
-                .get_blob(&self.repo, &self.digest, offset, size)
-                .await
-            {
+            let resp = tokio::select! {
+                biased;
+                () = lost.cancelled() => return Ok(Fetched::Demoted),
+                r = self.upstream.get_blob(&self.repo, &self.digest, offset, size) => r,
+            };
+            let resp = match resp {
                 Ok(r) => r,
                 Err(UpstreamError::NotFound) => return Err(FillFailure::NotFound),
                 Err(e) => {
@@ -559,12 +575,18 @@ impl FillTask {
                     s.phase = Phase::Streaming;
                 });
                 if let Some(p) = publisher.as_deref_mut() {
-                    p.renew(Some(size)).await;
+                    p.total(Some(size));
                 }
             }
             let mut stream = resp;
             let mut broken = None;
-            while let Some(chunk) = stream.next().await {
+            loop {
+                let chunk = tokio::select! {
+                    biased;
+                    () = lost.cancelled() => return Ok(Fetched::Demoted),
+                    c = stream.next() => c,
+                };
+                let Some(chunk) = chunk else { break };
                 match chunk {
                     // The stream ends in an error rather than go past `size`.
                     Ok(b) => {
@@ -593,8 +615,11 @@ impl FillTask {
             if writer.written() == size {
                 if let Some(p) = publisher.as_deref_mut() {
                     p.finish(size).await;
+                    if p.lost.is_cancelled() {
+                        return Ok(Fetched::Demoted);
+                    }
                 }
-                return Ok(());
+                return Ok(Fetched::Complete);
             }
             resumes += 1;
             let why = broken.map_or("body ended early".to_string(), |e| e.to_string());
@@ -618,30 +643,56 @@ impl FillTask {
         c: &Cluster,
         writer: &mut dyn crate::storage::FillWriter,
         fills: &Fills,
+        keeper: &mut Option<LeaseKeeper>,
     ) -> Result<(), FillFailure> {
+        let lease_err = |e: crate::storage::StorageError| {
+            FillFailure::Failed(format!("fill lease: {e}").into())
+        };
         let mut followed = false;
         loop {
             let state = c
                 .leases
-                .acquire(&self.digest, &c.holder, LEASE_TTL)
+                .acquire(&self.digest, &c.holder, c.ttl)
                 .await
-                .map_err(|e| FillFailure::Failed(format!("fill lease: {e}").into()))?;
+                .map_err(lease_err)?;
             match state {
                 LeaseState::Ours => {
+                    let k = LeaseKeeper::start(c, &self.digest, &fills.stop);
+                    // First the bytes already in the bucket: the parts of
+                    // a holder that died, or the blob of one that
+                    // published it and released its lease just before.
+                    // Upstream is asked only for the rest.
+                    if self.follow(c, writer, None, false).await? {
+                        *keeper = Some(k);
+                        return Ok(());
+                    }
                     let mut p = Publisher {
                         c,
                         digest: &self.digest,
                         buf: bytes::BytesMut::new(),
                         published: writer.written(),
+                        lost: k.lost.clone(),
+                        total: k.total.clone(),
+                        resign: k.stop.clone(),
+                        resigned: false,
                     };
-                    return self.fetch(writer, fills, Some(&mut p)).await;
+                    match self.fetch(writer, fills, Some(&mut p)).await? {
+                        Fetched::Complete => {
+                            *keeper = Some(k);
+                            return Ok(());
+                        }
+                        Fetched::Demoted => {
+                            k.stop().await;
+                            tracing::warn!(digest = %self.digest, offset = writer.written(), "lost the fill's lease to another replica; following it");
+                        }
+                    }
                 }
                 LeaseState::Theirs { total } => {
                     if !followed {
                         followed = true;
                         bump(&fills.counters.followed, 1);
                     }
-                    if self.follow(c, writer, total).await? {
+                    if self.follow(c, writer, total, true).await? {
                         return Ok(());
                     }
                     tracing::info!(digest = %self.digest, offset = writer.written(), "the fill's lease expired; taking it over");
@@ -652,12 +703,14 @@ impl FillTask {
 
     /// Streams another replica's parts into `writer`. `Ok(true)` once every
     /// byte is there; `Ok(false)` when the holder's lease expired or it gave
-    /// up without publishing.
+    /// up without publishing. Without `poll`, takes only what is there now
+    /// (`Ok(false)` at the first part missing).
     async fn follow(
         &self,
         c: &Cluster,
         writer: &mut dyn crate::storage::FillWriter,
         mut total: Option<u64>,
+        poll: bool,
     ) -> Result<bool, FillFailure> {
         let lease_err = |e: crate::storage::StorageError| {
             FillFailure::Failed(format!("reading another replica's fill: {e}").into())
@@ -697,13 +750,22 @@ impl FillTask {
                 self.tx.send_modify(|s| s.written = w);
                 continue;
             }
-            match c.leases.state(&self.digest).await.map_err(lease_err)? {
-                Some((true, t)) => {
-                    if total.is_none() && t.is_some() {
-                        total = t;
-                        announce(total, &self.tx);
-                    }
-                }
+            let state = c.leases.state(&self.digest).await.map_err(lease_err)?;
+            if let Some((_, t)) = state
+                && total.is_none()
+                && t.is_some()
+            {
+                total = t;
+                announce(total, &self.tx);
+            }
+            if total.is_some_and(|t| offset >= t) {
+                return Ok(true);
+            }
+            if !poll {
+                return Ok(false);
+            }
+            match state {
+                Some((true, _)) => {}
                 // Expired, or released without the blob: take over.
                 Some((false, _)) | None => return Ok(false),
             }
@@ -712,64 +774,161 @@ impl FillTask {
     }
 }
 
+/// How a fetch ended (without a failure).
+enum Fetched {
+    /// Every byte is staged.
+    Complete,
+    /// This replica lost the cluster's lease: it fetched and published
+    /// nothing more once it knew.
+    Demoted,
+}
+
+/// The renewals of a lease this replica holds: a task renewing it every
+/// third of its lifetime, whether bytes arrive or not, until stopped (or
+/// at shutdown). `lost` is cancelled when the lease is no longer ours
+/// (another replica holds it) or when renewals failed for two thirds of
+/// it, before another replica may take it over; the holder then stops
+/// fetching and publishing at once.
+struct LeaseKeeper {
+    lost: CancellationToken,
+    /// The blob's size once known, recorded in the lease at once.
+    total: watch::Sender<Option<u64>>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LeaseKeeper {
+    fn start(c: &Cluster, digest: &Digest, shutdown: &CancellationToken) -> LeaseKeeper {
+        let lost = CancellationToken::new();
+        let stop = shutdown.child_token();
+        let (total, mut total_rx) = watch::channel(None);
+        let (leases, holder, ttl) = (c.leases.clone(), c.holder.clone(), c.ttl);
+        let (digest, lost2, stop2) = (digest.clone(), lost.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut renewed = Instant::now();
+            loop {
+                tokio::select! {
+                    () = stop2.cancelled() => return,
+                    () = tokio::time::sleep(ttl / 3) => {}
+                    r = total_rx.changed() => if r.is_err() { return },
+                }
+                let total = *total_rx.borrow_and_update();
+                let outcome = tokio::select! {
+                    () = stop2.cancelled() => return,
+                    r = leases.renew(&digest, &holder, ttl, total) => r,
+                };
+                match outcome {
+                    Ok(true) => renewed = Instant::now(),
+                    Ok(false) => {
+                        tracing::warn!(%digest, "the fill's lease is another replica's now");
+                        lost2.cancel();
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%digest, error = %e, "could not renew the fill lease");
+                        if renewed.elapsed() >= ttl * 2 / 3 {
+                            lost2.cancel();
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        LeaseKeeper {
+            lost,
+            total,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops renewing (the lease then ends by release or expiry) and
+    /// waits for a renewal in flight.
+    async fn stop(mut self) {
+        self.stop.cancel();
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for LeaseKeeper {
+    /// A fill that fails or is cancelled stops renewing too.
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 /// The lease holder's side of a cluster-wide fill: parts of
-/// [`CLUSTER_PART`] bytes published as the bytes arrive, the lease renewed
-/// with each. Failures to publish are logged, not fatal: the other
-/// replicas then take the lease over when it expires.
+/// [`CLUSTER_PART`] bytes published as the bytes arrive, each written once
+/// (create-only), so a holder that was demoted without knowing yet cannot
+/// change what the new holder wrote; finding a part already there means
+/// exactly that, and this holder stops. A part that cannot be written
+/// makes the holder resign: it stops publishing and renewing, keeps
+/// fetching for its own clients, and another replica takes the lease over
+/// when it expires.
 struct Publisher<'a> {
     c: &'a Cluster,
     digest: &'a Digest,
     buf: bytes::BytesMut,
     /// Offset of `buf`'s first byte.
     published: u64,
+    lost: CancellationToken,
+    total: watch::Sender<Option<u64>>,
+    /// Stops the renewals.
+    resign: CancellationToken,
+    resigned: bool,
 }
 
 impl Publisher<'_> {
     async fn wrote(&mut self, b: &[u8]) {
+        if self.resigned {
+            return;
+        }
         self.buf.extend_from_slice(b);
         if self.buf.len() >= CLUSTER_PART {
             self.flush().await;
-            self.renew(None).await;
         }
     }
 
     async fn flush(&mut self) {
-        if self.buf.is_empty() {
+        if self.buf.is_empty() || self.resigned || self.lost.is_cancelled() {
             return;
         }
         let part = self.buf.split().freeze();
         let n = part.len() as u64;
-        if let Err(e) = self
+        match self
             .c
             .leases
             .put_part(self.digest, self.published, part)
             .await
         {
-            tracing::warn!(digest = %self.digest, error = %e, "could not publish a fill part");
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(digest = %self.digest, offset = self.published, "another replica wrote this fill part: it holds the lease now");
+                self.lost.cancel();
+            }
+            Err(e) => {
+                tracing::warn!(digest = %self.digest, error = %e, "could not publish a fill part; leaving the fill to another replica");
+                self.resigned = true;
+                // No more renewals: the lease expires and another replica
+                // takes it over from the parts published so far.
+                self.resign.cancel();
+            }
         }
         self.published += n;
     }
 
-    async fn renew(&mut self, total: Option<u64>) {
-        match self
-            .c
-            .leases
-            .renew(self.digest, &self.c.holder, LEASE_TTL, total)
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(digest = %self.digest, "lost the fill's lease to another replica")
-            }
-            Err(e) => {
-                tracing::warn!(digest = %self.digest, error = %e, "could not renew the fill lease")
-            }
+    /// Records the blob's size in the lease (at once, by the renewals).
+    fn total(&mut self, total: Option<u64>) {
+        if total.is_some() {
+            self.total.send_replace(total);
         }
     }
 
     async fn finish(&mut self, total: u64) {
         self.flush().await;
-        self.renew(Some(total)).await;
+        if !self.resigned {
+            self.total(Some(total));
+        }
     }
 }
 

@@ -329,8 +329,8 @@ struct Stores {
     fills: Arc<dyn FillStore>,
     meta: Arc<dyn MetaStore>,
     /// Leases of cluster-wide fills (one upstream fetch per blob for every
-    /// replica over the bucket).
-    leases: Option<Arc<dyn crate::storage::FillLeases>>,
+    /// replica over the bucket), with how long a lease lasts unless renewed.
+    leases: Option<(Arc<dyn crate::storage::FillLeases>, std::time::Duration)>,
     /// Counters of the hot tier, when there is one.
     hot: Option<crate::storage::hot::HotMetrics>,
     /// The hot tier, to shut its copies down.
@@ -424,10 +424,13 @@ fn open_stores(config: &Config, s3_opts: Option<S3Options>) -> anyhow::Result<St
                 uploads: store.clone(),
                 fills: Arc::new(S3Fills(store)),
                 meta: Arc::new(S3Meta::new(client.clone(), &opts.prefix)),
-                leases: Some(Arc::new(crate::storage::s3lease::S3Leases::new(
-                    client.clone(),
-                    &opts.prefix,
-                ))),
+                leases: Some((
+                    Arc::new(crate::storage::s3lease::S3Leases::new(
+                        client.clone(),
+                        &opts.prefix,
+                    )),
+                    s3.fill_lease,
+                )),
                 hot,
                 hot_tier,
                 redirects,
@@ -548,8 +551,8 @@ async fn open_registry(
         cache = cache.with_observer(r.clone());
     }
     let cache = Arc::new(cache);
-    if let Some(leases) = leases {
-        cache.fills.set_cluster(leases);
+    if let Some((leases, ttl)) = leases {
+        cache.fills.set_cluster(leases, ttl);
     }
     let fills = cache.fills.clone();
     tasks.spawn(budget.run(move |d| fills.in_progress(d).is_some(), stop.clone()));

@@ -597,6 +597,13 @@ pub struct S3Config {
     /// evicted least recently read first. Absent: no tier.
     #[serde(default)]
     pub hot_tier_max_size: Option<bytesize::ByteSize>,
+    /// Pull-through with several replicas: how long the lease of a fill
+    /// (the one replica fetching a blob from upstream for the cluster)
+    /// lasts unless renewed. Its holder renews it every third of it, while
+    /// bytes arrive or not; when a holder dies, another replica takes the
+    /// fill over this long after it stopped renewing.
+    #[serde(default = "default_fill_lease", with = "humantime_serde")]
+    pub fill_lease: Duration,
 }
 
 /// Static S3 credentials. The key id may be written inline; the secret
@@ -657,6 +664,9 @@ fn default_s3_connect_timeout() -> Duration {
 }
 fn default_s3_read_timeout() -> Duration {
     Duration::from_secs(60)
+}
+fn default_fill_lease() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_redirect_ttl() -> Duration {
     Duration::from_secs(15 * 60)
@@ -744,6 +754,7 @@ pub const ENV_OVERRIDES: &[&str] = &[
     "storage.s3.redirect",
     "storage.s3.redirect_ttl",
     "storage.s3.hot_tier_max_size",
+    "storage.s3.fill_lease",
     "cache.max_size",
     "cache.prefetch",
     "cache.fill_wait_timeout",
@@ -1005,10 +1016,9 @@ impl ReplicationConfig {
             if !names.insert(d.name.as_str()) {
                 return Err(fail("name", format!("{:?} names two destinations", d.name)));
             }
+            check_realm_hosts(&d.token_realm_hosts).map_err(|m| fail("token_realm_hosts", m))?;
             let uri = d.url.uri();
             let Some(host) = uri.host() else {
-                check_realm_hosts(&d.token_realm_hosts)
-                    .map_err(|m| fail("token_realm_hosts", m))?;
                 return Err(fail(
                     "url",
                     "must be https://host[:port] with no path".into(),
@@ -1148,6 +1158,12 @@ impl S3Config {
             return Err(invalid(
                 "connect_timeout",
                 "must be greater than zero".to_string(),
+            ));
+        }
+        if self.fill_lease < Duration::from_secs(1) {
+            return Err(invalid(
+                "fill_lease",
+                "must be at least 1s (it is renewed every third of it)".to_string(),
             ));
         }
         // SigV4 presigned URLs live at most 7 days.

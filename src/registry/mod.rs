@@ -559,10 +559,14 @@ impl Registry {
         }
         if store_empty {
             let empty: Digest = EMPTY_JSON_DIGEST.parse().expect("a valid digest");
+            self.meta.pin_blob(&empty).await?;
             self.blobs.put(&empty, Bytes::from_static(b"{}")).await?;
             self.meta.link_blob(repo, RepoKind::Hosted, &empty).await?;
         }
         let size = body.len() as u64;
+        // Pinned first, like a pushed blob (a blob of the same digest
+        // pulled through the cache is then never evicted).
+        self.meta.pin_blob(&digest).await?;
         self.blobs.put(&digest, body.clone()).await?;
         self.manifests.insert(digest.clone(), body);
         let record = ManifestRecord {
@@ -827,6 +831,13 @@ impl Registry {
         }
     }
 
+    /// Pins `digest` (see [`MetaStore::pin_blob`]) and tells whether it is
+    /// stored: if so, it stays stored.
+    async fn pinned_and_stored(&self, digest: &Digest) -> Result<bool> {
+        self.meta.pin_blob(digest).await?;
+        Ok(self.blobs.stat(digest).await?.is_some())
+    }
+
     /// A push linked `digest` into a hosted repository (which pinned it):
     /// it leaves the cache budget.
     async fn unbudget(&self, digest: &Digest) -> Result<()> {
@@ -953,8 +964,11 @@ impl Registry {
         recorded: bool,
     ) -> Result<()> {
         // Publishing and linking happen under a hold, so the cache budget
-        // cannot evict a pulled-through copy of the same digest in between.
+        // cannot evict a pulled-through copy of the same digest in between;
+        // the pin comes first, so no replica's evictor deletes the blob
+        // once the commit found it stored or published it.
         let _hold = self.hold(digest).await;
+        self.meta.pin_blob(digest).await?;
         let result = self.uploads.commit(id, digest).await;
         if recorded {
             self.end_session(id).await;
@@ -1046,8 +1060,10 @@ impl Registry {
         self.check_push(repo, ns).await?;
         if let Some(from) = from {
             let _hold = self.hold(digest).await;
+            // Stored after the pin: no evictor deletes it any more.
             if self.meta.blob_linked(from, digest).await?
                 && self.blobs.stat(digest).await?.is_some()
+                && self.pinned_and_stored(digest).await?
             {
                 self.meta.link_blob(repo, RepoKind::Hosted, digest).await?;
                 self.unbudget(digest).await?;

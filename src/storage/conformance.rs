@@ -10,8 +10,8 @@ use futures::StreamExt;
 
 use super::jobs::{Job, JobFilter, JobKey, JobState, JobStore, Outcome, UploadCheckpoint};
 use super::{
-    BlobStore, ByteStream, CacheEntry, FillStore, ManifestRecord, MetaStore, RepoKind,
-    StorageError, UploadRecord, UploadStore,
+    BlobStore, ByteStream, CacheEntry, EvictionClaim, FillStore, ManifestRecord, MetaStore,
+    RepoKind, StorageError, UploadRecord, UploadStore,
 };
 use crate::oci::manifest::Descriptor;
 use crate::oci::{Algorithm, Digest, Reference, RepoName, Tag, UploadId};
@@ -496,6 +496,45 @@ pub async fn meta_store_suite(meta: Arc<dyn MetaStore>) {
     assert!(
         meta.blob_pinned(&d1).await.unwrap(),
         "a hosted link pins, and the pin outlives the link (unlinked above)"
+    );
+
+    // Eviction claims: refused for a pinned blob and while another
+    // stands; a pin waits until the claim ends, and then refuses claims.
+    let d4 = Digest::sha256_of(b"evicted");
+    assert_eq!(
+        meta.claim_eviction(&d1).await.unwrap(),
+        EvictionClaim::Pinned
+    );
+    let EvictionClaim::Claimed { token, .. } = meta.claim_eviction(&d4).await.unwrap() else {
+        panic!("an unpinned blob can be claimed");
+    };
+    assert_eq!(meta.claim_eviction(&d4).await.unwrap(), EvictionClaim::Busy);
+    let mut pin = {
+        let meta = meta.clone();
+        let d4 = d4.clone();
+        tokio::spawn(async move { meta.pin_blob(&d4).await })
+    };
+    if let Ok(r) = tokio::time::timeout(std::time::Duration::from_millis(300), &mut pin).await {
+        panic!("a pin went through an eviction claim: {r:?}");
+    }
+    assert!(
+        !meta.blob_pinned(&d4).await.unwrap(),
+        "not pinned while claimed"
+    );
+    meta.end_eviction(&d4, "not the claim's token")
+        .await
+        .unwrap();
+    assert_eq!(meta.claim_eviction(&d4).await.unwrap(), EvictionClaim::Busy);
+    meta.end_eviction(&d4, &token).await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), pin)
+        .await
+        .expect("the pin goes through once the claim ends")
+        .unwrap()
+        .unwrap();
+    assert!(meta.blob_pinned(&d4).await.unwrap());
+    assert_eq!(
+        meta.claim_eviction(&d4).await.unwrap(),
+        EvictionClaim::Pinned
     );
 
     // Cache budget entries.

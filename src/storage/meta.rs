@@ -11,7 +11,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{CacheEntry, ManifestRecord, MetaStore, RepoKind, Result, StorageError, UploadRecord};
+use super::{
+    CacheEntry, EvictionClaim, ManifestRecord, MetaStore, RepoKind, Result, StorageError,
+    UploadRecord,
+};
 use crate::oci::manifest::Descriptor;
 use crate::oci::{Digest, Reference, RepoName, Tag, UploadId};
 
@@ -28,6 +31,8 @@ const REFERRERS: TableDefinition<&str, &[u8]> = TableDefinition::new("referrers"
 const CHECKED: TableDefinition<&str, u64> = TableDefinition::new("tag_checked");
 /// digest → 1: linked into a hosted repository at least once
 const PINNED: TableDefinition<&str, u8> = TableDefinition::new("pinned_blobs");
+/// digest → token of the evictor's claim: blobs being evicted right now
+const EVICTING: TableDefinition<&str, &str> = TableDefinition::new("evicting_blobs");
 /// digest → (size, last access in Unix µs): blobs the cache budget counts
 const CACHE: TableDefinition<&str, (u64, u64)> = TableDefinition::new("cache_entries");
 /// upload id → JSON [`UploadRecord`]
@@ -52,6 +57,8 @@ fn prefix_range(prefix: &str) -> (String, String) {
 
 pub struct RedbMeta {
     db: Arc<Database>,
+    /// Woken when an eviction claim ends (pins wait for it).
+    evictions_ended: Arc<tokio::sync::Notify>,
 }
 
 impl RedbMeta {
@@ -79,9 +86,16 @@ impl RedbMeta {
             txn.open_table(CHECKED).map_err(meta_err)?;
             txn.open_table(PINNED).map_err(meta_err)?;
             txn.open_table(CACHE).map_err(meta_err)?;
+            // The database is this process's alone: a claim left by an
+            // earlier run has no evictor any more.
+            txn.delete_table(EVICTING).map_err(meta_err)?;
+            txn.open_table(EVICTING).map_err(meta_err)?;
         }
         txn.commit().map_err(meta_err)?;
-        Ok(RedbMeta { db: Arc::new(db) })
+        Ok(RedbMeta {
+            db: Arc::new(db),
+            evictions_ended: Arc::default(),
+        })
     }
 
     /// The database, for other tables kept in the same file (the
@@ -163,6 +177,25 @@ fn check_kind(repo: &str, existing: RepoKind, kind: RepoKind) -> Result<()> {
     }
 }
 
+/// Pins `digest` unless an eviction claim on it stands (then `false`, and
+/// nothing is written).
+fn pin(txn: &redb::WriteTransaction, digest: &str) -> Result<bool> {
+    if txn
+        .open_table(EVICTING)
+        .map_err(meta_err)?
+        .get(digest)
+        .map_err(meta_err)?
+        .is_some()
+    {
+        return Ok(false);
+    }
+    txn.open_table(PINNED)
+        .map_err(meta_err)?
+        .insert(digest, 1)
+        .map_err(meta_err)?;
+    Ok(true)
+}
+
 #[async_trait]
 impl MetaStore for RedbMeta {
     async fn repository(&self, repo: &RepoName) -> Result<Option<RepoKind>> {
@@ -180,24 +213,32 @@ impl MetaStore for RedbMeta {
     async fn link_blob(&self, repo: &RepoName, kind: RepoKind, digest: &Digest) -> Result<()> {
         let (repo, k) = (repo.to_string(), key(repo.as_str(), digest.as_str()));
         let digest = digest.to_string();
-        self.run(move |db| {
-            write(db, |txn| {
-                ensure_repo(txn, &repo, kind)?;
-                let hosted = kind == RepoKind::Hosted;
-                txn.open_table(LINKS)
-                    .map_err(meta_err)?
-                    .insert(k.as_str(), 1)
-                    .map_err(meta_err)?;
-                if hosted {
-                    txn.open_table(PINNED)
-                        .map_err(meta_err)?
-                        .insert(digest.as_str(), 1)
-                        .map_err(meta_err)?;
-                }
-                Ok(())
-            })
-        })
-        .await
+        loop {
+            let ended = self.evictions_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let (repo, k, digest) = (repo.clone(), k.clone(), digest.clone());
+            let linked = self
+                .run(move |db| {
+                    write(db, |txn| {
+                        ensure_repo(txn, &repo, kind)?;
+                        let hosted = kind == RepoKind::Hosted;
+                        if hosted && !pin(txn, &digest)? {
+                            return Ok(false);
+                        }
+                        txn.open_table(LINKS)
+                            .map_err(meta_err)?
+                            .insert(k.as_str(), 1)
+                            .map_err(meta_err)?;
+                        Ok(true)
+                    })
+                })
+                .await?;
+            if linked {
+                return Ok(());
+            }
+            ended.await;
+        }
     }
 
     async fn blob_linked(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
@@ -491,6 +532,84 @@ impl MetaStore for RedbMeta {
             Ok(t.get(digest.as_str()).map_err(meta_err)?.is_some())
         })
         .await
+    }
+
+    async fn pin_blob(&self, digest: &Digest) -> Result<()> {
+        if self.blob_pinned(digest).await? {
+            return Ok(());
+        }
+        loop {
+            let ended = self.evictions_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let d = digest.to_string();
+            // Not fsynced by itself: every caller commits a link or a
+            // manifest record next, before it answers, and that durable
+            // commit persists this one too.
+            let pinned = self
+                .run(move |db| {
+                    let mut txn = db.begin_write().map_err(meta_err)?;
+                    txn.set_durability(redb::Durability::None)
+                        .map_err(meta_err)?;
+                    let pinned = pin(&txn, &d)?;
+                    txn.commit().map_err(meta_err)?;
+                    Ok(pinned)
+                })
+                .await?;
+            if pinned {
+                return Ok(());
+            }
+            ended.await;
+        }
+    }
+
+    async fn claim_eviction(&self, digest: &Digest) -> Result<EvictionClaim> {
+        let d = digest.to_string();
+        self.run(move |db| {
+            write(db, |txn| {
+                if txn
+                    .open_table(PINNED)
+                    .map_err(meta_err)?
+                    .get(d.as_str())
+                    .map_err(meta_err)?
+                    .is_some()
+                {
+                    return Ok(EvictionClaim::Pinned);
+                }
+                let mut t = txn.open_table(EVICTING).map_err(meta_err)?;
+                if t.get(d.as_str()).map_err(meta_err)?.is_some() {
+                    return Ok(EvictionClaim::Busy);
+                }
+                let token = uuid::Uuid::new_v4().to_string();
+                t.insert(d.as_str(), token.as_str()).map_err(meta_err)?;
+                // One process: the claim lasts as long as its evictor.
+                Ok(EvictionClaim::Claimed {
+                    token,
+                    within: None,
+                })
+            })
+        })
+        .await
+    }
+
+    async fn end_eviction(&self, digest: &Digest, token: &str) -> Result<()> {
+        let (d, token) = (digest.to_string(), token.to_string());
+        self.run(move |db| {
+            write(db, |txn| {
+                let mut t = txn.open_table(EVICTING).map_err(meta_err)?;
+                let mine = t
+                    .get(d.as_str())
+                    .map_err(meta_err)?
+                    .is_some_and(|v| v.value() == token);
+                if mine {
+                    t.remove(d.as_str()).map_err(meta_err)?;
+                }
+                Ok(())
+            })
+        })
+        .await?;
+        self.evictions_ended.notify_waiters();
+        Ok(())
     }
 
     async fn cache_entries(&self) -> Result<Vec<(Digest, CacheEntry)>> {

@@ -169,10 +169,11 @@ pub enum LeaseState {
 /// upstream fetch per blob for the whole cluster).
 ///
 /// Contract: at most one unexpired lease per digest; parts are written at
-/// increasing offsets by the lease holder and never change; `part` returns
-/// the bytes at `offset` (a whole part, or a piece of the published blob
-/// once the holder published it and removed its parts), or `None` if they
-/// are not there yet.
+/// increasing offsets by the lease holder, each once (create-only), and
+/// never change; `part` returns bytes starting at `offset` (the rest of
+/// the part that holds it, or a piece of the published blob once the
+/// holder published it and removed its parts), or `None` if they are not
+/// there yet.
 #[async_trait]
 pub trait FillLeases: Send + Sync + 'static {
     /// Takes the lease of `digest` if it is free or expired.
@@ -193,7 +194,9 @@ pub trait FillLeases: Send + Sync + 'static {
     ) -> Result<bool>;
     /// Whether a lease exists: `(unexpired, total)`.
     async fn state(&self, digest: &Digest) -> Result<Option<(bool, Option<u64>)>>;
-    async fn put_part(&self, digest: &Digest, offset: u64, bytes: Bytes) -> Result<()>;
+    /// Writes the part at `offset` unless one is there: `false` if it was
+    /// (another holder wrote it, so this one is no longer the holder).
+    async fn put_part(&self, digest: &Digest, offset: u64, bytes: Bytes) -> Result<bool>;
     /// With the blob's size when the bytes came from the published blob.
     async fn part(&self, digest: &Digest, offset: u64) -> Result<Option<(Bytes, Option<u64>)>>;
     /// Removes the lease and the parts (only the holder's).
@@ -228,6 +231,22 @@ pub struct CacheEntry {
     pub size: u64,
     /// Last access, Unix microseconds (strictly increasing within a process).
     pub accessed: u64,
+}
+
+/// What [`MetaStore::claim_eviction`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EvictionClaim {
+    /// The blob is the evictor's to delete: it must have deleted it
+    /// within `within` (`None`: no deadline) and then end the claim with
+    /// `token`; past the deadline it must not delete it any more.
+    Claimed {
+        token: String,
+        within: Option<std::time::Duration>,
+    },
+    /// A push pinned it: it is never evicted.
+    Pinned,
+    /// Another evictor's claim stands.
+    Busy,
 }
 
 /// An upload session's metadata.
@@ -279,8 +298,9 @@ pub trait MetaStore: Send + Sync + 'static {
     /// The kind of a known repository.
     async fn repository(&self, repo: &RepoName) -> Result<Option<RepoKind>>;
     /// Makes `digest` readable through `repo` (creating the repository with
-    /// `kind`). Linking into a hosted repository also pins the blob, in the
-    /// same transaction: the cache budget never evicts a pinned blob.
+    /// `kind`). Linking into a hosted repository also pins the blob first
+    /// (as `pin_blob` does, waiting out an eviction claim): the cache budget
+    /// never evicts a pinned blob.
     async fn link_blob(&self, repo: &RepoName, kind: RepoKind, digest: &Digest) -> Result<()>;
     async fn blob_linked(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
     /// Returns whether a link existed.
@@ -342,6 +362,19 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Whether `digest` was ever linked into a hosted repository.
     async fn blob_pinned(&self, digest: &Digest) -> Result<bool>;
+    /// Pins `digest` before a push publishes or links it. While an
+    /// eviction claim on it stands, this waits until the claim ends (the
+    /// blob then deleted or kept) or expires; once it returns, no evictor
+    /// deletes `digest`, so a blob the caller finds stored (or publishes)
+    /// after this stays. The pin is durable once the caller's next
+    /// mutation (a link, a manifest record) returns.
+    async fn pin_blob(&self, digest: &Digest) -> Result<()>;
+    /// Claims `digest` for deletion by the cache's evictor: refused if it
+    /// is pinned or another claim stands. A claim makes `pin_blob` wait.
+    async fn claim_eviction(&self, digest: &Digest) -> Result<EvictionClaim>;
+    /// Ends a claim `claim_eviction` gave (a claim taken over since is
+    /// left alone).
+    async fn end_eviction(&self, digest: &Digest, token: &str) -> Result<()>;
     /// Every blob the cache budget accounts for.
     async fn cache_entries(&self) -> Result<Vec<(Digest, CacheEntry)>>;
     /// Inserts or replaces budget entries, in one transaction.

@@ -7,7 +7,7 @@
 //!
 //! Keys under the prefix: `fills/<algorithm>-<hex>/lease` (JSON: holder,
 //! expiry, total size once known) and `fills/<algorithm>-<hex>/<offset, 20
-//! digits>` (the parts, written once). Leases are taken and renewed by
+//! digits>` (the parts, each written once: create-only). Leases are taken and renewed by
 //! conditional writes; their expiry is wall-clock time, which is what
 //! replicas on different machines share.
 
@@ -110,6 +110,35 @@ impl S3Leases {
     }
 }
 
+impl S3Leases {
+    /// The bytes from `offset` to the end of the part that holds it.
+    async fn inside_part(&self, d: &Digest, offset: u64) -> Result<Option<Bytes>> {
+        let dir = self.keys.path(&self.dir(d));
+        let objects: Vec<object_store::ObjectMeta> = self
+            .store
+            .list(Some(&dir))
+            .try_collect()
+            .await
+            .map_err(os_err)?;
+        let holder = objects.iter().find_map(|o| {
+            let start: u64 = o.location.filename()?.parse().ok()?;
+            (start < offset && offset < start + o.size).then(|| (o.location.clone(), start, o.size))
+        });
+        let Some((key, start, size)) = holder else {
+            return Ok(None);
+        };
+        let opts = GetOptions {
+            range: Some(GetRange::Bounded(offset - start..size)),
+            ..Default::default()
+        };
+        match self.store.get_opts(&key, opts).await {
+            Ok(r) => Ok(Some(r.bytes().await.map_err(os_err)?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(os_err(e)),
+        }
+    }
+}
+
 #[async_trait]
 impl FillLeases for S3Leases {
     async fn acquire(&self, digest: &Digest, holder: &str, ttl: Duration) -> Result<LeaseState> {
@@ -170,12 +199,25 @@ impl FillLeases for S3Leases {
             .map(|(l, _)| (l.expires >= now_ms(), l.total)))
     }
 
-    async fn put_part(&self, digest: &Digest, offset: u64, bytes: Bytes) -> Result<()> {
-        self.store
-            .put(&self.part_key(digest, offset), PutPayload::from(bytes))
+    async fn put_part(&self, digest: &Digest, offset: u64, bytes: Bytes) -> Result<bool> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(
+                &self.part_key(digest, offset),
+                PutPayload::from(bytes),
+                opts,
+            )
             .await
-            .map_err(os_err)?;
-        Ok(())
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(os_err(e)),
+        }
     }
 
     async fn part(&self, digest: &Digest, offset: u64) -> Result<Option<(Bytes, Option<u64>)>> {
@@ -183,6 +225,13 @@ impl FillLeases for S3Leases {
             Ok(r) => return Ok(Some((r.bytes().await.map_err(os_err)?, None))),
             Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(os_err(e)),
+        }
+        // Inside a part (a holder that lost its lease follows from where
+        // its own bytes end, which need not be where a part starts).
+        if offset > 0
+            && let Some(b) = self.inside_part(digest, offset).await?
+        {
+            return Ok(Some((b, None)));
         }
         // The holder published the blob and removed its parts: the rest
         // comes from the blob itself.

@@ -11,14 +11,18 @@
 //! - `checked/<repo>/<tag>`: last upstream check of a cached tag;
 //! - `links/<repo>/<d>`, `manifests/<repo>/<d>`,
 //!   `referrers/<repo>/<subject d>/<d>`;
-//! - `pins/<d>`, `cache/<d>`, `uploads/<id>`.
+//! - `pins/<d>`: `1` once a push pinned the blob; while the cache's
+//!   evictor deletes it, its claim (JSON: token and expiry); empty when
+//!   the claim ended. Changed only by compare-and-swap, so a pin and an
+//!   eviction claim never both succeed (ARCHITECTURE.md, invariant 10);
+//! - `cache/<d>`, `uploads/<id>`.
 //!
 //! **Concurrency.** Records that two replicas can race on are changed by
 //! compare-and-swap: read the object and its ETag, write with `If-Match`
 //! (or `If-None-Match: *` when absent), and start again on a precondition
 //! failure. Tags are the main case: concurrent retags never lose a write,
 //! which each tag's write count makes observable. Content-addressed records
-//! (links, manifest records, referrers, pins) are idempotent and written
+//! (links, manifest records, referrers) are idempotent and written
 //! plainly.
 //!
 //! **No transactions.** Where the redb store uses one transaction, this
@@ -45,7 +49,10 @@ use object_store::{
 use serde::{Deserialize, Serialize};
 
 use super::s3::{Keys, os_err};
-use super::{CacheEntry, ManifestRecord, MetaStore, RepoKind, Result, StorageError, UploadRecord};
+use super::{
+    CacheEntry, EvictionClaim, ManifestRecord, MetaStore, RepoKind, Result, StorageError,
+    UploadRecord,
+};
 use crate::oci::manifest::Descriptor;
 use crate::oci::{Digest, RepoName, Tag, UploadId};
 
@@ -116,6 +123,45 @@ struct CacheRecord {
     accessed: u64,
 }
 
+/// The state of a blob's `pins/<d>` record.
+enum PinState {
+    /// Absent or empty: neither pinned nor being evicted.
+    Free,
+    /// `1`: a push pinned it.
+    Pinned,
+    /// JSON [`Evicting`]: an evictor claimed it until `expires`.
+    Evicting(Evicting),
+}
+
+/// An evictor's claim on a blob.
+#[derive(Serialize, Deserialize)]
+struct Evicting {
+    evicting: String,
+    /// Unix milliseconds (wall clock: replicas compare it).
+    expires: u64,
+}
+
+fn pin_state(body: Option<&[u8]>) -> PinState {
+    match body {
+        None | Some(b"") => PinState::Free,
+        Some(b) => match serde_json::from_slice::<Evicting>(b) {
+            Ok(e) => PinState::Evicting(e),
+            // `1`, or anything else: pinned (never evict on doubt).
+            Err(_) => PinState::Pinned,
+        },
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How long an eviction claim lasts: a pin waits at most this long for an
+/// evictor that died mid-eviction.
+const EVICTION_CLAIM: Duration = Duration::from_secs(60);
+
 /// An object's body and version, for compare-and-swap.
 struct Versioned {
     body: Bytes,
@@ -132,6 +178,8 @@ pub struct S3Meta {
     /// Kinds of repositories seen: a repository's record is created once
     /// and never changed or removed, so what was read stays true.
     kinds: std::sync::Mutex<std::collections::HashMap<String, RepoKind>>,
+    /// How long an eviction claim lasts.
+    eviction_claim: Duration,
 }
 
 /// Stripes of [`S3Meta::turns`].
@@ -144,7 +192,18 @@ impl S3Meta {
             keys: Keys::new(prefix),
             turns: (0..TURNS).map(|_| tokio::sync::Mutex::new(())).collect(),
             kinds: Default::default(),
+            eviction_claim: EVICTION_CLAIM,
         }
+    }
+
+    /// With eviction claims lasting `ttl` (tests of an evictor that dies).
+    pub fn with_eviction_claim(mut self, ttl: Duration) -> S3Meta {
+        self.eviction_claim = ttl;
+        self
+    }
+
+    fn pin_key(&self, d: &Digest) -> Path {
+        self.key(&format!("pins/{}", enc_digest(d)))
     }
 
     pub(crate) fn key(&self, rel: &str) -> Path {
@@ -428,8 +487,7 @@ impl MetaStore for S3Meta {
     async fn link_blob(&self, repo: &RepoName, kind: RepoKind, digest: &Digest) -> Result<()> {
         self.ensure_repo(repo.as_str(), kind).await?;
         if kind == RepoKind::Hosted {
-            self.put(&self.key(&format!("pins/{}", enc_digest(digest))), "1")
-                .await?;
+            self.pin_blob(digest).await?;
         }
         let link = self.key(&format!(
             "links/{}/{}",
@@ -617,8 +675,74 @@ impl MetaStore for S3Meta {
     }
 
     async fn blob_pinned(&self, digest: &Digest) -> Result<bool> {
-        self.exists(&self.key(&format!("pins/{}", enc_digest(digest))))
-            .await
+        let body = self.get(&self.pin_key(digest)).await?;
+        Ok(matches!(pin_state(body.as_deref()), PinState::Pinned))
+    }
+
+    async fn pin_blob(&self, digest: &Digest) -> Result<()> {
+        let key = self.pin_key(digest);
+        let mut wait = Duration::from_millis(5);
+        loop {
+            let mut claimed = false;
+            self.update(&key, |cur| {
+                claimed = false;
+                match pin_state(cur) {
+                    PinState::Pinned => Ok(None),
+                    PinState::Evicting(e) if e.expires >= now_ms() => {
+                        claimed = true;
+                        Ok(None)
+                    }
+                    // Free, or a claim whose evictor is gone.
+                    _ => Ok(Some(b"1".to_vec())),
+                }
+            })
+            .await?;
+            if !claimed {
+                return Ok(());
+            }
+            // An eviction is deleting the blob: wait until it is done.
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    async fn claim_eviction(&self, digest: &Digest) -> Result<EvictionClaim> {
+        let token = uuid::Uuid::new_v4().to_string();
+        let mut found = EvictionClaim::Busy;
+        self.update(&self.pin_key(digest), |cur| match pin_state(cur) {
+            PinState::Pinned => {
+                found = EvictionClaim::Pinned;
+                Ok(None)
+            }
+            PinState::Evicting(e) if e.expires >= now_ms() => {
+                found = EvictionClaim::Busy;
+                Ok(None)
+            }
+            _ => {
+                found = EvictionClaim::Claimed {
+                    token: token.clone(),
+                    // A third of the claim: the delete lands well before
+                    // a waiting push may take the claim over.
+                    within: Some(self.eviction_claim / 3),
+                };
+                let claim = Evicting {
+                    evicting: token.clone(),
+                    expires: now_ms() + self.eviction_claim.as_millis() as u64,
+                };
+                Ok(Some(serde_json::to_vec(&claim).map_err(meta_err)?))
+            }
+        })
+        .await?;
+        Ok(found)
+    }
+
+    async fn end_eviction(&self, digest: &Digest, token: &str) -> Result<()> {
+        self.update(&self.pin_key(digest), |cur| match pin_state(cur) {
+            PinState::Evicting(e) if e.evicting == token => Ok(Some(Vec::new())),
+            _ => Ok(None),
+        })
+        .await?;
+        Ok(())
     }
 
     async fn cache_entries(&self) -> Result<Vec<(Digest, CacheEntry)>> {

@@ -236,12 +236,24 @@ impl SeaweedFs {
     /// Spawns a wharf replica over this bucket under `prefix` with the
     /// pull-through rules `rules_toml`.
     pub fn spawn_pull_through(&self, prefix: &str, rules_toml: &str) -> super::Wharf {
+        self.spawn_pull_through_with(prefix, rules_toml, &[])
+    }
+
+    /// [`SeaweedFs::spawn_pull_through`] with extra environment variables.
+    pub fn spawn_pull_through_with(
+        &self,
+        prefix: &str,
+        rules_toml: &str,
+        env: &[(&str, &str)],
+    ) -> super::Wharf {
         let dir = tempfile::tempdir().expect("tempdir");
         let body = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n\n{}\n{rules_toml}",
             self.storage_toml(prefix, &dir.path().join("scratch")),
         );
-        super::spawn_wharf_config(dir, &body, &[("S3_TEST_SECRET", SECRET_KEY)], &[])
+        let mut env = env.to_vec();
+        env.push(("S3_TEST_SECRET", SECRET_KEY));
+        super::spawn_wharf_config(dir, &body, &env, &[])
     }
 }
 
