@@ -68,6 +68,34 @@ pub enum Fault {
     IgnoreRange,
     /// Redirect to `location` (a path on this server or an absolute URL).
     Redirect { status: u16, location: String },
+    /// Send `after` bytes, then nothing until `release` is opened (the
+    /// connection stays open).
+    Hold { after: usize, release: Release },
+}
+
+/// Releases the bodies held by [`Fault::Hold`].
+#[derive(Debug, Clone)]
+pub struct Release(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Release {
+    pub fn new() -> Release {
+        Release(Arc::new(tokio::sync::watch::Sender::new(false)))
+    }
+
+    /// Lets every held body (now and later) go on.
+    pub fn open(&self) {
+        self.0.send_replace(true);
+    }
+
+    async fn wait(&self) {
+        let _ = self.0.subscribe().wait_for(|open| *open).await;
+    }
+}
+
+impl Default for Release {
+    fn default() -> Release {
+        Release::new()
+    }
 }
 
 impl Fault {
@@ -844,6 +872,8 @@ struct BodyPlan {
     cut: Option<(usize, bool)>,
     wrong: bool,
     ignore_range: bool,
+    /// Hold after this many bytes until released.
+    hold: Option<(usize, Release)>,
 }
 
 async fn handle(
@@ -886,6 +916,7 @@ async fn handle(
             Fault::Reset { after } => plan.cut = Some((*after, true)),
             Fault::WrongBytes => plan.wrong = true,
             Fault::IgnoreRange => plan.ignore_range = true,
+            Fault::Hold { after, release } => plan.hold = Some((*after, release.clone())),
             Fault::Status { .. } | Fault::Redirect { .. } => {}
         }
     }
@@ -1216,6 +1247,11 @@ fn stream_body(data: Bytes, plan: BodyPlan, reset: Arc<AtomicBool>) -> Body {
             let e = io::Error::new(io::ErrorKind::ConnectionAborted, "injected cut");
             return Some((Err(e), st));
         }
+        if let Some((after, release)) = &st.plan.hold
+            && st.pos >= *after
+        {
+            release.wait().await;
+        }
         let n = match st.plan.chunk {
             Some((chunk, delay)) => {
                 if st.pos > 0 {
@@ -1225,7 +1261,12 @@ fn stream_body(data: Bytes, plan: BodyPlan, reset: Arc<AtomicBool>) -> Body {
             }
             None => 64 * 1024,
         };
-        let end = (st.pos + n).min(limit);
+        let mut end = (st.pos + n).min(limit);
+        if let Some((after, _)) = &st.plan.hold
+            && st.pos < *after
+        {
+            end = end.min(*after);
+        }
         let piece = st.data.slice(st.pos..end);
         st.pos = end;
         Some((Ok(Frame::data(piece)), st))
