@@ -1408,7 +1408,11 @@ mod retry_waits {
             .await
             .unwrap_err();
         assert!(matches!(err, UpstreamError::Status { status: 503, .. }));
-        assert_eq!(calls.load(Ordering::SeqCst), 3, "the first try and 2 retries");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            3,
+            "the first try and 2 retries"
+        );
         // backoff(0) + backoff(1): 100..200 ms + 200..400 ms.
         let waited = start.elapsed();
         assert!(
