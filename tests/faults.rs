@@ -28,9 +28,9 @@ use wharf::registry::{Registry, RegistryError};
 use wharf::storage::faulty::{FaultPlan, Faulty, Stall};
 use wharf::storage::fs::FsStore;
 use wharf::storage::meta::RedbMeta;
-use wharf::storage::s3::S3Store;
+use wharf::storage::s3::{S3Fills, S3Store};
 use wharf::storage::s3meta::S3Meta;
-use wharf::storage::{BlobStore, ByteStream, MetaStore, UploadStore};
+use wharf::storage::{BlobStore, ByteStream, FillStore, MetaStore, StorageError, UploadStore};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
@@ -69,6 +69,7 @@ struct Stores {
     blobs: Arc<dyn BlobStore>,
     uploads: Arc<dyn UploadStore>,
     meta: Arc<dyn MetaStore>,
+    fills: Arc<dyn FillStore>,
 }
 
 impl Backend {
@@ -95,8 +96,9 @@ impl Backend {
                 let meta = RedbMeta::open(&self.dir.path().join("meta.redb")).unwrap();
                 Stores {
                     blobs: fs.clone(),
-                    uploads: fs,
+                    uploads: fs.clone(),
                     meta: Arc::new(meta),
+                    fills: fs,
                 }
             }
             Kind::Memory | Kind::Seaweed(_) => {
@@ -110,8 +112,9 @@ impl Backend {
                 );
                 Stores {
                     blobs: s3.clone(),
-                    uploads: s3,
+                    uploads: s3.clone(),
                     meta: Arc::new(S3Meta::new(self.bucket.clone(), &self.prefix)),
+                    fills: Arc::new(S3Fills(s3)),
                 }
             }
         }
@@ -505,6 +508,53 @@ async fn stalled_writes(kind: &Kind) {
     }
 }
 
+/// A pull-through fill whose write silently keeps fewer bytes, or whose
+/// commit fails, publishes nothing; a staged read that ends early is seen
+/// as short, and the next fill of the blob publishes it whole.
+async fn faulty_fills(kind: &Kind) {
+    let b = Backend::new(kind);
+    let s = b.open();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let d = Digest::sha256_of(&data);
+    let plan = FaultPlan::new();
+    let fills = Faulty::new(s.fills.clone(), plan.clone());
+
+    // The second write keeps 10 bytes and says it wrote them all.
+    let mut w = fills.begin_fill().await.unwrap();
+    plan.truncate_at(plan.ops() + 1, 10);
+    for piece in data.chunks(100_000) {
+        w.write(piece).await.unwrap();
+    }
+    assert!(matches!(
+        w.commit(&d).await,
+        Err(StorageError::DigestMismatch { .. } | StorageError::SizeMismatch { .. })
+    ));
+    assert_eq!(s.blobs.stat(&d).await.unwrap(), None, "{kind:?}: published");
+
+    // A commit that fails publishes nothing.
+    let mut w = fills.begin_fill().await.unwrap();
+    for piece in data.chunks(100_000) {
+        w.write(piece).await.unwrap();
+    }
+    let staged = w.staged();
+    plan.truncate_at(plan.ops(), 5);
+    assert_eq!(staged.read_at(0, 100).await.unwrap().len(), 5);
+    plan.fail_at(plan.ops());
+    assert!(w.commit(&d).await.is_err());
+    assert_eq!(s.blobs.stat(&d).await.unwrap(), None, "{kind:?}: published");
+
+    // Without faults the same bytes are published, verified.
+    let mut w = fills.begin_fill().await.unwrap();
+    for piece in data.chunks(100_000) {
+        w.write(piece).await.unwrap();
+    }
+    assert_eq!(w.commit(&d).await.unwrap(), data.len() as u64);
+    let back = collect(s.blobs.read(&d, None).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(back, data);
+}
+
 #[tokio::test]
 async fn fs_a_crash_anywhere_in_a_push_loses_nothing_acknowledged() {
     crash_sweep(&Kind::Fs).await;
@@ -555,6 +605,16 @@ async fn s3_readers_never_see_a_write_half_done() {
     stalled_writes(&Kind::Memory).await;
 }
 
+#[tokio::test]
+async fn fs_faulty_fills_publish_nothing_wrong() {
+    faulty_fills(&Kind::Fs).await;
+}
+
+#[tokio::test]
+async fn s3_faulty_fills_publish_nothing_wrong() {
+    faulty_fills(&Kind::Memory).await;
+}
+
 /// The same sweeps over a real bucket (conditional writes, multipart and
 /// server-side copies as SeaweedFS does them), one SeaweedFS for all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -566,4 +626,5 @@ async fn seaweedfs_every_fault_keeps_the_invariants() {
     truncated_writes(&kind).await;
     truncated_reads(&kind).await;
     stalled_writes(&kind).await;
+    faulty_fills(&kind).await;
 }
