@@ -295,7 +295,8 @@ async fn check(s: &Stores, img: &Image, acked: &Acked, what: &str) {
     if s.meta.manifest(&repo, &img.md).await.unwrap().is_some() {
         assert_eq!(
             s.blobs.stat(&img.md).await.unwrap(),
-            Some(img.manifest.len() as u64)
+            Some(img.manifest.len() as u64),
+            "{what}: a visible manifest's body is missing"
         );
         for (d, len) in [(&img.ld, img.layer.len()), (&img.cd, img.config.len())] {
             assert!(
@@ -317,30 +318,38 @@ async fn clean_push_log(kind: &Kind) -> Vec<&'static str> {
     plan.log()
 }
 
-/// A crash at every operation of a push: whatever was acknowledged is
+/// A crash at every operation of a push, before the operation reached the
+/// store and after it did (its answer lost): whatever was acknowledged is
 /// there after a restart, nothing partial is, and the push then succeeds.
 async fn crash_sweep(kind: &Kind) {
     let img = image();
     let total = clean_push_log(kind).await.len() as u64;
     assert!(total > 10, "{total}");
     for n in 0..total {
-        let b = Backend::new(kind);
-        let plan = FaultPlan::new();
-        plan.fail_from(n);
-        let acked = {
-            let (acked, r) = push(&faulty(&b.open(), &plan), &img).await;
-            assert!(r.is_err(), "{kind:?}: a push with a crash at {n} succeeded");
-            acked
-        };
-        let what = format!(
-            "{kind:?}, crash at operation {n} ({})",
-            plan.log()[n as usize]
-        );
-        let s = b.open();
-        check(&s, &img, &acked, &what).await;
-        let (acked, r) = push(&registry(&s), &img).await;
-        r.unwrap_or_else(|e| panic!("{what}: the push after the restart failed: {e}"));
-        check(&s, &img, &acked, &what).await;
+        for done in [false, true] {
+            let b = Backend::new(kind);
+            let plan = FaultPlan::new();
+            if done {
+                plan.crash_after(n);
+            } else {
+                plan.fail_from(n);
+            }
+            let acked = {
+                let (acked, r) = push(&faulty(&b.open(), &plan), &img).await;
+                assert!(r.is_err(), "{kind:?}: a push with a crash at {n} succeeded");
+                acked
+            };
+            let what = format!(
+                "{kind:?}, crash {} operation {n} ({})",
+                if done { "after" } else { "before" },
+                plan.log()[n as usize]
+            );
+            let s = b.open();
+            check(&s, &img, &acked, &what).await;
+            let (acked, r) = push(&registry(&s), &img).await;
+            r.unwrap_or_else(|e| panic!("{what}: the push after the restart failed: {e}"));
+            check(&s, &img, &acked, &what).await;
+        }
     }
 }
 

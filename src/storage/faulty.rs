@@ -5,7 +5,9 @@
 //!
 //! Every call is one operation, numbered from 0 in the order calls arrive.
 //! The plan can fail one operation or every operation from one on (a crash:
-//! nothing after it reaches the store) with an I/O error; truncate the bytes
+//! nothing after it reaches the store) with an I/O error, or let one reach
+//! the store and lose its answer before failing the rest (a crash after the
+//! work, before the acknowledgement); truncate the bytes
 //! of one operation (a write that silently keeps only the first `k` bytes
 //! while reporting success, a read whose stream ends cleanly after `k`
 //! bytes); and stall the next call of a named operation, before or after it
@@ -81,6 +83,7 @@ struct State {
     log: Vec<&'static str>,
     fail_at: Option<u64>,
     fail_from: Option<u64>,
+    lose_answer: Option<u64>,
     truncate: HashMap<u64, usize>,
     stalls: HashMap<(&'static str, Stall), Gate>,
 }
@@ -88,8 +91,10 @@ struct State {
 /// What one operation was told to do.
 struct Entered {
     n: u64,
+    op: &'static str,
     truncate: Option<usize>,
     after: Option<Gate>,
+    lose_answer: bool,
 }
 
 /// The faults to inject, shared by every wrapper built on it.
@@ -126,6 +131,15 @@ impl FaultPlan {
         self.state().fail_from = Some(n);
     }
 
+    /// Operation `n` reaches the store, but its caller gets an I/O error
+    /// instead of the answer, and every later operation fails: the process
+    /// died after the store did the work, before it was acknowledged.
+    pub fn crash_after(&self, n: u64) {
+        let mut s = self.state();
+        s.lose_answer = Some(n);
+        s.fail_from = Some(n + 1);
+    }
+
     /// Operation `n` keeps only its first `k` bytes: a write stores `k`
     /// bytes and reports the whole chunk written, a read ends cleanly after
     /// `k` bytes. Other operations ignore it.
@@ -146,6 +160,7 @@ impl FaultPlan {
         let mut s = self.state();
         s.fail_at = None;
         s.fail_from = None;
+        s.lose_answer = None;
         s.truncate.clear();
         for (_, gate) in s.stalls.drain() {
             gate.open();
@@ -161,8 +176,10 @@ impl FaultPlan {
             let fail = s.fail_at == Some(n) || s.fail_from.is_some_and(|f| n >= f);
             let entered = Entered {
                 n,
+                op,
                 truncate: s.truncate.get(&n).copied(),
                 after: s.stalls.get(&(op, Stall::After)).cloned(),
+                lose_answer: s.lose_answer == Some(n),
             };
             (entered, s.stalls.get(&(op, Stall::Before)).cloned(), fail)
         };
@@ -170,19 +187,25 @@ impl FaultPlan {
             gate.pass().await;
         }
         if fail {
-            return Err(StorageError::Io(io::Error::other(format!(
-                "injected fault at operation {} ({op})",
-                entered.n
-            ))));
+            return Err(injected(entered.n, op));
         }
         Ok(entered)
     }
 }
 
+fn injected(n: u64, op: &str) -> StorageError {
+    StorageError::Io(io::Error::other(format!(
+        "injected fault at operation {n} ({op})"
+    )))
+}
+
 impl Entered {
-    async fn leave<T>(self, result: T) -> T {
+    async fn leave<T>(self, result: Result<T>) -> Result<T> {
         if let Some(gate) = self.after {
             gate.pass().await;
+        }
+        if self.lose_answer {
+            return Err(injected(self.n, self.op));
         }
         result
     }
@@ -404,7 +427,7 @@ impl FillWriter for FaultyFill {
     async fn abort(self: Box<Self>) {
         if let Ok(e) = self.plan.enter("fills.abort").await {
             self.inner.abort().await;
-            e.leave(()).await
+            let _ = e.leave(Ok(())).await;
         }
     }
 }
