@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::cache::{random_bytes, rule, seed_image, stored_blobs};
-use common::fake_upstream::{FakeUpstream, Fault};
+use common::fake_upstream::{FakeUpstream, Fault, Release};
 use common::http::{HttpClient, Method, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
@@ -61,39 +61,68 @@ async fn a_late_joiner_gets_its_first_byte_before_the_fill_ends() {
     let fake = FakeUpstream::start();
     let layer = random_bytes(4 * 1024 * 1024, 2);
     let (_, ld, _) = seed_image(&fake, "app", "v1", &layer);
-    fake.fault(&ld, Fault::bytes_per_second(1024 * 1024)); // ~4 s in all
+    // The upstream sends the first MiB, then holds the rest until released:
+    // the fill cannot end before that.
+    let release = Release::new();
+    fake.fault(
+        &ld,
+        Fault::Hold {
+            after: 1024 * 1024,
+            release: release.clone(),
+        },
+    );
     let w = common::spawn_wharf(&rule("up", &fake, ""));
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let url: http::Uri = format!("{}/v2/up/app/blobs/{ld}", w.url()).parse().unwrap();
 
+    let (started, first_byte) = tokio::sync::oneshot::channel();
     let first = {
         let client = client.clone();
         let url = url.clone();
         tokio::spawn(async move {
-            let resp = client.get(url).await.unwrap();
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
-            (Instant::now(), body)
+            let mut body = client.get(url).await.unwrap().into_body();
+            let mut got = Vec::new();
+            let mut started = Some(started);
+            while let Some(f) = body.frame().await {
+                got.extend_from_slice(&f.unwrap().into_data().unwrap());
+                if let Some(s) = started.take() {
+                    let _ = s.send(());
+                }
+            }
+            got
         })
     };
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let resp = client.get(url).await.unwrap();
+    // The fill runs once the first client has bytes.
+    first_byte.await.unwrap();
+    // A wharf that held the bytes back until the fill ended would never
+    // answer here (the fill waits for the release below).
+    let held = Duration::from_secs(30);
+    let resp = tokio::time::timeout(held, client.get(url))
+        .await
+        .expect("the late joiner got no response while the fill ran")
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(
         resp.headers()["content-length"],
         layer.len().to_string().as_str()
     );
     let mut body = resp.into_body();
-    let frame = body.frame().await.unwrap().unwrap();
-    let late_first_byte = Instant::now();
+    let frame = tokio::time::timeout(held, body.frame())
+        .await
+        .expect("the late joiner got no byte while the fill ran")
+        .unwrap()
+        .unwrap();
     let mut late = frame.into_data().unwrap().to_vec();
+    assert!(!late.is_empty());
+    assert!(
+        late.len() <= 1024 * 1024 && !first.is_finished(),
+        "the late joiner streamed while the upstream still held the rest"
+    );
+    release.open();
     while let Some(f) = body.frame().await {
         late.extend_from_slice(&f.unwrap().into_data().unwrap());
     }
-    let (first_done, first_body) = first.await.unwrap();
-    assert!(
-        late_first_byte + Duration::from_millis(500) < first_done,
-        "the late joiner streamed before the fill finished"
-    );
+    let first_body = first.await.unwrap();
     assert_eq!(common::sha256(&late), ld);
     assert_eq!(common::sha256(&first_body), ld);
     assert_eq!(fake.count("GET", &format!("/v2/app/blobs/{ld}")), 1);

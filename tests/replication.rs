@@ -292,9 +292,14 @@ async fn destination_down_during_20_pushes_catches_up_when_back() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Longer than max_attempts * retry_max: an unreachable destination
-    // costs no attempts, so nothing is FAILED.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // An unreachable destination costs no attempts, so nothing is FAILED:
+    // every failed run is counted, so once more runs failed than
+    // max_attempts (2) allows one job, none of them cost an attempt.
+    let deadline = Instant::now() + PATIENCE;
+    while metric(&ca, "wharf_replication_failures_total", "b").await <= 2 {
+        assert!(Instant::now() < deadline, "the destination was not retried");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let s = status(&ca, "").await;
     assert!(
         s["jobs"]
@@ -434,8 +439,18 @@ async fn a_tag_moved_twice_quickly_ends_at_the_newest_digest() {
         manifest(&cb, "prod/app", "latest").await.unwrap().0,
         newest.digest
     );
-    // And it stays there.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // And it stays there: with the job complete and nothing queued for the
+    // destination, no run of the older digest is left to overwrite it.
+    let deadline = Instant::now() + PATIENCE;
+    while metric(&ca, "wharf_replication_queue_depth", "b").await != 0 {
+        assert!(Instant::now() < deadline, "work left for the destination");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        status(&ca, "").await["jobs"][0]["running"],
+        false,
+        "no run left"
+    );
     assert_eq!(
         manifest(&cb, "prod/app", "latest").await.unwrap().0,
         newest.digest

@@ -658,7 +658,9 @@ async fn replica_killed_mid_upload_another_finishes_it() {
         .await
         .unwrap();
     sock.flush().await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // With 20 MiB written, A has read all but what the socket buffers hold
+    // (a few MiB): it is well into the chunk, whose multipart upload it
+    // started on reading the head (the chunk announces more than 8 MiB).
     a.kill9();
     drop(sock);
 
@@ -1367,6 +1369,16 @@ async fn hot_tier_copies_verifies_and_evicts() {
     for (d, b) in &blobs {
         hot.put(d, Bytes::from(b.clone())).await.unwrap();
     }
+    let wait_evictions = |n: u64| {
+        let tier = tier.clone();
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while tier.metrics.evictions.get() < n {
+                assert!(std::time::Instant::now() < deadline, "no eviction {n}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
     let wait_for = |d: Digest| {
         let tier = tier.clone();
         async move {
@@ -1392,14 +1404,18 @@ async fn hot_tier_copies_verifies_and_evicts() {
         assert_eq!(read_all(hot.read(d, None).await.unwrap()).await, *b);
         wait_for(d.clone()).await;
     }
-    // 3 MB read, 2.5 MB allowed: the least recently read copy left.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // 3 MB read, 2.5 MB allowed: the least recently read copy left (the
+    // eviction runs after the copy; its file is gone once it is counted).
+    wait_evictions(1).await;
     assert!(tier.size() <= 2_500_000, "{}", tier.size());
     assert!(!tier.contains(d0));
     assert!(tier.contains(&blobs[1].0) && tier.contains(&blobs[2].0));
     assert!(tier.metrics.evictions.get() >= 1);
-    // Evicted from the tier only: the bucket still serves it.
+    // Evicted from the tier only: the bucket still serves it (and the read
+    // copies it back, evicting the least recently read other copy).
     assert_eq!(read_all(hot.read(d0, None).await.unwrap()).await, *b0);
+    wait_for(d0.clone()).await;
+    wait_evictions(2).await;
 
     // A copy whose bytes do not match the digest is never kept.
     let good = common::cache::random_bytes(500_000, 7);
@@ -1426,7 +1442,8 @@ async fn hot_tier_copies_verifies_and_evicts() {
     assert!(hot.delete(d2).await.unwrap());
     assert!(!tier.contains(d2));
     assert_eq!(hot.stat(d2).await.unwrap(), None);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Every background copy and eviction was awaited above: the disk is
+    // what the tier says.
     let reopened = HotTier::open(s3.clone(), hot_dir, 2_500_000).unwrap();
     assert!(!reopened.contains(d2));
     assert_eq!(reopened.size(), tier.size());
@@ -1500,7 +1517,12 @@ async fn fill_lease_taken_over_when_its_holder_dies() {
     let p = path.clone();
     // Its response dies with A (the task's panic is expected).
     let first = tokio::spawn(async move { ca.get(&p).await });
-    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    // A fetches from upstream only once it holds the fill's lease.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while fake.count("GET", &format!("/v2/team/app/blobs/{ld}")) == 0 {
+        assert!(std::time::Instant::now() < deadline, "A never fetched");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let cb = HttpClient::new(b.url());
     let p = path.clone();
     let second = tokio::spawn(async move { cb.get(&p).await });

@@ -474,6 +474,15 @@ impl Registry {
             }
         }
         let body = body.freeze();
+        // Manifests are small: what is served and remembered is checked.
+        let computed = Digest::of(hit.digest.algorithm(), &body);
+        if computed != hit.digest {
+            return Err(StorageError::Io(std::io::Error::other(format!(
+                "the stored manifest {} reads back as {computed}",
+                hit.digest
+            )))
+            .into());
+        }
         self.manifests.insert(hit.digest.clone(), body.clone());
         Ok(body)
     }
@@ -745,7 +754,7 @@ impl Registry {
                 }
                 CachedBlob::Stored { size, hold } => {
                     let range = resolve(size)?;
-                    let stream = self.read_blob(digest, range.clone()).await?;
+                    let stream = self.read_blob(digest, size, range.clone()).await?;
                     return Ok(BlobBody {
                         size,
                         range,
@@ -762,7 +771,7 @@ impl Registry {
             .await?
             .ok_or(RegistryError::BlobUnknown)?;
         let range = resolve(size)?;
-        let stream = self.read_blob(digest, range.clone()).await?;
+        let stream = self.read_blob(digest, size, range.clone()).await?;
         Ok(BlobBody {
             size,
             range,
@@ -792,13 +801,17 @@ impl Registry {
         Ok(Some(urls.read_url(digest, *ttl).await?))
     }
 
+    /// Streams `range` of a blob of `size` bytes, or the whole blob; a
+    /// stream that does not yield exactly that many bytes fails.
     async fn read_blob(
         &self,
         digest: &Digest,
+        size: u64,
         range: Option<std::ops::Range<u64>>,
     ) -> Result<ByteStream> {
+        let len = range.as_ref().map_or(size, |r| r.end - r.start);
         match self.blobs.read(digest, range).await {
-            Ok(s) => Ok(s),
+            Ok(s) => Ok(exact_length(s, len)),
             Err(StorageError::NotFound) => Err(RegistryError::BlobUnknown),
             Err(e) => Err(e.into()),
         }
@@ -1184,6 +1197,41 @@ impl Registry {
             more,
         })
     }
+}
+
+/// `stream`, failing (instead of ending cleanly) unless it yields exactly
+/// `len` bytes: a store read that ends early or runs long never reaches a
+/// client as a complete body.
+fn exact_length(stream: ByteStream, len: u64) -> ByteStream {
+    futures::stream::unfold(
+        (stream, 0u64, false),
+        move |(mut s, seen, done)| async move {
+            if done {
+                return None;
+            }
+            match s.next().await {
+                Some(Ok(b)) => {
+                    let seen = seen + b.len() as u64;
+                    if seen > len {
+                        let e =
+                            std::io::Error::other(format!("blob read ran past its {len} bytes"));
+                        return Some((Err(e), (s, seen, true)));
+                    }
+                    Some((Ok(b), (s, seen, false)))
+                }
+                Some(Err(e)) => Some((Err(e), (s, seen, true))),
+                None if seen < len => {
+                    let e = std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("blob read ended after {seen} of {len} bytes"),
+                    );
+                    Some((Err(e), (s, seen, true)))
+                }
+                None => None,
+            }
+        },
+    )
+    .boxed()
 }
 
 /// `stream`, keeping `hold` alive until the stream is dropped: the cache

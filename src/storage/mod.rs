@@ -7,9 +7,11 @@
 //! redb database) for one machine; [`s3`] and [`s3meta`] (an S3-compatible
 //! bucket shared by several replicas), with [`hot`] as an optional local
 //! disk tier in front of it. [`jobs`] is the durable replication queue.
-//! [`conformance`] is the suite every backend must pass.
+//! [`conformance`] is the suite every backend must pass; [`faulty`] wraps a
+//! backend to inject faults (failures, truncation, stalls) under it.
 
 pub mod conformance;
+pub mod faulty;
 pub mod fs;
 pub mod fsck;
 pub mod hot;

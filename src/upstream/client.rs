@@ -1502,3 +1502,95 @@ mod tests {
         ));
     }
 }
+
+/// The waits between retries, on tokio's paused clock (no socket: a client
+/// over a real socket cannot run on a paused clock, whose auto-advance fires
+/// the response timeout while bytes are in flight).
+#[cfg(test)]
+mod retry_waits {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn inner(max_retries: u32) -> Inner {
+        let mut s = UpstreamSettings::new("http://127.0.0.1:9".parse().unwrap());
+        s.max_retries = max_retries;
+        Inner::new(s).unwrap()
+    }
+
+    fn op() -> Op {
+        Op::new(Method::GET, "/v2/r/manifests/t".into(), None)
+    }
+
+    fn too_many(after: Option<Duration>) -> Failure {
+        UpstreamError::TooManyRequests { retry_after: after }.into()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_waited_exactly_then_the_request_is_sent_again() {
+        let c = inner(3);
+        let calls = AtomicU32::new(0);
+        let start = tokio::time::Instant::now();
+        let r = c
+            .with_retries(&op(), || {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    match n {
+                        0 | 1 => Err(too_many(Some(Duration::from_secs(7)))),
+                        _ => Ok(n),
+                    }
+                }
+            })
+            .await;
+        assert_eq!(r.unwrap(), 2);
+        assert_eq!(start.elapsed(), Duration::from_secs(14), "two waits of 7 s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_retry_after_the_backoff_grows_and_the_retries_end() {
+        let c = inner(2);
+        let calls = AtomicU32::new(0);
+        let start = tokio::time::Instant::now();
+        let err = c
+            .with_retries(&op(), || {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async {
+                    Err::<(), _>(Failure::from(UpstreamError::Status {
+                        status: 503,
+                        message: String::new(),
+                    }))
+                }
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, UpstreamError::Status { status: 503, .. }));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            3,
+            "the first try and 2 retries"
+        );
+        // backoff(0) + backoff(1): 100..200 ms + 200..400 ms.
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300) && waited <= Duration::from_millis(600),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_beyond_the_limit_ends_the_attempts_without_waiting() {
+        let c = inner(3);
+        let calls = AtomicU32::new(0);
+        let start = tokio::time::Instant::now();
+        let far = crate::upstream::retry::MAX_RETRY_AFTER + Duration::from_secs(1);
+        let err = c
+            .with_retries(&op(), || {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async move { Err::<(), _>(too_many(Some(far))) }
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, UpstreamError::TooManyRequests { .. }));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+}

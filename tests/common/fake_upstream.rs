@@ -79,6 +79,34 @@ pub enum Fault {
     ContentLength(u64),
     /// GET only: no `Content-Length` (a chunked or close-delimited body).
     NoContentLength,
+    /// Send `after` bytes, then nothing until `release` is opened (the
+    /// connection stays open).
+    Hold { after: usize, release: Release },
+}
+
+/// Releases the bodies held by [`Fault::Hold`].
+#[derive(Debug, Clone)]
+pub struct Release(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Release {
+    pub fn new() -> Release {
+        Release(Arc::new(tokio::sync::watch::Sender::new(false)))
+    }
+
+    /// Lets every held body (now and later) go on.
+    pub fn open(&self) {
+        self.0.send_replace(true);
+    }
+
+    async fn wait(&self) {
+        let _ = self.0.subscribe().wait_for(|open| *open).await;
+    }
+}
+
+impl Default for Release {
+    fn default() -> Release {
+        Release::new()
+    }
 }
 
 impl Fault {
@@ -882,6 +910,8 @@ struct BodyPlan {
     endless: bool,
     content_length: Option<u64>,
     no_length: bool,
+    /// Hold after this many bytes until released.
+    hold: Option<(usize, Release)>,
 }
 
 async fn handle(
@@ -927,6 +957,7 @@ async fn handle(
             Fault::Endless => plan.endless = true,
             Fault::ContentLength(n) => plan.content_length = Some(*n),
             Fault::NoContentLength => plan.no_length = true,
+            Fault::Hold { after, release } => plan.hold = Some((*after, release.clone())),
             Fault::Status { .. } | Fault::Redirect { .. } => {}
         }
     }
@@ -1276,6 +1307,11 @@ fn stream_body(data: Bytes, plan: BodyPlan, reset: Arc<AtomicBool>) -> Body {
             let e = io::Error::new(io::ErrorKind::ConnectionAborted, "injected cut");
             return Some((Err(e), st));
         }
+        if let Some((after, release)) = &st.plan.hold
+            && st.pos >= *after
+        {
+            release.wait().await;
+        }
         let n = match st.plan.chunk {
             Some((chunk, delay)) => {
                 if st.pos > 0 {
@@ -1285,7 +1321,12 @@ fn stream_body(data: Bytes, plan: BodyPlan, reset: Arc<AtomicBool>) -> Body {
             }
             None => 64 * 1024,
         };
-        let end = (st.pos + n).min(limit);
+        let mut end = (st.pos + n).min(limit);
+        if let Some((after, _)) = &st.plan.hold
+            && st.pos < *after
+        {
+            end = end.min(*after);
+        }
         let piece = st.data.slice(st.pos..end);
         st.pos = end;
         Some((Ok(Frame::data(piece)), st))
