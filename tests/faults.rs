@@ -192,12 +192,11 @@ struct Acked {
 async fn push(reg: &Registry, img: &Image) -> (Acked, std::result::Result<(), RegistryError>) {
     let mut acked = Acked::default();
     let r = async {
-        let repo = repo();
-        let id = reg.start_upload(&repo, None).await?;
+        let repo = reg.hosted(&repo(), None).await?;
+        let id = repo.start_upload().await?;
         let half = img.layer.len() / 2;
         let first: UploadRange = format!("0-{}", half - 1).parse().unwrap();
-        reg.append_upload(
-            &repo,
+        repo.append_upload(
             &id,
             Some(first),
             Some(half as u64),
@@ -206,31 +205,22 @@ async fn push(reg: &Registry, img: &Image) -> (Acked, std::result::Result<(), Re
         .await?;
         let rest = img.layer.len() - half;
         let second: UploadRange = format!("{half}-{}", img.layer.len() - 1).parse().unwrap();
-        reg.append_upload(
-            &repo,
+        repo.append_upload(
             &id,
             Some(second),
             Some(rest as u64),
             body(&img.layer[half..]),
         )
         .await?;
-        reg.finish_upload(&repo, &id, &img.ld, None).await?;
+        repo.finish_upload(&id, &img.ld, None).await?;
         acked.blobs.push(img.ld.clone());
-        reg.monolithic_upload(
-            &repo,
-            &img.cd,
-            Some(img.config.len() as u64),
-            body(&img.config),
-            None,
-        )
-        .await?;
+        repo.monolithic_upload(&img.cd, Some(img.config.len() as u64), body(&img.config))
+            .await?;
         acked.blobs.push(img.cd.clone());
-        reg.put_manifest(
-            &repo,
+        repo.put_manifest(
             &Reference::Tag(tag()),
             Some(OCI_MANIFEST),
             Bytes::from(img.manifest.clone()),
-            None,
         )
         .await?;
         acked.manifest = true;
@@ -507,12 +497,13 @@ async fn stalled_writes(kind: &Kind) {
         )
         .await;
         // Start the next round from an empty repository.
-        plain
-            .delete_manifest(&repo, &Reference::Digest(img.md.clone()), None)
+        let hosted = plain.hosted(&repo, None).await.unwrap();
+        hosted
+            .delete_manifest(&Reference::Digest(img.md.clone()))
             .await
             .unwrap();
         for d in [&img.ld, &img.cd] {
-            plain.delete_blob(&repo, d, None).await.unwrap();
+            hosted.delete_blob(d).await.unwrap();
         }
     }
 }

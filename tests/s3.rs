@@ -1176,15 +1176,16 @@ async fn race_rounds(
     let hosted: RepoName = "team/app".parse().unwrap();
     let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
     let config_digest = Digest::sha256_of(&config);
-    b.monolithic_upload(
-        &hosted,
-        &config_digest,
-        Some(config.len() as u64),
-        stream_of(vec![config.clone()]),
-        None,
-    )
-    .await
-    .unwrap();
+    b.hosted(&hosted, None)
+        .await
+        .unwrap()
+        .monolithic_upload(
+            &config_digest,
+            Some(config.len() as u64),
+            stream_of(vec![config.clone()]),
+        )
+        .await
+        .unwrap();
     let mut acknowledged = Vec::new();
     for round in 0..rounds {
         let layer = common::cache::random_bytes(64 * 1024, 1000 + round);
@@ -1219,14 +1220,10 @@ async fn race_rounds(
         let push = {
             let (b, d, hosted, layer) = (b.clone(), d.clone(), hosted.clone(), layer.clone());
             tokio::spawn(async move {
-                b.monolithic_upload(
-                    &hosted,
-                    &d,
-                    Some(layer.len() as u64),
-                    stream_of(vec![layer]),
-                    None,
-                )
-                .await
+                b.hosted(&hosted, None)
+                    .await?
+                    .monolithic_upload(&d, Some(layer.len() as u64), stream_of(vec![layer]))
+                    .await
             })
         };
         let pushed = push.await.unwrap();
@@ -1238,9 +1235,13 @@ async fn race_rounds(
                 &format!("round {round}"),
             );
             let tag: Reference = format!("r{round}").parse().unwrap();
-            let image = b
-                .put_manifest(&hosted, &tag, Some(OCI_MANIFEST), Bytes::from(m), None)
-                .await;
+            let image = match b.hosted(&hosted, None).await {
+                Ok(repo) => {
+                    repo.put_manifest(&tag, Some(OCI_MANIFEST), Bytes::from(m))
+                        .await
+                }
+                Err(e) => Err(e),
+            };
             acknowledged.push((round, d, layer, image.is_ok()));
         }
     }

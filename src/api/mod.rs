@@ -208,20 +208,24 @@ impl App {
             (Method::PUT, Route::Manifest { name, reference }) => {
                 self.put_manifest(&name, &reference, req, ns).await
             }
-            (Method::DELETE, Route::Manifest { name, reference }) => self
-                .registry
-                .delete_manifest(&name, &reference, ns)
-                .await
-                .map(|()| status_only(StatusCode::ACCEPTED)),
+            (Method::DELETE, Route::Manifest { name, reference }) => {
+                match self.registry.hosted(&name, ns).await {
+                    Ok(repo) => repo.delete_manifest(&reference).await,
+                    Err(e) => Err(e),
+                }
+                .map(|()| status_only(StatusCode::ACCEPTED))
+            }
             (m @ (Method::GET | Method::HEAD), Route::Blob { name, digest }) => {
                 self.get_blob(&name, &digest, req.headers(), m == Method::HEAD, ns)
                     .await
             }
-            (Method::DELETE, Route::Blob { name, digest }) => self
-                .registry
-                .delete_blob(&name, &digest, ns)
-                .await
-                .map(|()| status_only(StatusCode::ACCEPTED)),
+            (Method::DELETE, Route::Blob { name, digest }) => {
+                match self.registry.hosted(&name, ns).await {
+                    Ok(repo) => repo.delete_blob(&digest).await,
+                    Err(e) => Err(e),
+                }
+                .map(|()| status_only(StatusCode::ACCEPTED))
+            }
             (Method::POST, Route::UploadStart { name }) => {
                 self.post_upload(&name, &query, req, ns).await
             }
@@ -230,15 +234,19 @@ impl App {
                 .upload_status(&name, &id)
                 .await
                 .map(|size| upload_accepted(StatusCode::NO_CONTENT, &name, &id, size)),
-            (Method::PATCH, Route::Upload { name, id }) => self.patch_upload(&name, &id, req).await,
-            (Method::PUT, Route::Upload { name, id }) => {
-                self.put_upload(&name, &id, &query, req).await
+            (Method::PATCH, Route::Upload { name, id }) => {
+                self.patch_upload(&name, &id, req, ns).await
             }
-            (Method::DELETE, Route::Upload { name, id }) => self
-                .registry
-                .cancel_upload(&name, &id)
-                .await
-                .map(|()| status_only(StatusCode::NO_CONTENT)),
+            (Method::PUT, Route::Upload { name, id }) => {
+                self.put_upload(&name, &id, &query, req, ns).await
+            }
+            (Method::DELETE, Route::Upload { name, id }) => {
+                match self.registry.hosted(&name, ns).await {
+                    Ok(repo) => repo.cancel_upload(&id).await,
+                    Err(e) => Err(e),
+                }
+                .map(|()| status_only(StatusCode::NO_CONTENT))
+            }
             (Method::GET, Route::TagsList { name }) => self.tags(&name, &query, ns).await,
             (Method::GET, Route::Referrers { name, digest }) => {
                 self.referrers(&name, &digest, &query, ns).await
@@ -290,6 +298,7 @@ impl App {
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
+        let repo = self.registry.hosted(name, ns).await?;
         let content_type = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -308,9 +317,8 @@ impl App {
             }
             Err(e) => return Err(RegistryError::Body(io::Error::other(e))),
         };
-        let pushed = self
-            .registry
-            .put_manifest(name, reference, content_type.as_deref(), body, ns)
+        let pushed = repo
+            .put_manifest(reference, content_type.as_deref(), body)
             .await?;
         let mut r = status_only(StatusCode::CREATED);
         let h = r.headers_mut();
@@ -391,6 +399,7 @@ impl App {
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
+        let repo = self.registry.hosted(name, ns).await?;
         if let Some(mount) = query.get("mount") {
             let digest = parse_digest(mount)?;
             let from = match query.get("from") {
@@ -399,28 +408,19 @@ impl App {
                 })?),
                 None => None,
             };
-            return Ok(
-                match self
-                    .registry
-                    .mount(name, &digest, from.as_ref(), ns)
-                    .await?
-                {
-                    MountOutcome::Mounted => blob_created(name, &digest),
-                    MountOutcome::Session(id) => {
-                        upload_accepted(StatusCode::ACCEPTED, name, &id, 0)
-                    }
-                },
-            );
+            return Ok(match repo.mount(&digest, from.as_ref()).await? {
+                MountOutcome::Mounted => blob_created(name, &digest),
+                MountOutcome::Session(id) => upload_accepted(StatusCode::ACCEPTED, name, &id, 0),
+            });
         }
         if let Some(d) = query.get("digest") {
             let digest = parse_digest(d)?;
             let length = content_length(req.headers());
-            self.registry
-                .monolithic_upload(name, &digest, length, body_stream(req.into_body()), ns)
+            repo.monolithic_upload(&digest, length, body_stream(req.into_body()))
                 .await?;
             return Ok(blob_created(name, &digest));
         }
-        let id = self.registry.start_upload(name, ns).await?;
+        let id = repo.start_upload().await?;
         Ok(upload_accepted(StatusCode::ACCEPTED, name, &id, 0))
     }
 
@@ -429,16 +429,17 @@ impl App {
         name: &RepoName,
         id: &UploadId,
         req: Request<B>,
+        ns: Option<&str>,
     ) -> Result<Resp, RegistryError>
     where
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
+        let repo = self.registry.hosted(name, ns).await?;
         let range = content_range(req.headers())?;
         let length = content_length(req.headers());
-        let size = self
-            .registry
-            .append_upload(name, id, range, length, body_stream(req.into_body()))
+        let size = repo
+            .append_upload(id, range, length, body_stream(req.into_body()))
             .await?;
         Ok(upload_accepted(StatusCode::ACCEPTED, name, id, size))
     }
@@ -449,11 +450,13 @@ impl App {
         id: &UploadId,
         query: &Query,
         req: Request<B>,
+        ns: Option<&str>,
     ) -> Result<Resp, RegistryError>
     where
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
+        let repo = self.registry.hosted(name, ns).await?;
         let digest = parse_digest(query.get("digest").ok_or_else(|| {
             RegistryError::DigestInvalid("the digest query parameter is required".into())
         })?)?;
@@ -464,7 +467,7 @@ impl App {
                 || range.is_some()
                 || req.headers().contains_key(header::TRANSFER_ENCODING));
         let last = has_body.then(|| (range, length, body_stream(req.into_body())));
-        self.registry.finish_upload(name, id, &digest, last).await?;
+        repo.finish_upload(id, &digest, last).await?;
         Ok(blob_created(name, &digest))
     }
 

@@ -346,8 +346,20 @@ impl Registry {
         }
     }
 
+    /// The repository `repo` as one that takes pushes, or why it does not:
+    /// the one routing decision for writes. Every write operation exists
+    /// only on the [`Hosted`] this returns, so no path writes into a
+    /// pull-through namespace or answers a mirror request with a write.
+    pub async fn hosted(&self, repo: &RepoName, ns: Option<&str>) -> Result<Hosted<'_>> {
+        self.check_push(repo, ns).await?;
+        Ok(Hosted {
+            registry: self,
+            repo: repo.clone(),
+        })
+    }
+
     /// Refuses writes into pull-through namespaces and mirror requests.
-    pub async fn check_push(&self, repo: &RepoName, ns: Option<&str>) -> Result<()> {
+    async fn check_push(&self, repo: &RepoName, ns: Option<&str>) -> Result<()> {
         let Some(cache) = &self.cache else {
             return Ok(());
         };
@@ -488,15 +500,13 @@ impl Registry {
     }
 
     /// Validates and stores a manifest, by tag or by digest.
-    pub async fn put_manifest(
+    async fn put_manifest(
         &self,
         repo: &RepoName,
         reference: &Reference,
         content_type: Option<&str>,
         body: Bytes,
-        ns: Option<&str>,
     ) -> Result<ManifestPushed> {
-        self.check_push(repo, ns).await?;
         if body.len() > MAX_MANIFEST_SIZE {
             return Err(RegistryError::ManifestTooLarge);
         }
@@ -677,13 +687,7 @@ impl Registry {
 
     /// Deletes a tag (by tag) or a manifest and every tag pointing at it (by
     /// digest).
-    pub async fn delete_manifest(
-        &self,
-        repo: &RepoName,
-        reference: &Reference,
-        ns: Option<&str>,
-    ) -> Result<()> {
-        self.check_push(repo, ns).await?;
+    async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
         let found = match reference {
             Reference::Tag(t) => self.meta.delete_tag(repo, RepoKind::Hosted, t).await?,
             Reference::Digest(d) => self.meta.delete_manifest(repo, RepoKind::Hosted, d).await?,
@@ -818,13 +822,7 @@ impl Registry {
     }
 
     /// Removes a blob from a repository (the bytes stay for other repositories).
-    pub async fn delete_blob(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        ns: Option<&str>,
-    ) -> Result<()> {
-        self.check_push(repo, ns).await?;
+    async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
         if self
             .meta
             .unlink_blob(repo, RepoKind::Hosted, digest)
@@ -862,8 +860,7 @@ impl Registry {
 
     // ---- uploads ----
 
-    pub async fn start_upload(&self, repo: &RepoName, ns: Option<&str>) -> Result<UploadId> {
-        self.check_push(repo, ns).await?;
+    async fn start_upload(&self, repo: &RepoName) -> Result<UploadId> {
         let id = UploadId::new_random();
         self.uploads.create(&id).await?;
         self.meta
@@ -903,7 +900,7 @@ impl Registry {
 
     /// Appends a chunk (PATCH). `range` is the `Content-Range`, `length` the
     /// `Content-Length`; without a range the chunk goes at the end.
-    pub async fn append_upload(
+    async fn append_upload(
         &self,
         repo: &RepoName,
         id: &UploadId,
@@ -952,7 +949,7 @@ impl Registry {
     }
 
     /// Completes an upload (PUT ?digest=), with an optional last chunk.
-    pub async fn finish_upload(
+    async fn finish_upload(
         &self,
         repo: &RepoName,
         id: &UploadId,
@@ -1007,15 +1004,13 @@ impl Registry {
     /// client can resume it, and staging without a record is an orphan that
     /// [`Registry::discard_orphan_uploads`] removes at start (a push cut
     /// short by a crash leaves nothing for long).
-    pub async fn monolithic_upload(
+    async fn monolithic_upload(
         &self,
         repo: &RepoName,
         digest: &Digest,
         length: Option<u64>,
         body: ByteStream,
-        ns: Option<&str>,
     ) -> Result<()> {
-        self.check_push(repo, ns).await?;
         let id = UploadId::new_random();
         self.uploads.create(&id).await?;
         let appended = self.append(&id, 0, length, body).await;
@@ -1054,7 +1049,7 @@ impl Registry {
     }
 
     /// Cancels an upload session.
-    pub async fn cancel_upload(&self, repo: &RepoName, id: &UploadId) -> Result<()> {
+    async fn cancel_upload(&self, repo: &RepoName, id: &UploadId) -> Result<()> {
         self.check_session(repo, id).await?;
         self.uploads.abort(id).await?;
         self.end_session(id).await;
@@ -1063,14 +1058,12 @@ impl Registry {
 
     /// Cross-repository mount; falls back to a new session when `from` does
     /// not hold the blob (or is not given).
-    pub async fn mount(
+    async fn mount(
         &self,
         repo: &RepoName,
         digest: &Digest,
         from: Option<&RepoName>,
-        ns: Option<&str>,
     ) -> Result<MountOutcome> {
-        self.check_push(repo, ns).await?;
         if let Some(from) = from {
             let _hold = self.hold(digest).await;
             // Stored after the pin: no evictor deletes it any more.
@@ -1083,7 +1076,7 @@ impl Registry {
                 return Ok(MountOutcome::Mounted);
             }
         }
-        Ok(MountOutcome::Session(self.start_upload(repo, ns).await?))
+        Ok(MountOutcome::Session(self.start_upload(repo).await?))
     }
 
     /// Drops upload sessions idle for longer than `max_age`. Returns how many.
@@ -1196,6 +1189,95 @@ impl Registry {
             manifests: all,
             more,
         })
+    }
+}
+
+/// A repository that takes pushes, made only by [`Registry::hosted`] after
+/// the routing decision: the registry's write operations exist here and
+/// nowhere else. (Below it, the metadata store refuses a write of pushed
+/// content into a repository holding cached content, whatever the path.)
+pub struct Hosted<'r> {
+    registry: &'r Registry,
+    repo: RepoName,
+}
+
+impl Hosted<'_> {
+    pub fn name(&self) -> &RepoName {
+        &self.repo
+    }
+
+    /// Validates and stores a manifest, by tag or by digest.
+    pub async fn put_manifest(
+        &self,
+        reference: &Reference,
+        content_type: Option<&str>,
+        body: Bytes,
+    ) -> Result<ManifestPushed> {
+        self.registry
+            .put_manifest(&self.repo, reference, content_type, body)
+            .await
+    }
+
+    /// Deletes a tag (by tag) or a manifest and every tag pointing at it (by
+    /// digest).
+    pub async fn delete_manifest(&self, reference: &Reference) -> Result<()> {
+        self.registry.delete_manifest(&self.repo, reference).await
+    }
+
+    /// Removes a blob from the repository (the bytes stay for others).
+    pub async fn delete_blob(&self, digest: &Digest) -> Result<()> {
+        self.registry.delete_blob(&self.repo, digest).await
+    }
+
+    pub async fn start_upload(&self) -> Result<UploadId> {
+        self.registry.start_upload(&self.repo).await
+    }
+
+    /// Appends a chunk (PATCH); see [`Registry::append_upload`].
+    pub async fn append_upload(
+        &self,
+        id: &UploadId,
+        range: Option<UploadRange>,
+        length: Option<u64>,
+        body: ByteStream,
+    ) -> Result<u64> {
+        self.registry
+            .append_upload(&self.repo, id, range, length, body)
+            .await
+    }
+
+    /// Completes an upload (PUT ?digest=), with an optional last chunk.
+    pub async fn finish_upload(
+        &self,
+        id: &UploadId,
+        digest: &Digest,
+        last_chunk: Option<(Option<UploadRange>, Option<u64>, ByteStream)>,
+    ) -> Result<()> {
+        self.registry
+            .finish_upload(&self.repo, id, digest, last_chunk)
+            .await
+    }
+
+    /// A whole blob in one request (`POST ?digest=`).
+    pub async fn monolithic_upload(
+        &self,
+        digest: &Digest,
+        length: Option<u64>,
+        body: ByteStream,
+    ) -> Result<()> {
+        self.registry
+            .monolithic_upload(&self.repo, digest, length, body)
+            .await
+    }
+
+    pub async fn cancel_upload(&self, id: &UploadId) -> Result<()> {
+        self.registry.cancel_upload(&self.repo, id).await
+    }
+
+    /// Cross-repository mount; falls back to a new session when `from` does
+    /// not hold the blob (or is not given).
+    pub async fn mount(&self, digest: &Digest, from: Option<&RepoName>) -> Result<MountOutcome> {
+        self.registry.mount(&self.repo, digest, from).await
     }
 }
 

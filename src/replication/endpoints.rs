@@ -433,7 +433,10 @@ impl Target for LocalTarget {
     ) -> Result<u64> {
         let stream = source.blob(source_repo, digest, size, 0, size).await?;
         self.registry
-            .monolithic_upload(repo, digest, Some(size), stream, None)
+            .hosted(repo, None)
+            .await
+            .map_err(|e| local_err(&format!("pushing into {repo}"), e))?
+            .monolithic_upload(digest, Some(size), stream)
             .await
             .map_err(|e| local_err(&format!("storing blob {digest}"), e))?;
         Ok(size)
@@ -463,7 +466,10 @@ impl Target for LocalTarget {
         body: Bytes,
     ) -> Result<()> {
         self.registry
-            .put_manifest(repo, reference, Some(media_type), body, None)
+            .hosted(repo, None)
+            .await
+            .map_err(|e| local_err(&format!("pushing into {repo}"), e))?
+            .put_manifest(reference, Some(media_type), body)
             .await
             .map_err(|e| local_err(&format!("storing manifest {reference}"), e))?;
         Ok(())
