@@ -98,9 +98,23 @@ pub(crate) struct HashState {
     pub(crate) hashed: u64,
 }
 
-/// The hash state of every upload session this process has seen, each
+/// The hash state of the upload sessions this process has seen, each
 /// behind its own lock (which also orders a session's appends and commit).
-pub(crate) struct Sessions<T = HashState>(Mutex<HashMap<UploadId, Arc<tokio::sync::Mutex<T>>>>);
+///
+/// Bounded: a session committed or aborted by another replica is never
+/// forgotten here by `forget`, so past [`MAX_SESSIONS`] entries the least
+/// recently used that no request holds are dropped. A dropped state only
+/// costs a re-hash at commit (as after a restart); an entry a request holds
+/// is never dropped, so its lock keeps ordering that session.
+pub(crate) struct Sessions<T = HashState>(Mutex<HashMap<UploadId, SessionEntry<T>>>);
+
+struct SessionEntry<T> {
+    state: Arc<tokio::sync::Mutex<T>>,
+    used: tokio::time::Instant,
+}
+
+/// Hash states kept before unused ones are dropped.
+pub(crate) const MAX_SESSIONS: usize = 4096;
 
 impl<T> Default for Sessions<T> {
     fn default() -> Self {
@@ -110,16 +124,36 @@ impl<T> Default for Sessions<T> {
 
 impl<T: Default> Sessions<T> {
     pub(crate) fn get(&self, id: &UploadId) -> Arc<tokio::sync::Mutex<T>> {
-        self.0
-            .lock()
-            .expect("sessions lock")
-            .entry(id.clone())
-            .or_default()
-            .clone()
+        let mut map = self.0.lock().expect("sessions lock");
+        let now = tokio::time::Instant::now();
+        if map.len() >= MAX_SESSIONS && !map.contains_key(id) {
+            // Drop the older half of the entries nobody holds.
+            let mut idle: Vec<(tokio::time::Instant, UploadId)> = map
+                .iter()
+                .filter(|(_, e)| Arc::strong_count(&e.state) == 1)
+                .map(|(k, e)| (e.used, k.clone()))
+                .collect();
+            idle.sort_unstable_by_key(|(used, _)| *used);
+            let drop = idle.len().div_ceil(2);
+            for (_, k) in idle.into_iter().take(drop) {
+                map.remove(&k);
+            }
+        }
+        let e = map.entry(id.clone()).or_insert_with(|| SessionEntry {
+            state: Arc::default(),
+            used: now,
+        });
+        e.used = now;
+        e.state.clone()
     }
 
     pub(crate) fn forget(&self, id: &UploadId) {
         self.0.lock().expect("sessions lock").remove(id);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().expect("sessions lock").len()
     }
 }
 
@@ -713,6 +747,28 @@ fn mapped_stream(file: Arc<std::fs::File>, range: Range<u64>) -> ByteStream {
 
 #[cfg(test)]
 mod tests {
+    /// Hash states of sessions finished elsewhere (another replica) are
+    /// never forgotten by `forget`; the table stays bounded, and a state a
+    /// request holds is never dropped.
+    #[tokio::test]
+    async fn session_states_are_bounded_and_held_ones_kept() {
+        let sessions: Sessions = Sessions::default();
+        let held_id = UploadId::new_random();
+        let held = sessions.get(&held_id);
+        for _ in 0..3 * MAX_SESSIONS {
+            drop(sessions.get(&UploadId::new_random()));
+        }
+        assert!(
+            sessions.len() <= MAX_SESSIONS,
+            "{} states kept",
+            sessions.len()
+        );
+        assert!(
+            Arc::ptr_eq(&held, &sessions.get(&held_id)),
+            "a held state is the one the next request gets"
+        );
+    }
+
     use super::*;
 
     /// Records the size of every write it receives.
