@@ -721,3 +721,34 @@ async fn a_bogus_upstream_content_length_is_never_passed_to_clients() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(common::sha256(&r.body), ld);
 }
+
+/// A mirror's tag listing (`?ns=`) is paginated like any other, and its
+/// next-page link carries `ns`, so following it routes to the same upstream
+/// (without it the next page would be a hosted or ROOT lookup).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_pages_of_a_mirror_request_keep_ns() {
+    let fake = FakeUpstream::start();
+    for tag in ["a", "b", "c"] {
+        seed_image(&fake, "team/tool", tag, format!("layer {tag}").as_bytes());
+    }
+    let w = common::spawn_wharf(&rule("up", &fake, ""));
+    let http = HttpClient::new(w.url());
+    let mut path = format!("/v2/team/tool/tags/list?n=1&ns={}", fake.host());
+    let mut tags = Vec::new();
+    for _ in 0..10 {
+        let r = http.get(&path).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {r:?}");
+        for t in r.json()["tags"].as_array().unwrap() {
+            tags.push(t.as_str().unwrap().to_string());
+        }
+        let Some(link) = r.header("link") else { break };
+        assert!(link.contains("ns="), "the next page keeps ns: {link}");
+        path = link
+            .trim_start_matches('<')
+            .split('>')
+            .next()
+            .unwrap()
+            .to_string();
+    }
+    assert_eq!(tags, ["a", "b", "c"]);
+}

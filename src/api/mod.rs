@@ -482,7 +482,7 @@ impl App {
         let page = self.registry.tags(name, last, n, ns).await?;
         let body = serde_json::json!({ "name": name.as_str(), "tags": page.items }).to_string();
         let mut r = json(StatusCode::OK, body);
-        link_next(&mut r, &format!("/v2/{name}/tags/list"), &page, n);
+        link_next(&mut r, &format!("/v2/{name}/tags/list"), &page, n, ns);
         Ok(r)
     }
 
@@ -492,7 +492,7 @@ impl App {
         let page = self.registry.catalog(last, n).await?;
         let body = serde_json::json!({ "repositories": page.items }).to_string();
         let mut r = json(StatusCode::OK, body);
-        link_next(&mut r, "/v2/_catalog", &page, n);
+        link_next(&mut r, "/v2/_catalog", &page, n, None);
         Ok(r)
     }
 
@@ -641,13 +641,21 @@ fn upload_accepted(status: StatusCode, name: &RepoName, id: &UploadId, size: u64
     r
 }
 
-fn link_next(r: &mut Resp, path: &str, page: &Page, n: Option<usize>) {
+/// The spec's `Link` to the next page, carrying `ns` so a mirror's next
+/// page routes as the first did.
+fn link_next(r: &mut Resp, path: &str, page: &Page, n: Option<usize>, ns: Option<&str>) {
     if let (true, Some(last)) = (page.more, page.items.last()) {
         let n = n.unwrap_or(page.items.len());
-        r.headers_mut().insert(
-            header::LINK,
-            hv(&format!("<{path}?n={n}&last={last}>; rel=\"next\"")),
-        );
+        let enc = |v: &str| {
+            percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string()
+        };
+        // Names and tags are URL-safe by their grammars.
+        let mut next = format!("{path}?n={n}&last={last}");
+        if let Some(ns) = ns {
+            next.push_str(&format!("&ns={}", enc(ns)));
+        }
+        r.headers_mut()
+            .insert(header::LINK, hv(&format!("<{next}>; rel=\"next\"")));
     }
 }
 
