@@ -752,3 +752,66 @@ async fn tag_pages_of_a_mirror_request_keep_ns() {
     }
     assert_eq!(tags, ["a", "b", "c"]);
 }
+
+/// A fill still fetching when wharf is asked to stop ends with the process:
+/// once `server.shutdown_timeout` is over for the client streaming it,
+/// `serve` stops the fill and waits for it; the client's body ends in an
+/// error (never a clean short body), nothing is published, and its staging
+/// file is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_running_at_shutdown_ends_and_leaves_no_staging() {
+    let fake = FakeUpstream::start();
+    let layer = random_bytes(4 * 1024 * 1024, 9);
+    let (_, ld, _) = seed_image(&fake, "app", "v1", &layer);
+    let release = Release::new();
+    fake.fault(
+        &ld,
+        Fault::Hold {
+            after: 1024 * 1024,
+            release: release.clone(),
+        },
+    );
+    let mut w = common::spawn_wharf_with("shutdown_timeout = \"1s\"", &rule("up", &fake, ""));
+    let uploads = w.data_dir().join("uploads");
+    let staging = move || -> Vec<(String, u64)> {
+        std::fs::read_dir(&uploads)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(".fill-"))
+                    .map(|e| {
+                        let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                        (e.file_name().to_string_lossy().into_owned(), len)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let url: http::Uri = format!("{}/v2/up/app/blobs/{ld}", w.url()).parse().unwrap();
+    let pull = tokio::spawn(async move {
+        let resp = client.get(url).await.unwrap();
+        resp.into_body().collect().await.map(|b| b.to_bytes().len())
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !staging().iter().any(|(_, len)| *len >= 1024 * 1024) {
+        assert!(
+            Instant::now() < deadline,
+            "the fill never staged its first MiB"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, w) = tokio::task::spawn_blocking(move || (w.terminate(), w))
+        .await
+        .unwrap();
+    assert!(status.success(), "wharf stopped cleanly: {status:?}");
+    assert!(
+        pull.await.unwrap().is_err(),
+        "the client's body ends in an error, not a clean short body"
+    );
+    assert_eq!(staging(), Vec::new(), "no staging left behind");
+    assert!(
+        !stored_blobs(&w.data_dir()).contains(&ld),
+        "nothing published"
+    );
+    release.open();
+}

@@ -240,11 +240,8 @@ impl Fills {
         };
         let f = fill.clone();
         self.tasks.spawn(async move {
-            let stop = this.stop.clone();
-            tokio::select! {
-                () = task.run(writer, &this, &f) => {}
-                () = stop.cancelled() => {}
-            }
+            // The task ends by itself at the stop token (see `run`).
+            task.run(writer, &this, &f).await;
             let mut active = this.active.lock().expect("fills lock");
             if active.get(&f.digest).is_some_and(|x| Arc::ptr_eq(x, &f)) {
                 active.remove(&f.digest);
@@ -430,11 +427,23 @@ impl FillTask {
         let cluster = fills.cluster.get();
         // The lease this fill holds, renewed until the blob is published.
         let mut keeper: Option<LeaseKeeper> = None;
-        let outcome = match cluster {
-            None => self.fetch(&mut *writer, fills, None).await.map(|_| ()),
-            Some(c) => {
-                self.fetch_clustered(c, &mut *writer, fills, &mut keeper)
-                    .await
+        let fetched = async {
+            match cluster {
+                None => self.fetch(&mut *writer, fills, None).await.map(|_| ()),
+                Some(c) => {
+                    self.fetch_clustered(c, &mut *writer, fills, &mut keeper)
+                        .await
+                }
+            }
+        };
+        // At shutdown the fetch stops and the fill fails like any other:
+        // its waiters' bodies end in an error, its staging is removed and
+        // its lease released, before `Fills::shutdown` returns.
+        let outcome = tokio::select! {
+            biased;
+            o = fetched => o,
+            () = fills.stop.cancelled() => {
+                Err(FillFailure::Failed("wharf is shutting down".into()))
             }
         };
         // Verified bytes are released to the waiters at once: making them
