@@ -15,17 +15,29 @@ use crate::oci::RepoName;
 use crate::oci::manifest::Platform;
 use crate::oci::name::TagPattern;
 
-/// Deserializes a string through `T::from_str`. Values are parsed once, here,
-/// into the types the rest of wharf uses; a bad one is refused with its key
-/// path and the parser's reason.
+/// A string deserialized through `T::from_str`. Values are parsed once,
+/// here, into the types the rest of wharf uses; a bad one is refused with
+/// its key path and the parser's reason.
+struct Parsed<T>(T);
+
+impl<'de, T> Deserialize<'de> for Parsed<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map(Parsed).map_err(serde::de::Error::custom)
+    }
+}
+
 fn parsed<'de, D, T>(d: D) -> Result<T, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: std::str::FromStr,
     T::Err: std::fmt::Display,
 {
-    let s = String::deserialize(d)?;
-    s.parse().map_err(serde::de::Error::custom)
+    Ok(Parsed::<T>::deserialize(d)?.0)
 }
 
 /// [`parsed`] for an optional value.
@@ -35,11 +47,7 @@ where
     T: std::str::FromStr,
     T::Err: std::fmt::Display,
 {
-    #[derive(Deserialize)]
-    struct W<T: std::str::FromStr>(#[serde(deserialize_with = "parsed")] T)
-    where
-        T::Err: std::fmt::Display;
-    Ok(Option::<W<T>>::deserialize(d)?.map(|W(t)| t))
+    Ok(Option::<Parsed<T>>::deserialize(d)?.map(|p| p.0))
 }
 
 /// [`parsed`] for a list (the key path names the element).
@@ -49,13 +57,9 @@ where
     T: std::str::FromStr,
     T::Err: std::fmt::Display,
 {
-    #[derive(Deserialize)]
-    struct W<T: std::str::FromStr>(#[serde(deserialize_with = "parsed")] T)
-    where
-        T::Err: std::fmt::Display;
-    Ok(Vec::<W<T>>::deserialize(d)?
+    Ok(Vec::<Parsed<T>>::deserialize(d)?
         .into_iter()
-        .map(|W(t)| t)
+        .map(|p| p.0)
         .collect())
 }
 

@@ -152,7 +152,7 @@ fn ensure_repo(txn: &redb::WriteTransaction, repo: &str, kind: RepoKind) -> Resu
             t.insert(repo, kind as u8).map_err(meta_err)?;
             Ok(())
         }
-        Some(k) => check_kind(repo, k, kind),
+        Some(k) => k.admit(repo, kind),
     }
 }
 
@@ -161,19 +161,8 @@ fn ensure_repo(txn: &redb::WriteTransaction, repo: &str, kind: RepoKind) -> Resu
 fn require_kind(txn: &redb::WriteTransaction, repo: &str, kind: RepoKind) -> Result<()> {
     let t = txn.open_table(REPOS).map_err(meta_err)?;
     match t.get(repo).map_err(meta_err)?.map(|v| kind_of(v.value())) {
-        Some(k) => check_kind(repo, k, kind),
+        Some(k) => k.admit(repo, kind),
         None => Ok(()),
-    }
-}
-
-fn check_kind(repo: &str, existing: RepoKind, kind: RepoKind) -> Result<()> {
-    if existing == kind {
-        Ok(())
-    } else {
-        Err(StorageError::WrongKind {
-            repo: repo.to_string(),
-            kind: existing,
-        })
     }
 }
 

@@ -275,6 +275,19 @@ impl RepoKind {
         }
     }
 
+    /// Refuses a write of `wanted` content into `repo`, a repository of
+    /// this kind, unless the kinds agree.
+    pub fn admit(self, repo: &str, wanted: RepoKind) -> Result<()> {
+        if self == wanted {
+            Ok(())
+        } else {
+            Err(StorageError::WrongKind {
+                repo: repo.to_string(),
+                kind: self,
+            })
+        }
+    }
+
     pub fn other(self) -> RepoKind {
         match self {
             RepoKind::Hosted => RepoKind::Cached,

@@ -97,17 +97,6 @@ impl RepoRecord {
     }
 }
 
-fn check_kind(repo: &str, existing: RepoKind, kind: RepoKind) -> Result<()> {
-    if existing == kind {
-        Ok(())
-    } else {
-        Err(StorageError::WrongKind {
-            repo: repo.to_string(),
-            kind: existing,
-        })
-    }
-}
-
 /// What a tag object holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TagRecord {
@@ -361,7 +350,7 @@ impl S3Meta {
     /// changes); refuses a repository of the other kind.
     async fn ensure_repo(&self, repo: &str, kind: RepoKind) -> Result<()> {
         if let Some(k) = self.known_kind(repo) {
-            return check_kind(repo, k, kind);
+            return k.admit(repo, kind);
         }
         let rec = RepoRecord {
             kind: match kind {
@@ -396,14 +385,14 @@ impl S3Meta {
     /// never changed, so a kind read once stays true.
     async fn require_kind(&self, repo: &str, kind: RepoKind) -> Result<()> {
         if let Some(k) = self.known_kind(repo) {
-            return check_kind(repo, k, kind);
+            return k.admit(repo, kind);
         }
         let rec: Option<RepoRecord> = self.get_json(&self.repo_key(repo)).await?;
         match rec {
             Some(r) => {
                 let k = r.kind();
                 self.remember_kind(repo, k);
-                check_kind(repo, k, kind)
+                k.admit(repo, kind)
             }
             None => Ok(()),
         }
