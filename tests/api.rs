@@ -60,6 +60,39 @@ fn sha(data: &[u8]) -> String {
 }
 
 impl T {
+    /// Pushes, by digest, an artifact whose subject is `subject` (of
+    /// `subject_size` bytes): an empty config, `layer` (of `layer_size`
+    /// bytes), `artifact_type`, an annotation `i`. Returns the response and
+    /// the artifact's digest.
+    async fn push_referrer(
+        &self,
+        repo: &str,
+        (subject, subject_size): (&str, usize),
+        artifact_type: &str,
+        (layer, layer_size): (&str, usize),
+        i: usize,
+    ) -> (R, String) {
+        let empty = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
+        let m = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": artifact_type,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+            "layers": [{"mediaType": "application/octet-stream", "digest": layer, "size": layer_size}],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": subject, "size": subject_size},
+            "annotations": {"org.example.i": i.to_string()},
+        }))
+        .unwrap();
+        let d = sha(&m);
+        let r = self
+            .req(
+                Method::PUT,
+                &format!("/v2/{repo}/manifests/{d}"),
+                &[("content-type", OCI_MANIFEST)],
+                &m,
+            )
+            .await;
+        (r, d)
+    }
+
     fn new() -> T {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(FsStore::open(dir.path()).unwrap());
@@ -665,7 +698,6 @@ async fn referrers_with_filter_and_subject_before_it_exists() {
     let t = T::new();
     let (subject_bytes, subject) = t.push_image("ref", "v1", "s").await;
     let missing_subject = sha(b"a manifest that was never pushed");
-    let empty = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
     let mut pushed = Vec::new();
     for (i, (subj, atype)) in [
         (subject.as_str(), "application/vnd.example.sig"),
@@ -676,22 +708,8 @@ async fn referrers_with_filter_and_subject_before_it_exists() {
     .enumerate()
     {
         let layer = t.push_blob("ref", format!("payload{i}").as_bytes()).await;
-        let m = serde_json::to_vec(&json!({
-            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": atype,
-            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
-            "layers": [{"mediaType": "application/octet-stream", "digest": layer, "size": 8}],
-            "subject": {"mediaType": OCI_MANIFEST, "digest": subj, "size": subject_bytes.len()},
-            "annotations": {"org.example.i": i.to_string()},
-        }))
-        .unwrap();
-        let d = sha(&m);
-        let r = t
-            .req(
-                Method::PUT,
-                &format!("/v2/ref/manifests/{d}"),
-                &[("content-type", OCI_MANIFEST)],
-                &m,
-            )
+        let (r, d) = t
+            .push_referrer("ref", (subj, subject_bytes.len()), atype, (&layer, 8), i)
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
         assert_eq!(r.h("oci-subject"), *subj);
@@ -754,7 +772,6 @@ async fn referrers_with_filter_and_subject_before_it_exists() {
 async fn referrers_are_paginated_by_link_headers() {
     let t = T::new();
     let (subject_bytes, subject) = t.push_image("many", "v1", "s").await;
-    let empty = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
     let layer = t.push_blob("many", b"signature").await;
     let mut sigs = std::collections::BTreeSet::new();
     let mut all = std::collections::BTreeSet::new();
@@ -764,21 +781,13 @@ async fn referrers_are_paginated_by_link_headers() {
         } else {
             "application/vnd.example.sbom"
         };
-        let m = serde_json::to_vec(&json!({
-            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": atype,
-            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
-            "layers": [{"mediaType": "application/octet-stream", "digest": layer, "size": 9}],
-            "subject": {"mediaType": OCI_MANIFEST, "digest": subject, "size": subject_bytes.len()},
-            "annotations": {"org.example.i": i.to_string()},
-        }))
-        .unwrap();
-        let d = sha(&m);
-        let r = t
-            .req(
-                Method::PUT,
-                &format!("/v2/many/manifests/{d}"),
-                &[("content-type", OCI_MANIFEST)],
-                &m,
+        let (r, d) = t
+            .push_referrer(
+                "many",
+                (&subject, subject_bytes.len()),
+                atype,
+                (&layer, 9),
+                i,
             )
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
