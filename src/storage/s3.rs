@@ -415,10 +415,11 @@ impl S3Store {
             .bytes()
             .await
             .map_err(os_err)?;
+        // A session of an older layout (its chunk bytes at this key) is one
+        // this version cannot finish: unknown, so the client pushes again.
         let c: Claim = serde_json::from_slice(&body).map_err(|e| {
-            StorageError::Io(io::Error::other(format!(
-                "{path} is not a chunk record: {e}"
-            )))
+            tracing::warn!(%path, error = %e, "not a chunk record (an older wharf's session?)");
+            StorageError::NotFound
         })?;
         self.claims.insert(path.clone(), c.clone());
         Ok(c)
@@ -1030,5 +1031,32 @@ mod tests {
             },
         )
         .await;
+    }
+
+    /// A session an older wharf started (its first chunk's bytes at
+    /// `uploads/<id>/0`, where this version keeps a chunk record) is
+    /// unknown to this version, not a storage failure: the client's next
+    /// request answers 404 and it pushes again.
+    #[tokio::test]
+    async fn an_older_layouts_session_is_unknown() {
+        let bucket: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let scratch = tempfile::tempdir().unwrap();
+        let s = S3Store::new(bucket.clone(), "p", scratch.path().to_path_buf()).unwrap();
+        let id = UploadId::new_random();
+        s.create(&id).await.unwrap();
+        let old_chunk = s.upload_dir(&id).child("0");
+        bucket
+            .put(
+                &old_chunk,
+                PutPayload::from_static(b"chunk bytes of the old layout"),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(s.size(&id).await, Err(StorageError::NotFound)));
+        let body = futures::stream::once(async { Ok(Bytes::from_static(b"more")) }).boxed();
+        assert!(matches!(
+            s.append(&id, 29, None, body).await,
+            Err(StorageError::NotFound | StorageError::OffsetMismatch { .. })
+        ));
     }
 }
