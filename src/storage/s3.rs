@@ -1044,7 +1044,7 @@ mod tests {
         let s = S3Store::new(bucket.clone(), "p", scratch.path().to_path_buf()).unwrap();
         let id = UploadId::new_random();
         s.create(&id).await.unwrap();
-        let old_chunk = s.upload_dir(&id).child("0");
+        let old_chunk = s.upload_dir(&id).clone().join("0");
         bucket
             .put(
                 &old_chunk,
