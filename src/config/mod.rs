@@ -780,6 +780,23 @@ const ENV_INTS: &[&str] = &["server.max_connections"];
 /// Variables with the `WHARF_` prefix that are not configuration keys.
 const ENV_RESERVED: &[&str] = &["WHARF_LOG"];
 
+/// The values of every `*_env` key in `v` (the names of the environment
+/// variables that hold secrets).
+fn secret_env_names(v: &toml::Value, out: &mut Vec<String>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                match v {
+                    toml::Value::String(name) if k.ends_with("_env") => out.push(name.clone()),
+                    other => secret_env_names(other, out),
+                }
+            }
+        }
+        toml::Value::Array(a) => a.iter().for_each(|v| secret_env_names(v, out)),
+        _ => {}
+    }
+}
+
 fn env_name(path: &str) -> String {
     format!("WHARF_{}", path.replace('.', "_").to_ascii_uppercase())
 }
@@ -820,8 +837,15 @@ impl Config {
             }
             None => toml::Table::new(),
         };
+        // Variables the file names as holding a secret (`password_env`,
+        // `secret_access_key_env`, ...) are not overrides, whatever their name.
+        let mut secrets = Vec::new();
+        secret_env_names(&toml::Value::Table(table.clone()), &mut secrets);
         for (name, value) in env {
-            if !name.starts_with("WHARF_") || ENV_RESERVED.contains(&name.as_str()) {
+            if !name.starts_with("WHARF_")
+                || ENV_RESERVED.contains(&name.as_str())
+                || secrets.contains(&name)
+            {
                 continue;
             }
             let path = ENV_OVERRIDES
@@ -1648,6 +1672,27 @@ mod tests {
         ] {
             assert_refused(&text, key);
         }
+    }
+
+    /// A secret's variable may have any name, `WHARF_` ones too: it is not
+    /// taken for an unknown override (the example configuration does this).
+    #[test]
+    fn secret_variables_are_not_overrides() {
+        let text = "[[replication.destinations]]\nname = \"eu\"\nurl = \"https://r.eu.example\"\ncredentials = { username = \"u\", password_env = \"WHARF_EU_PASSWORD\" }\n";
+        // Not an unknown override; refused here only because this test's
+        // own process environment does not hold the secret.
+        match load_str(text, &[("WHARF_EU_PASSWORD", "secret")]) {
+            Err(ConfigError::Invalid { key, .. }) => {
+                assert_eq!(key, "replication.destinations[0].credentials")
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = load_str(text, &[("WHARF_EU_PASSWROD", "typo")]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("unknown environment variable WHARF_EU_PASSWROD"),
+            "{e}"
+        );
     }
 
     #[test]
