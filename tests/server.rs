@@ -1039,7 +1039,10 @@ async fn an_idle_http2_connection_that_ignores_pings_is_closed_too() {
         frames.push(got[at + 3]);
         at += 9 + len;
     }
-    assert!(frames.contains(&7), "no GOAWAY before the close: frame types {frames:?}");
+    assert!(
+        frames.contains(&7),
+        "no GOAWAY before the close: frame types {frames:?}"
+    );
     // The server still serves others.
     let r = HttpClient::new(w.url()).get("/v2/").await;
     assert_eq!(r.status, StatusCode::OK);
