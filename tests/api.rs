@@ -1430,6 +1430,55 @@ async fn manifests_with_malformed_media_types_store_nothing() {
     );
 }
 
+/// A `subject` descriptor is held to the same rule as every other one:
+/// when the manifest it names is in the repository, its size must be that
+/// manifest's (a subject not pushed yet is allowed, as the spec says).
+#[tokio::test]
+async fn a_subject_descriptor_with_a_wrong_size_stores_nothing() {
+    let t = T::new();
+    let (subject, subject_digest) = t.push_image("subj", "base", "s").await;
+    let config = br#"{"sig":1}"#;
+    let cd = t.push_blob("subj", config).await;
+    let referrer = |size: usize, digest: &str| {
+        serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "artifactType": "application/vnd.example.sig",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
+            "layers": [],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": digest, "size": size},
+        }))
+        .unwrap()
+    };
+    for (tag, size) in [
+        ("bigger", subject.len() + 1),
+        ("smaller", subject.len() - 1),
+        ("zero", 0),
+    ] {
+        let body = referrer(size, &subject_digest);
+        refused_and_absent(&t, "subj", tag, OCI_MANIFEST, &body, "MANIFEST_INVALID").await;
+    }
+    let r = t.get(&format!("/v2/subj/referrers/{subject_digest}")).await;
+    assert_eq!(r.json()["manifests"], json!([]), "{r:?}");
+
+    // The right size is accepted; so is any size for a subject not pushed.
+    for (tag, body) in [
+        ("right", referrer(subject.len(), &subject_digest)),
+        ("absent", referrer(12_345, &sha(b"not pushed"))),
+    ] {
+        let r = t
+            .req(
+                Method::PUT,
+                &format!("/v2/subj/manifests/{tag}"),
+                &[("content-type", OCI_MANIFEST)],
+                &body,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{tag}: {r:?}");
+    }
+    let r = t.get(&format!("/v2/subj/referrers/{subject_digest}")).await;
+    assert_eq!(r.json()["manifests"].as_array().unwrap().len(), 1, "{r:?}");
+}
+
 /// An index of `child` (of `child_type`), pushed by digest.
 async fn push_index_of(t: &T, repo: &str, child: &[u8], child_type: &str) -> Vec<u8> {
     let index = serde_json::to_vec(&json!({

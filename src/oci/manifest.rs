@@ -105,8 +105,9 @@ pub struct Manifest {
     pub blobs: Vec<ContentRef>,
     /// Child manifests (an index's entries).
     pub children: Vec<ContentRef>,
-    /// The `subject` this manifest refers to (referrers API).
-    pub subject: Option<Digest>,
+    /// The `subject` this manifest refers to (referrers API), with the
+    /// size its descriptor declares.
+    pub subject: Option<ContentRef>,
     /// `artifactType`, or for an image manifest its config media type.
     pub artifact_type: Option<String>,
     pub annotations: BTreeMap<String, String>,
@@ -289,7 +290,7 @@ impl Manifest {
                 let subject = m
                     .subject()
                     .as_ref()
-                    .map(|s| content("subject mediaType", s).map(|c| c.digest))
+                    .map(|s| content("subject mediaType", s))
                     .transpose()?;
                 let artifact_type = m.artifact_type().as_ref().map(|t| t.to_string());
                 if let Some(t) = &artifact_type {
@@ -318,7 +319,7 @@ impl Manifest {
                 let subject = m
                     .subject()
                     .as_ref()
-                    .map(|s| content("subject mediaType", s).map(|c| c.digest))
+                    .map(|s| content("subject mediaType", s))
                     .transpose()?;
                 let artifact_type = m.artifact_type().as_ref().map(|t| t.to_string());
                 if let Some(t) = &artifact_type {
@@ -404,7 +405,7 @@ mod tests {
             r#","artifactType":"application/x.sig","subject":{{"mediaType":"{OCI_MANIFEST}","digest":"{L1}","size":10}},"annotations":{{"a":"b"}}"#
         );
         let m = Manifest::parse(image(&extra).as_bytes(), None).unwrap();
-        assert_eq!(m.subject.unwrap().as_str(), L1);
+        assert_eq!(m.subject.unwrap().digest.as_str(), L1);
         assert_eq!(m.artifact_type.as_deref(), Some("application/x.sig"));
         assert_eq!(m.annotations.get("a").map(String::as_str), Some("b"));
     }
@@ -927,8 +928,8 @@ mod tests {
             prop_assert_eq!(sizes(&m.blobs), blob_sizes);
             prop_assert!(m.children.is_empty());
             prop_assert_eq!(
-                m.subject.as_ref().map(Digest::as_str),
-                g.subject.as_ref().map(|s| s.digest.as_str())
+                m.subject.as_ref().map(|s| (s.digest.as_str(), s.size)),
+                g.subject.as_ref().map(|s| (s.digest.as_str(), s.size))
             );
             // artifactType, else the config's media type.
             let artifact_type = g.artifact_type.as_deref().unwrap_or(&g.config.media_type);
@@ -948,8 +949,8 @@ mod tests {
             let child_sizes: Vec<u64> = g.children.iter().map(|d| d.size).collect();
             prop_assert_eq!(sizes(&m.children), child_sizes);
             prop_assert_eq!(
-                m.subject.as_ref().map(Digest::as_str),
-                g.subject.as_ref().map(|s| s.digest.as_str())
+                m.subject.as_ref().map(|s| (s.digest.as_str(), s.size)),
+                g.subject.as_ref().map(|s| (s.digest.as_str(), s.size))
             );
             prop_assert_eq!(m.artifact_type.as_deref(), g.artifact_type.as_deref());
             prop_assert_eq!(&m.annotations, &g.annotations);
