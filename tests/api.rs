@@ -1332,6 +1332,162 @@ async fn manifests_nested_too_deep_not_utf8_or_with_wrong_sizes_store_nothing() 
     assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
 }
 
+/// Media types (of descriptors, and `artifactType`) must be `type/subtype`
+/// as RFC 6838 and the image spec define them: an `artifactType` that is
+/// empty, has spaces, a newline or a NUL is refused, not stored into the
+/// referrers index that clients filter on.
+#[tokio::test]
+async fn manifests_with_malformed_media_types_store_nothing() {
+    let t = T::new();
+    let config = br#"{"architecture":"amd64"}"#;
+    let layer = b"a layer";
+    let cd = t.push_blob("mt", config).await;
+    let ld = t.push_blob("mt", layer).await;
+    let (subject, _) = t.push_image("mt", "base", "s").await;
+    let image = |config_type: &str,
+                 layer_type: &str,
+                 subject_type: &str,
+                 artifact: Option<&str>| {
+        let mut m = json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": config_type, "digest": cd, "size": config.len()},
+            "layers": [{"mediaType": layer_type, "digest": ld, "size": layer.len()}],
+            "subject": {"mediaType": subject_type, "digest": sha(&subject), "size": subject.len()},
+        });
+        if let Some(a) = artifact {
+            m["artifactType"] = json!(a);
+        }
+        serde_json::to_vec(&m).unwrap()
+    };
+    let (c, l, s) = (
+        "application/vnd.oci.image.config.v1+json",
+        "application/vnd.oci.image.layer.v1.tar",
+        OCI_MANIFEST,
+    );
+    let long = format!("application/{}", "x".repeat(128));
+    for (tag, body) in [
+        ("artifact-empty", image(c, l, s, Some(""))),
+        (
+            "artifact-spaces",
+            image(c, l, s, Some("weird type with spaces")),
+        ),
+        ("artifact-newline", image(c, l, s, Some("application/x\nb"))),
+        ("artifact-nul", image(c, l, s, Some("application/x\u{0}b"))),
+        ("artifact-no-subtype", image(c, l, s, Some("application"))),
+        (
+            "artifact-two-slashes",
+            image(c, l, s, Some("application/x/y")),
+        ),
+        ("artifact-too-long", image(c, l, s, Some(&long))),
+        ("config-type-empty", image("", l, s, None)),
+        ("layer-type-spaces", image(c, "a layer", s, None)),
+        ("subject-type-bad", image(c, l, "-/x", None)),
+    ] {
+        refused_and_absent(&t, "mt", tag, OCI_MANIFEST, &body, "MANIFEST_INVALID").await;
+    }
+    let index = |child_type: &str, artifact: &str| {
+        serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX, "artifactType": artifact,
+            "manifests": [{"mediaType": child_type, "digest": sha(&subject), "size": subject.len()}],
+        }))
+        .unwrap()
+    };
+    for (tag, body) in [
+        ("index-child-type", index(" ", "application/vnd.example")),
+        ("index-artifact", index(OCI_MANIFEST, "application/x y")),
+    ] {
+        refused_and_absent(&t, "mt", tag, OCI_INDEX, &body, "MANIFEST_INVALID").await;
+    }
+    // Nothing of it reached the referrers index.
+    let r = t.get(&format!("/v2/mt/referrers/{}", sha(&subject))).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["manifests"], json!([]), "{r:?}");
+
+    // Well-formed types, with every character RFC 6838 allows, are stored
+    // and filtered on.
+    let odd_but_valid = "application/vnd.a-b_c.d+json!#$&^";
+    let body = image(c, l, s, Some(odd_but_valid));
+    let r = t
+        .req(
+            Method::PUT,
+            &format!("/v2/mt/manifests/{}", sha(&body)),
+            &[("content-type", OCI_MANIFEST)],
+            &body,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let r = t
+        .req(
+            Method::PUT,
+            "/v2/mt/manifests/index",
+            &[("content-type", OCI_INDEX)],
+            &index(OCI_MANIFEST, "application/vnd.example"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let filter = "application%2Fvnd.a-b_c.d%2Bjson%21%23%24%26%5E";
+    let r = t
+        .get(&format!(
+            "/v2/mt/referrers/{}?artifactType={filter}",
+            sha(&subject)
+        ))
+        .await;
+    assert_eq!(
+        r.json()["manifests"][0]["artifactType"],
+        json!(odd_but_valid),
+        "{r:?}"
+    );
+}
+
+/// A `subject` descriptor is held to the same rule as every other one:
+/// when the manifest it names is in the repository, its size must be that
+/// manifest's (a subject not pushed yet is allowed, as the spec says).
+#[tokio::test]
+async fn a_subject_descriptor_with_a_wrong_size_stores_nothing() {
+    let t = T::new();
+    let (subject, subject_digest) = t.push_image("subj", "base", "s").await;
+    let config = br#"{"sig":1}"#;
+    let cd = t.push_blob("subj", config).await;
+    let referrer = |size: usize, digest: &str| {
+        serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "artifactType": "application/vnd.example.sig",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
+            "layers": [],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": digest, "size": size},
+        }))
+        .unwrap()
+    };
+    for (tag, size) in [
+        ("bigger", subject.len() + 1),
+        ("smaller", subject.len() - 1),
+        ("zero", 0),
+    ] {
+        let body = referrer(size, &subject_digest);
+        refused_and_absent(&t, "subj", tag, OCI_MANIFEST, &body, "MANIFEST_INVALID").await;
+    }
+    let r = t.get(&format!("/v2/subj/referrers/{subject_digest}")).await;
+    assert_eq!(r.json()["manifests"], json!([]), "{r:?}");
+
+    // The right size is accepted; so is any size for a subject not pushed.
+    for (tag, body) in [
+        ("right", referrer(subject.len(), &subject_digest)),
+        ("absent", referrer(12_345, &sha(b"not pushed"))),
+    ] {
+        let r = t
+            .req(
+                Method::PUT,
+                &format!("/v2/subj/manifests/{tag}"),
+                &[("content-type", OCI_MANIFEST)],
+                &body,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{tag}: {r:?}");
+    }
+    let r = t.get(&format!("/v2/subj/referrers/{subject_digest}")).await;
+    assert_eq!(r.json()["manifests"].as_array().unwrap().len(), 1, "{r:?}");
+}
+
 /// An index of `child` (of `child_type`), pushed by digest.
 async fn push_index_of(t: &T, repo: &str, child: &[u8], child_type: &str) -> Vec<u8> {
     let index = serde_json::to_vec(&json!({

@@ -1012,6 +1012,42 @@ async fn idle_http2_connections_are_closed_and_busy_ones_are_not() {
     );
 }
 
+/// An HTTP/2 client that completes the preface and then neither opens a
+/// stream nor answers the server's PINGs (the GOAWAY handshake of a
+/// graceful close waits for a PING's ACK) is still closed soon after
+/// `header_read_timeout`, not only when the keep-alive ping times out
+/// (30s + 20s): otherwise every such connection holds a connection slot
+/// five times as long as an idle HTTP/1.1 one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_that_ignores_pings_is_closed_too() {
+    let w = common::spawn_wharf_with("header_read_timeout = \"1s\"", "");
+    let mut h2 = Raw::connect(w.addr).await;
+    // The preface and an empty SETTINGS frame; nothing more, ever.
+    h2.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("send");
+    let closed = h2.closed_within(Duration::from_secs(8)).await;
+    let got = closed.expect(
+        "an idle HTTP/2 connection that ignores PINGs was still open 8s after connecting \
+         (header_read_timeout = 1s)",
+    );
+    // It was told why: a GOAWAY frame (type 7) came before the close.
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at + 9 <= got.len() {
+        let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+        frames.push(got[at + 3]);
+        at += 9 + len;
+    }
+    assert!(
+        frames.contains(&7),
+        "no GOAWAY before the close: frame types {frames:?}"
+    );
+    // The server still serves others.
+    let r = HttpClient::new(w.url()).get("/v2/").await;
+    assert_eq!(r.status, StatusCode::OK);
+}
+
 /// Counts the bytes allocated and not yet freed by each thread, so that a
 /// test can see what one operation holds.
 mod live_bytes {

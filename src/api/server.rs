@@ -294,7 +294,9 @@ trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// Serves one connection until it ends: closed gracefully at shutdown,
-/// or once it has had no request in flight for `header_read_timeout`.
+/// or once it has had no request in flight for `header_read_timeout`; a
+/// connection still open after closing began is dropped once it has had
+/// no request in flight for `header_read_timeout` more.
 async fn serve(
     builder: Arc<auto::Builder<TokioExecutor>>,
     io: Box<dyn Io>,
@@ -333,6 +335,15 @@ async fn serve(
                 tracing::debug!(%peer, "closing an idle connection");
                 closing = true;
                 conn.as_mut().graceful_shutdown();
+            }
+            // A graceful close can wait on the peer: HTTP/2's GOAWAY
+            // handshake waits for the ACK of a PING, which a peer may never
+            // send (then only the keep-alive ping's timeout would end it,
+            // after 30s + 20s). Once closing, a connection with no request
+            // in flight for another `header_read_timeout` is dropped.
+            () = activity.idle_for(opts.header_read_timeout), if closing => {
+                tracing::debug!(%peer, "dropping a connection that did not close");
+                break Ok(());
             }
         }
     };

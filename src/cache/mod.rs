@@ -269,7 +269,7 @@ impl Cache {
         let record = ManifestRecord {
             media_type: parsed.media_type.to_string(),
             size,
-            subject: parsed.subject.clone(),
+            subject: parsed.subject.as_ref().map(|s| s.digest.clone()),
             index_depth: None,
         };
         let referrer = parsed.subject.as_ref().map(|_| Descriptor {

@@ -105,8 +105,9 @@ pub struct Manifest {
     pub blobs: Vec<ContentRef>,
     /// Child manifests (an index's entries).
     pub children: Vec<ContentRef>,
-    /// The `subject` this manifest refers to (referrers API).
-    pub subject: Option<Digest>,
+    /// The `subject` this manifest refers to (referrers API), with the
+    /// size its descriptor declares.
+    pub subject: Option<ContentRef>,
     /// `artifactType`, or for an image manifest its config media type.
     pub artifact_type: Option<String>,
     pub annotations: BTreeMap<String, String>,
@@ -128,6 +129,8 @@ pub enum ManifestError {
     MediaTypeMismatch { body: String, header: String },
     #[error("manifest schemaVersion must be 2")]
     SchemaVersion,
+    #[error("{field} {value:?} is not a media type (type/subtype, RFC 6838)")]
+    MediaTypeInvalid { field: &'static str, value: String },
     #[error("invalid manifest: {0}")]
     Invalid(String),
     #[error("invalid digest in manifest: {0}")]
@@ -149,7 +152,42 @@ fn strict(d: &oci_spec::image::Digest) -> Result<Digest, ManifestError> {
         .map_err(|e: super::digest::DigestError| ManifestError::Digest(format!("{d}: {e}")))
 }
 
-fn content(d: &oci_spec::image::Descriptor) -> Result<ContentRef, ManifestError> {
+/// Checks a media type (a descriptor's, or an `artifactType`) against the
+/// image spec's grammar, RFC 6838's restricted names: `type/subtype`, each
+/// 1 to 127 characters, starting with a letter or digit, then letters,
+/// digits and `!#$&-^_.+`. No parameters.
+fn check_media_type(field: &'static str, value: &str) -> Result<(), ManifestError> {
+    fn restricted_name(s: &str) -> bool {
+        let b = s.as_bytes();
+        (1..=127).contains(&b.len())
+            && b[0].is_ascii_alphanumeric()
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(c))
+    }
+    match value.split_once('/') {
+        Some((t, sub)) if restricted_name(t) && restricted_name(sub) => Ok(()),
+        _ => {
+            let mut value = value.to_string();
+            if value.len() > 64 {
+                let mut end = 64;
+                while !value.is_char_boundary(end) {
+                    end -= 1;
+                }
+                value.truncate(end);
+                value.push_str("...");
+            }
+            Err(ManifestError::MediaTypeInvalid { field, value })
+        }
+    }
+}
+
+/// The digest and size of a descriptor, once its digest and media type
+/// are checked.
+fn content(
+    field: &'static str,
+    d: &oci_spec::image::Descriptor,
+) -> Result<ContentRef, ManifestError> {
+    check_media_type(field, d.media_type().as_ref())?;
     Ok(ContentRef {
         digest: strict(d.digest())?,
         size: d.size(),
@@ -238,12 +276,12 @@ impl Manifest {
                 let m: ImageManifest = serde_json::from_slice(bytes)
                     .map_err(|e| ManifestError::Invalid(e.to_string()))?;
                 let mut blobs = Vec::with_capacity(m.layers().len() + 1);
-                blobs.push(content(m.config())?);
+                blobs.push(content("config mediaType", m.config())?);
                 for l in m.layers() {
                     // Every digest is checked; foreign (non-distributable)
                     // layers live elsewhere by design, so they are not
                     // required to be present.
-                    let d = content(l)?;
+                    let d = content("layer mediaType", l)?;
                     let mt = l.media_type().to_string();
                     if !(mt.contains("foreign") || mt.contains("nondistributable")) {
                         blobs.push(d);
@@ -252,13 +290,14 @@ impl Manifest {
                 let subject = m
                     .subject()
                     .as_ref()
-                    .map(|s| strict(s.digest()))
+                    .map(|s| content("subject mediaType", s))
                     .transpose()?;
-                let artifact_type = m
-                    .artifact_type()
-                    .as_ref()
-                    .map(|t| t.to_string())
-                    .or_else(|| Some(m.config().media_type().to_string()));
+                let artifact_type = m.artifact_type().as_ref().map(|t| t.to_string());
+                if let Some(t) = &artifact_type {
+                    check_media_type("artifactType", t)?;
+                }
+                let artifact_type =
+                    artifact_type.or_else(|| Some(m.config().media_type().to_string()));
                 Ok(Manifest {
                     media_type,
                     kind,
@@ -275,20 +314,24 @@ impl Manifest {
                 let children = m
                     .manifests()
                     .iter()
-                    .map(content)
+                    .map(|d| content("manifests[] mediaType", d))
                     .collect::<Result<Vec<_>, _>>()?;
                 let subject = m
                     .subject()
                     .as_ref()
-                    .map(|s| strict(s.digest()))
+                    .map(|s| content("subject mediaType", s))
                     .transpose()?;
+                let artifact_type = m.artifact_type().as_ref().map(|t| t.to_string());
+                if let Some(t) = &artifact_type {
+                    check_media_type("artifactType", t)?;
+                }
                 Ok(Manifest {
                     media_type,
                     kind,
                     blobs: Vec::new(),
                     children,
                     subject,
-                    artifact_type: m.artifact_type().as_ref().map(|t| t.to_string()),
+                    artifact_type,
                     annotations: to_map(m.annotations()),
                 })
             }
@@ -362,7 +405,7 @@ mod tests {
             r#","artifactType":"application/x.sig","subject":{{"mediaType":"{OCI_MANIFEST}","digest":"{L1}","size":10}},"annotations":{{"a":"b"}}"#
         );
         let m = Manifest::parse(image(&extra).as_bytes(), None).unwrap();
-        assert_eq!(m.subject.unwrap().as_str(), L1);
+        assert_eq!(m.subject.unwrap().digest.as_str(), L1);
         assert_eq!(m.artifact_type.as_deref(), Some("application/x.sig"));
         assert_eq!(m.annotations.get("a").map(String::as_str), Some("b"));
     }
@@ -885,8 +928,8 @@ mod tests {
             prop_assert_eq!(sizes(&m.blobs), blob_sizes);
             prop_assert!(m.children.is_empty());
             prop_assert_eq!(
-                m.subject.as_ref().map(Digest::as_str),
-                g.subject.as_ref().map(|s| s.digest.as_str())
+                m.subject.as_ref().map(|s| (s.digest.as_str(), s.size)),
+                g.subject.as_ref().map(|s| (s.digest.as_str(), s.size))
             );
             // artifactType, else the config's media type.
             let artifact_type = g.artifact_type.as_deref().unwrap_or(&g.config.media_type);
@@ -906,8 +949,8 @@ mod tests {
             let child_sizes: Vec<u64> = g.children.iter().map(|d| d.size).collect();
             prop_assert_eq!(sizes(&m.children), child_sizes);
             prop_assert_eq!(
-                m.subject.as_ref().map(Digest::as_str),
-                g.subject.as_ref().map(|s| s.digest.as_str())
+                m.subject.as_ref().map(|s| (s.digest.as_str(), s.size)),
+                g.subject.as_ref().map(|s| (s.digest.as_str(), s.size))
             );
             prop_assert_eq!(m.artifact_type.as_deref(), g.artifact_type.as_deref());
             prop_assert_eq!(&m.annotations, &g.annotations);

@@ -566,6 +566,17 @@ impl Registry {
                 .await?;
             deepest_child = deepest_child.max(depth);
         }
+        // A subject may be pushed later; one that is here must be the size
+        // its descriptor declares, like every other descriptor.
+        if let Some(subject) = &manifest.subject
+            && let Some(record) = self.meta.manifest(repo, &subject.digest).await?
+            && record.size != subject.size
+        {
+            return Err(RegistryError::ManifestInvalid(format!(
+                "the subject descriptor of manifest {} declares {} bytes, but the manifest is {} bytes",
+                subject.digest, subject.size, record.size
+            )));
+        }
         let index_depth = match manifest.kind {
             ManifestKind::Image => 0,
             ManifestKind::Index => deepest_child + 1,
@@ -591,7 +602,7 @@ impl Registry {
         let record = ManifestRecord {
             media_type: manifest.media_type.to_string(),
             size,
-            subject: manifest.subject.clone(),
+            subject: manifest.subject.as_ref().map(|s| s.digest.clone()),
             index_depth: Some(index_depth as u32),
         };
         let referrer = manifest.subject.as_ref().map(|_| Descriptor {
@@ -620,7 +631,7 @@ impl Registry {
         }
         Ok(ManifestPushed {
             digest,
-            subject: manifest.subject,
+            subject: manifest.subject.map(|s| s.digest),
         })
     }
 
