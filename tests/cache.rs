@@ -815,3 +815,40 @@ async fn a_fill_running_at_shutdown_ends_and_leaves_no_staging() {
     );
     release.open();
 }
+
+/// An upstream whose HEAD and GET both announce an enormous blob (10^12
+/// bytes) and then stream without end cannot fill the disk: a fill reserves
+/// the announced size where fills stage before its first byte and is refused
+/// when it does not fit. The client never sees the bogus length, upstream is
+/// not asked for the body, and nothing is staged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_larger_than_the_staging_space_is_refused_before_its_first_byte() {
+    let fake = FakeUpstream::start();
+    let (_, ld, _) = seed_image(&fake, "app", "v1", b"small layer");
+    fake.fault(&ld, Fault::HeadLength(1_000_000_000_000));
+    fake.fault(&ld, Fault::Endless);
+    let w = common::spawn_wharf(&rule("up", &fake, ""));
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let url: http::Uri = format!("{}/v2/up/app/blobs/{ld}", w.url()).parse().unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(30), client.get(url))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_ne!(resp.status(), 200, "{:?}", resp.headers());
+    assert_ne!(
+        resp.headers().get("content-length").map(|v| v.as_bytes()),
+        Some(&b"1000000000000"[..]),
+        "the bogus length never reaches the client"
+    );
+    assert_eq!(
+        fake.count("GET", &format!("/v2/app/blobs/{ld}")),
+        0,
+        "the body is not fetched"
+    );
+    let staged: Vec<_> = std::fs::read_dir(w.data_dir().join("uploads"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".fill-"))
+        .collect();
+    assert!(staged.is_empty(), "staged: {staged:?}");
+}

@@ -128,6 +128,24 @@ pub struct Fills {
     tasks: tokio_util::task::TaskTracker,
     pub counters: Arc<FillCounters>,
     cluster: std::sync::OnceLock<Cluster>,
+    /// Bytes the running fills will stage in all (their blobs' sizes).
+    reserved: Mutex<u64>,
+}
+
+/// Space kept free where fills stage, beyond what the fills reserve.
+const STAGING_MARGIN: u64 = 256 * 1024 * 1024;
+
+/// The staging space a fill reserved, given back when it ends.
+struct Reservation<'a> {
+    fills: &'a Fills,
+    size: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut r = self.fills.reserved.lock().expect("reserved lock");
+        *r = r.saturating_sub(self.size);
+    }
 }
 
 fn bump(c: &Counter, n: u64) {
@@ -154,7 +172,38 @@ impl Fills {
             tasks: tokio_util::task::TaskTracker::new(),
             counters: Arc::default(),
             cluster: std::sync::OnceLock::new(),
+            reserved: Mutex::new(0),
         }
+    }
+
+    /// Reserves staging space for a blob of `size` bytes before its first
+    /// byte is fetched: refused when it does not fit beside what the other
+    /// fills reserved (an upstream announcing a huge size, honestly or not,
+    /// never fills the disk).
+    async fn reserve(&self, size: u64) -> Result<Reservation<'_>, FillFailure> {
+        let free = self
+            .store
+            .staging_space()
+            .await
+            .map_err(|e| FillFailure::Failed(format!("staging space: {e}").into()))?;
+        let mut reserved = self.reserved.lock().expect("reserved lock");
+        if let Some(free) = free {
+            let room = free
+                .saturating_sub(STAGING_MARGIN)
+                .saturating_sub(*reserved);
+            if size > room {
+                return Err(FillFailure::Failed(
+                    format!(
+                        "the blob is {size} bytes; where fills stage {free} bytes are free, \
+                         {} reserved by other fills",
+                        *reserved
+                    )
+                    .into(),
+                ));
+            }
+        }
+        *reserved += size;
+        Ok(Reservation { fills: self, size })
     }
 
     /// Makes fills cluster-wide: one replica holding `leases`' lease of a
@@ -552,6 +601,7 @@ impl FillTask {
                 Err(e) => return Err(FillFailure::Failed(format!("upstream: {e}").into())),
             },
         };
+        let _reserved = fills.reserve(size).await?;
         let mut announced = false;
         // Cancelled when the lease is lost (never without a publisher).
         let lost = publisher

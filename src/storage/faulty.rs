@@ -374,6 +374,10 @@ impl<T: UploadStore + ?Sized> UploadStore for Faulty<T> {
 
 #[async_trait]
 impl<T: FillStore + ?Sized> FillStore for Faulty<T> {
+    async fn staging_space(&self) -> Result<Option<u64>> {
+        self.inner.staging_space().await
+    }
+
     async fn begin_fill(&self) -> Result<Box<dyn FillWriter>> {
         let e = self.plan.enter("fills.begin").await?;
         let r = self.inner.begin_fill().await.map(|w| {

@@ -661,6 +661,10 @@ pub(crate) struct FsStaged {
 
 #[async_trait]
 impl FillStore for FsStore {
+    async fn staging_space(&self) -> Result<Option<u64>> {
+        super::free_space(&self.root.join("uploads"))
+    }
+
     async fn begin_fill(&self) -> Result<Box<dyn FillWriter>> {
         let path = self
             .root

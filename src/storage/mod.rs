@@ -134,6 +134,19 @@ pub trait UploadStore: Send + Sync + 'static {
 pub trait FillStore: Send + Sync + 'static {
     /// Starts staging a new blob.
     async fn begin_fill(&self) -> Result<Box<dyn FillWriter>>;
+    /// Bytes free where fills stage (`None`: not known), so that a fill
+    /// too large for it is refused before its first byte.
+    async fn staging_space(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
+}
+
+/// Bytes free on the file system holding `dir` (for unprivileged writers).
+pub(crate) fn free_space(dir: &std::path::Path) -> Result<Option<u64>> {
+    match rustix::fs::statvfs(dir) {
+        Ok(s) => Ok(Some(s.f_bavail.saturating_mul(s.f_frsize))),
+        Err(e) => Err(StorageError::Io(e.into())),
+    }
 }
 
 /// The writer of one fill. Dropping it without `commit` leaves staged bytes

@@ -949,6 +949,10 @@ pub struct S3Fills(pub Arc<S3Store>);
 
 #[async_trait]
 impl FillStore for S3Fills {
+    async fn staging_space(&self) -> Result<Option<u64>> {
+        crate::storage::free_space(&self.0.scratch.join("fills"))
+    }
+
     async fn begin_fill(&self) -> Result<Box<dyn FillWriter>> {
         let path = self
             .0

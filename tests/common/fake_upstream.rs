@@ -79,6 +79,9 @@ pub enum Fault {
     ContentLength(u64),
     /// GET only: no `Content-Length` (a chunked or close-delimited body).
     NoContentLength,
+    /// HEAD only: announce this `Content-Length` whatever the content's
+    /// length (a lying HEAD).
+    HeadLength(u64),
     /// Send `after` bytes, then nothing until `release` is opened (the
     /// connection stays open).
     Hold { after: usize, release: Release },
@@ -885,7 +888,10 @@ fn take_faults(s: &mut State, path: &str, head: bool) -> Vec<Fault> {
         }
         let body_only = !matches!(
             rule.fault,
-            Fault::Status { .. } | Fault::DelayHeaders(_) | Fault::Redirect { .. }
+            Fault::Status { .. }
+                | Fault::DelayHeaders(_)
+                | Fault::Redirect { .. }
+                | Fault::HeadLength(_)
         );
         if head && body_only {
             continue;
@@ -909,6 +915,7 @@ struct BodyPlan {
     ignore_range: bool,
     endless: bool,
     content_length: Option<u64>,
+    head_length: Option<u64>,
     no_length: bool,
     /// Hold after this many bytes until released.
     hold: Option<(usize, Release)>,
@@ -957,6 +964,7 @@ async fn handle(
             Fault::Endless => plan.endless = true,
             Fault::ContentLength(n) => plan.content_length = Some(*n),
             Fault::NoContentLength => plan.no_length = true,
+            Fault::HeadLength(n) => plan.head_length = Some(*n),
             Fault::Hold { after, release } => plan.hold = Some((*after, release.clone())),
             Fault::Status { .. } | Fault::Redirect { .. } => {}
         }
@@ -1242,7 +1250,10 @@ fn content(
         Ok(None) => data,
     };
     if head {
-        r = r.header("content-length", body.len());
+        r = r.header(
+            "content-length",
+            plan.head_length.unwrap_or(body.len() as u64),
+        );
         return r.body(empty()).expect("response");
     }
     match plan.content_length {
