@@ -94,10 +94,15 @@ impl T {
     }
 
     fn new() -> T {
+        T::with(|r| r)
+    }
+
+    /// An app whose registry `f` configured.
+    fn with(f: impl FnOnce(Registry) -> Registry) -> T {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(FsStore::open(dir.path()).unwrap());
         let meta = Arc::new(RedbMeta::open(&dir.path().join("meta.redb")).unwrap());
-        let app = App::new(Registry::new(store.clone(), store.clone(), meta.clone()));
+        let app = App::new(f(Registry::new(store.clone(), store.clone(), meta.clone())));
         T {
             app,
             store,
@@ -1616,4 +1621,78 @@ async fn indexes_stored_without_a_recorded_depth_are_measured() {
         "MANIFEST_INVALID",
     )
     .await;
+}
+
+/// Upload sessions are bounded (`storage.max_upload_sessions`): beyond the
+/// bound a new session answers 429 TOOMANYREQUESTS and stages nothing;
+/// ending one (cancel or finish) makes room again, and a monolithic push,
+/// which keeps no session, still goes through.
+#[tokio::test]
+async fn upload_sessions_are_bounded() {
+    let t = T::with(|r| r.with_max_upload_sessions(3));
+    let staged = || async {
+        wharf::storage::UploadStore::list(&*t.store)
+            .await
+            .unwrap()
+            .len()
+    };
+    let mut locations = Vec::new();
+    for _ in 0..3 {
+        let r = t
+            .req(Method::POST, "/v2/s/app/blobs/uploads/", &[], b"")
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{r:?}");
+        locations.push(r.h("location").to_string());
+    }
+    let r = t
+        .req(Method::POST, "/v2/s/app/blobs/uploads/", &[], b"")
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.code(), "TOOMANYREQUESTS");
+    assert_eq!(staged().await, 3, "the refused session staged nothing");
+    let d = sha(b"whole");
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/v2/s/app/blobs/uploads/?digest={d}"),
+            &[],
+            b"whole",
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::CREATED,
+        "a monolithic push keeps no session"
+    );
+    let r = t.req(Method::DELETE, &locations[0], &[], b"").await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = t
+        .req(Method::POST, "/v2/s/app/blobs/uploads/", &[], b"")
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::ACCEPTED,
+        "a cancelled session made room"
+    );
+    let r = t
+        .req(
+            Method::PUT,
+            &format!("{}?digest={}", locations[1], sha(b"")),
+            &[],
+            b"",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let r = t
+        .req(Method::POST, "/v2/s/app/blobs/uploads/", &[], b"")
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::ACCEPTED,
+        "a finished session made room"
+    );
+    let r = t
+        .req(Method::POST, "/v2/s/app/blobs/uploads/", &[], b"")
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
 }

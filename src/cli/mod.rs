@@ -520,7 +520,8 @@ async fn open_registry(
             .context("storage.s3: the bucket does not answer")?;
     }
     let replication = open_replication(config, replication, jobs_at)?;
-    let mut registry = Registry::new(blobs.clone(), uploads, meta.clone());
+    let mut registry = Registry::new(blobs.clone(), uploads, meta.clone())
+        .with_max_upload_sessions(config.storage.max_upload_sessions);
     if let Some(r) = &replication {
         registry = registry.with_observer(r.clone());
     }
@@ -630,6 +631,10 @@ fn serve(file: Option<&Path>, log_format: Option<LogFormatArg>) -> anyhow::Resul
                 Err(e) => tracing::warn!(error = %e, "removing orphaned upload staging failed"),
             }
         }
+        registry
+            .count_upload_sessions()
+            .await
+            .context("counting the open upload sessions")?;
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("binding {}", config.server.listen))?;

@@ -539,6 +539,13 @@ pub struct StorageConfig {
     /// How often to look for abandoned uploads.
     #[serde(default = "default_upload_purge_interval", with = "humantime_serde")]
     pub upload_purge_interval: Duration,
+    /// Upload sessions open at once; a new one beyond answers 429.
+    #[serde(default = "default_max_upload_sessions")]
+    pub max_upload_sessions: usize,
+}
+
+fn default_max_upload_sessions() -> usize {
+    10_000
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -727,6 +734,7 @@ impl Default for StorageConfig {
             s3: None,
             upload_max_age: default_upload_max_age(),
             upload_purge_interval: default_upload_purge_interval(),
+            max_upload_sessions: default_max_upload_sessions(),
         }
     }
 }
@@ -747,6 +755,7 @@ pub const ENV_OVERRIDES: &[&str] = &[
     "storage.path",
     "storage.upload_max_age",
     "storage.upload_purge_interval",
+    "storage.max_upload_sessions",
     "storage.s3.bucket",
     "storage.s3.prefix",
     "storage.s3.endpoint",
@@ -775,7 +784,7 @@ const ENV_BOOLS: &[&str] = &[
 ];
 
 /// Overridable keys whose value is an integer.
-const ENV_INTS: &[&str] = &["server.max_connections"];
+const ENV_INTS: &[&str] = &["server.max_connections", "storage.max_upload_sessions"];
 
 /// Variables with the `WHARF_` prefix that are not configuration keys.
 const ENV_RESERVED: &[&str] = &["WHARF_LOG"];
@@ -901,6 +910,9 @@ impl Config {
                 "server.max_connections",
                 "must be between 1 and 1000000",
             ));
+        }
+        if self.storage.max_upload_sessions == 0 {
+            return Err(invalid("storage.max_upload_sessions", "must be at least 1"));
         }
         if self.storage.upload_purge_interval.is_zero() {
             return Err(invalid(

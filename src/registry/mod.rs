@@ -199,6 +199,10 @@ pub struct Registry {
     redirects: Option<(Arc<dyn BlobUrls>, Duration)>,
     /// Counters of the local hot tier in front of the blob store, if any.
     hot: Option<crate::storage::hot::HotMetrics>,
+    /// Upload sessions open (recounted from the store by
+    /// [`Registry::count_upload_sessions`]) and how many may be.
+    open_sessions: Arc<std::sync::atomic::AtomicUsize>,
+    max_sessions: usize,
 }
 
 fn unix_now() -> u64 {
@@ -227,6 +231,8 @@ impl Registry {
             observer: None,
             redirects: None,
             hot: None,
+            open_sessions: Arc::default(),
+            max_sessions: usize::MAX,
         }
     }
 
@@ -872,6 +878,28 @@ impl Registry {
     // ---- uploads ----
 
     async fn start_upload(&self, repo: &RepoName) -> Result<UploadId> {
+        use std::sync::atomic::Ordering;
+        let max = self.max_sessions;
+        if self
+            .open_sessions
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(RegistryError::TooManyRequests(format!(
+                "{max} upload sessions are open (storage.max_upload_sessions); finish or \
+                 cancel one, or wait until idle ones are purged"
+            )));
+        }
+        let started = self.create_session(repo).await;
+        if started.is_err() {
+            self.session_ended();
+        }
+        started
+    }
+
+    async fn create_session(&self, repo: &RepoName) -> Result<UploadId> {
         let id = UploadId::new_random();
         self.uploads.create(&id).await?;
         self.meta
@@ -893,7 +921,31 @@ impl Registry {
         }
     }
 
+    fn session_ended(&self) {
+        let _ = self.open_sessions.fetch_update(
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+            |n| Some(n.saturating_sub(1)),
+        );
+    }
+
+    /// Counts the upload sessions the store records (at start, and after
+    /// every purge: sessions other replicas ended are then forgotten here).
+    pub async fn count_upload_sessions(&self) -> Result<usize> {
+        let n = self.meta.uploads().await?.len();
+        self.open_sessions
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+        Ok(n)
+    }
+
+    /// Refuses new upload sessions once `max` are open.
+    pub fn with_max_upload_sessions(mut self, max: usize) -> Registry {
+        self.max_sessions = max;
+        self
+    }
+
     async fn end_session(&self, id: &UploadId) {
+        self.session_ended();
         if let Err(e) = self.meta.delete_upload(id).await {
             tracing::warn!(upload = %id, error = %e, "could not remove upload record");
         }
@@ -1113,6 +1165,7 @@ impl Registry {
                 self.end_session(&id).await;
             }
         }
+        self.count_upload_sessions().await?;
         Ok(purged)
     }
 
