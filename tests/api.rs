@@ -83,12 +83,7 @@ impl T {
         .unwrap();
         let d = sha(&m);
         let r = self
-            .req(
-                Method::PUT,
-                &format!("/v2/{repo}/manifests/{d}"),
-                &[("content-type", OCI_MANIFEST)],
-                &m,
-            )
+            .put_manifest(&format!("/v2/{repo}/manifests/{d}"), OCI_MANIFEST, &m)
             .await;
         (r, d)
     }
@@ -109,6 +104,12 @@ impl T {
             meta,
             _dir: dir,
         }
+    }
+
+    /// `PUT` of `body` at `path` with `Content-Type: content_type`.
+    async fn put_manifest(&self, path: &str, content_type: &str, body: &[u8]) -> R {
+        self.req(Method::PUT, path, &[("content-type", content_type)], body)
+            .await
     }
 
     async fn req(&self, method: Method, path: &str, headers: &[(&str, &str)], body: &[u8]) -> R {
@@ -166,12 +167,7 @@ impl T {
         });
         let bytes = serde_json::to_vec(&m).unwrap();
         let r = self
-            .req(
-                Method::PUT,
-                &format!("/v2/{repo}/manifests/{tag}"),
-                &[("content-type", OCI_MANIFEST)],
-                &bytes,
-            )
+            .put_manifest(&format!("/v2/{repo}/manifests/{tag}"), OCI_MANIFEST, &bytes)
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
         let d = sha(&bytes);
@@ -561,22 +557,12 @@ async fn manifests_by_tag_and_digest() {
     assert_eq!(r.status, StatusCode::OK);
     // PUT by digest.
     let r = t
-        .req(
-            Method::PUT,
-            &format!("/v2/img2/manifests/{d}"),
-            &[("content-type", OCI_MANIFEST)],
-            &bytes,
-        )
+        .put_manifest(&format!("/v2/img2/manifests/{d}"), OCI_MANIFEST, &bytes)
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "blobs are not in img2");
     assert_eq!(r.code(), "MANIFEST_BLOB_UNKNOWN");
     let r = t
-        .req(
-            Method::PUT,
-            &format!("/v2/img/manifests/{d}"),
-            &[("content-type", OCI_MANIFEST)],
-            &bytes,
-        )
+        .put_manifest(&format!("/v2/img/manifests/{d}"), OCI_MANIFEST, &bytes)
         .await;
     assert_eq!(r.status, StatusCode::CREATED);
     // An index of it.
@@ -587,12 +573,7 @@ async fn manifests_by_tag_and_digest() {
     }))
     .unwrap();
     let r = t
-        .req(
-            Method::PUT,
-            "/v2/img/manifests/multi",
-            &[("content-type", OCI_INDEX)],
-            &index,
-        )
+        .put_manifest("/v2/img/manifests/multi", OCI_INDEX, &index)
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
     assert_eq!(
@@ -606,10 +587,9 @@ async fn tag_and_manifest_deletion() {
     let t = T::new();
     let (_, d) = t.push_image("del", "v1", "a").await;
     let r = t
-        .req(
-            Method::PUT,
+        .put_manifest(
             "/v2/del/manifests/v2",
-            &[("content-type", OCI_MANIFEST)],
+            OCI_MANIFEST,
             &t.get("/v2/del/manifests/v1").await.body,
         )
         .await;
@@ -654,12 +634,7 @@ async fn tag_list_and_catalog_pagination() {
     let (bytes, _) = t.push_image("pg", "t0", "a").await;
     for tag in ["t3", "t1", "t2", "t4"] {
         let r = t
-            .req(
-                Method::PUT,
-                &format!("/v2/pg/manifests/{tag}"),
-                &[("content-type", OCI_MANIFEST)],
-                &bytes,
-            )
+            .put_manifest(&format!("/v2/pg/manifests/{tag}"), OCI_MANIFEST, &bytes)
             .await;
         assert_eq!(r.status, StatusCode::CREATED);
     }
@@ -1105,14 +1080,7 @@ async fn bad_manifests_store_nothing() {
         (vec![b' '; 4 * 1024 * 1024 + 1], OCI_MANIFEST, StatusCode::PAYLOAD_TOO_LARGE, "MANIFEST_INVALID"),
     ];
     for (i, (body, ct, status, code)) in cases.into_iter().enumerate() {
-        let r = t
-            .req(
-                Method::PUT,
-                "/v2/bm/manifests/latest",
-                &[("content-type", ct)],
-                &body,
-            )
-            .await;
+        let r = t.put_manifest("/v2/bm/manifests/latest", ct, &body).await;
         assert_eq!(r.status, status, "case {i}: {r:?}");
         assert_eq!(r.code(), code, "case {i}");
     }
@@ -1121,12 +1089,7 @@ async fn bad_manifests_store_nothing() {
     let good = valid(&layer);
     let before = [before, vec![layer]].concat();
     let r = t
-        .req(
-            Method::PUT,
-            &format!("/v2/bm/manifests/{missing}"),
-            &[("content-type", OCI_MANIFEST)],
-            &good,
-        )
+        .put_manifest(&format!("/v2/bm/manifests/{missing}"), OCI_MANIFEST, &good)
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.code(), "DIGEST_INVALID");
@@ -1186,12 +1149,7 @@ async fn refused_and_absent(t: &T, repo: &str, tag: &str, ct: &str, body: &[u8],
         b
     };
     let r = t
-        .req(
-            Method::PUT,
-            &format!("/v2/{repo}/manifests/{tag}"),
-            &[("content-type", ct)],
-            body,
-        )
+        .put_manifest(&format!("/v2/{repo}/manifests/{tag}"), ct, body)
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{tag}: {r:?}");
     assert_eq!(r.code(), code, "{tag}: {r:?}");
@@ -1302,12 +1260,7 @@ async fn manifests_nested_too_deep_not_utf8_or_with_wrong_sizes_store_nothing() 
     // child's size too.
     let good = image(cn, ln, "");
     let r = t
-        .req(
-            Method::PUT,
-            "/v2/dm/manifests/good",
-            &[("content-type", OCI_MANIFEST)],
-            &good,
-        )
+        .put_manifest("/v2/dm/manifests/good", OCI_MANIFEST, &good)
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
     let index = |size: usize| {
@@ -1327,12 +1280,7 @@ async fn manifests_nested_too_deep_not_utf8_or_with_wrong_sizes_store_nothing() 
     )
     .await;
     let r = t
-        .req(
-            Method::PUT,
-            "/v2/dm/manifests/index",
-            &[("content-type", OCI_INDEX)],
-            &index(good.len()),
-        )
+        .put_manifest("/v2/dm/manifests/index", OCI_INDEX, &index(good.len()))
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
 }
@@ -1480,12 +1428,7 @@ async fn a_subject_descriptor_with_a_wrong_size_stores_nothing() {
         ("absent", referrer(12_345, &sha(b"not pushed"))),
     ] {
         let r = t
-            .req(
-                Method::PUT,
-                &format!("/v2/subj/manifests/{tag}"),
-                &[("content-type", OCI_MANIFEST)],
-                &body,
-            )
+            .put_manifest(&format!("/v2/subj/manifests/{tag}"), OCI_MANIFEST, &body)
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{tag}: {r:?}");
     }
@@ -1534,12 +1477,7 @@ async fn indexes_nest_at_most_the_documented_depth() {
     .unwrap();
     refused_and_absent(&t, "nest", "too-deep", OCI_INDEX, &over, "MANIFEST_INVALID").await;
     let r = t
-        .req(
-            Method::PUT,
-            "/v2/nest/manifests/too-deep",
-            &[("content-type", OCI_INDEX)],
-            &over,
-        )
+        .put_manifest("/v2/nest/manifests/too-deep", OCI_INDEX, &over)
         .await;
     let message = r.json()["errors"][0]["message"]
         .as_str()
