@@ -1318,10 +1318,16 @@ async fn a_stale_eviction_claim_expires() {
         S3Meta::new(client.clone(), "stale").with_eviction_claim(Duration::from_millis(300));
     let pusher = S3Meta::new(client, "stale");
     let d = Digest::sha256_of(b"stale claim");
-    let EvictionClaim::Claimed { within, .. } = evictor.claim_eviction(&d).await.unwrap() else {
+    let before = std::time::SystemTime::now();
+    let EvictionClaim::Claimed { deadline, .. } = evictor.claim_eviction(&d).await.unwrap() else {
         panic!("an unpinned blob can be claimed");
     };
-    assert_eq!(within, Some(Duration::from_millis(100)));
+    let deadline = deadline.expect("a claim over the bucket has a deadline");
+    assert!(
+        deadline <= before + Duration::from_millis(100) + Duration::from_secs(1)
+            && deadline <= std::time::SystemTime::now() + Duration::from_millis(100),
+        "a third of the claim, counted from before its write"
+    );
     assert_eq!(
         pusher.claim_eviction(&d).await.unwrap(),
         EvictionClaim::Busy
@@ -1646,5 +1652,59 @@ async fn replication_job_taken_over_when_its_replica_is_lost() {
     assert!(
         after + sent <= size as u64 + (64 << 10) + 4096,
         "B resent the layer from the start: {sent} bytes by A, {after} by B"
+    );
+}
+
+/// An evictor whose claim write is slow (it lands after the claim would
+/// have expired, as a loaded bucket's retries can make it) must not delete:
+/// a push on another replica took the expired claim over, pinned the blob
+/// and was acknowledged meanwhile. The evictor's deadline counts from
+/// before the claim was written, so it has no time left and deletes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eviction_claim_written_late_deletes_nothing() {
+    use wharf::cache::budget::Budget;
+    use wharf::oci::Digest;
+    use wharf::storage::faulty::{FaultPlan, Faulty, Stall};
+    use wharf::storage::{BlobStore, MetaStore};
+    let bucket: Arc<dyn object_store::ObjectStore> =
+        Arc::new(object_store::memory::InMemory::new());
+    let scratch = tempfile::tempdir().unwrap();
+    let blobs: Arc<dyn BlobStore> =
+        Arc::new(S3Store::new(bucket.clone(), "late", scratch.path().to_path_buf()).unwrap());
+    let plan = FaultPlan::new();
+    let evictor_meta: Arc<dyn MetaStore> = Arc::new(Faulty::new(
+        Arc::new(
+            S3Meta::new(bucket.clone(), "late").with_eviction_claim(Duration::from_millis(300)),
+        ),
+        plan.clone(),
+    ));
+    let pusher = S3Meta::new(bucket, "late");
+    let layer = b"a blob a push needs".to_vec();
+    let d = Digest::sha256_of(&layer);
+    blobs.put(&d, Bytes::from(layer.clone())).await.unwrap();
+    let budget = Arc::new(Budget::open(0, blobs.clone(), evictor_meta).await.unwrap());
+    budget.add(&d, layer.len() as u64).await.unwrap();
+    // The claim reaches the bucket, but its answer is held.
+    let gate = plan.stall("meta.claim_eviction", Stall::After);
+    let evict = {
+        let budget = budget.clone();
+        tokio::spawn(async move { budget.evict(&|_: &Digest| false).await })
+    };
+    gate.reached().await;
+    // Meanwhile the claim expires and a push takes it over and pins.
+    tokio::time::timeout(Duration::from_secs(10), pusher.pin_blob(&d))
+        .await
+        .expect("the pin takes the expired claim over")
+        .unwrap();
+    assert!(
+        blobs.stat(&d).await.unwrap().is_some(),
+        "stored when the push is acknowledged"
+    );
+    gate.open();
+    let _ = evict.await.unwrap();
+    assert_eq!(
+        blobs.stat(&d).await.unwrap(),
+        Some(layer.len() as u64),
+        "the late evictor deleted nothing"
     );
 }

@@ -317,29 +317,39 @@ impl Budget {
     /// they pin). Ok(false): kept (pinned, or another replica's evictor
     /// has it) and no longer budgeted.
     async fn evict_one(&self, digest: &Digest) -> Result<bool> {
-        let (token, within) = match self.meta.claim_eviction(digest).await? {
+        let (token, deadline) = match self.meta.claim_eviction(digest).await? {
             EvictionClaim::Pinned => {
                 self.meta.delete_cache_entry(digest).await?;
                 return Ok(false);
             }
             EvictionClaim::Busy => return Ok(false),
-            EvictionClaim::Claimed { token, within } => (token, within),
+            EvictionClaim::Claimed { token, deadline } => (token, deadline),
         };
-        let deleted = match within {
+        let too_late = || {
+            Err(StorageError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "deleting the blob took longer than its eviction claim allows",
+            )))
+        };
+        let deleted = match deadline {
             None => self.blobs.delete(digest).await,
-            Some(t) => match tokio::time::timeout(t, self.blobs.delete(digest)).await {
-                Ok(r) => r,
-                Err(_) => Err(StorageError::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "deleting the blob took longer than its eviction claim allows",
-                ))),
+            // The time left is measured now, after the claim was written:
+            // none left (a slow claim write), no delete is even started.
+            Some(d) => match d.duration_since(std::time::SystemTime::now()) {
+                Ok(left) if !left.is_zero() => {
+                    match tokio::time::timeout(left, self.blobs.delete(digest)).await {
+                        Ok(r) => r,
+                        Err(_) => too_late(),
+                    }
+                }
+                _ => too_late(),
             },
         };
         if let Err(e) = deleted {
             // Whether a delete still lands is unknown with a deadline: the
             // claim is left to expire, never ended early. Without one (a
             // single process), nothing is in flight any more.
-            if within.is_none() {
+            if deadline.is_none() {
                 self.meta.end_eviction(digest, &token).await?;
             }
             return Err(e);

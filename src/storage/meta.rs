@@ -574,7 +574,7 @@ impl MetaStore for RedbMeta {
                 // One process: the claim lasts as long as its evictor.
                 Ok(EvictionClaim::Claimed {
                     token,
-                    within: None,
+                    deadline: None,
                 })
             })
         })

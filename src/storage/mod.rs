@@ -252,11 +252,14 @@ pub struct CacheEntry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EvictionClaim {
     /// The blob is the evictor's to delete: it must have deleted it
-    /// within `within` (`None`: no deadline) and then end the claim with
-    /// `token`; past the deadline it must not delete it any more.
+    /// before `deadline` (`None`: no deadline) and then end the claim with
+    /// `token`; past the deadline it must not delete it any more. The
+    /// deadline is wall-clock time, like the claim's expiry other replicas
+    /// compare, and counts from before the claim was written: a claim
+    /// whose write was slow leaves less time, or none.
     Claimed {
         token: String,
-        within: Option<std::time::Duration>,
+        deadline: Option<std::time::SystemTime>,
     },
     /// A push pinned it: it is never evicted.
     Pinned,

@@ -697,6 +697,13 @@ impl MetaStore for S3Meta {
 
     async fn claim_eviction(&self, digest: &Digest) -> Result<EvictionClaim> {
         let token = uuid::Uuid::new_v4().to_string();
+        // Read before the claim is written: its expiry, and the evictor's
+        // deadline (a third of the claim, so the delete lands well before a
+        // waiting push may take the claim over), both count from here.
+        let claimed_at = std::time::SystemTime::now();
+        let at_ms = claimed_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let mut found = EvictionClaim::Busy;
         self.update(&self.pin_key(digest), |cur| match pin_state(cur) {
             PinState::Pinned => {
@@ -710,13 +717,11 @@ impl MetaStore for S3Meta {
             _ => {
                 found = EvictionClaim::Claimed {
                     token: token.clone(),
-                    // A third of the claim: the delete lands well before
-                    // a waiting push may take the claim over.
-                    within: Some(self.eviction_claim / 3),
+                    deadline: Some(claimed_at + self.eviction_claim / 3),
                 };
                 let claim = Evicting {
                     evicting: token.clone(),
-                    expires: now_ms() + self.eviction_claim.as_millis() as u64,
+                    expires: at_ms + self.eviction_claim.as_millis() as u64,
                 };
                 Ok(Some(serde_json::to_vec(&claim).map_err(meta_err)?))
             }
