@@ -2218,3 +2218,85 @@ async fn sigterm_waits_for_the_cache_evictor_to_save_access_times() {
         );
     }
 }
+
+/// A client that asks for a blob and then reads nothing (its receive window
+/// stays full) is disconnected once the response makes no progress for
+/// `server.body_read_timeout`; it no longer holds its socket (nor its
+/// connection slot, nor what the response held), over HTTP/1 and HTTP/2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_a_response_is_disconnected() {
+    let w = common::spawn_wharf_with("body_read_timeout = \"1s\"", "");
+    let pid = w.child.id();
+    let client = HttpClient::new(w.url());
+    // Far more than the socket buffers on both sides hold.
+    let blob = random_bytes(48 * MIB, 77);
+    let digest = client.push_blob("stuck/reader", &blob).await;
+    let idle = open_sockets(pid);
+    let host = w.host();
+    let mut stuck = Vec::new();
+    // HTTP/1: a GET, then nothing read.
+    let mut h1 = TcpStream::connect(w.addr).await.expect("connect");
+    let get = format!("GET /v2/stuck/reader/blobs/{digest} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut h1, get.as_bytes())
+        .await
+        .expect("send");
+    stuck.push(h1);
+    // HTTP/2 (prior knowledge): the preface, SETTINGS, a HEADERS frame for
+    // the GET (HPACK literals without indexing), then nothing read.
+    let mut h2 = TcpStream::connect(w.addr).await.expect("connect");
+    let mut frames = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    frames.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS
+    let mut block = Vec::new();
+    for (name, value) in [
+        (":method", "GET".to_string()),
+        (":scheme", "http".to_string()),
+        (":authority", host.clone()),
+        (":path", format!("/v2/stuck/reader/blobs/{digest}")),
+    ] {
+        block.push(0x00);
+        block.push(name.len() as u8);
+        block.extend_from_slice(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    let len = block.len();
+    frames.extend_from_slice(&[
+        (len >> 16) as u8,
+        (len >> 8) as u8,
+        len as u8,
+        1,
+        0x5,
+        0,
+        0,
+        0,
+        1,
+    ]);
+    frames.extend_from_slice(&block);
+    tokio::io::AsyncWriteExt::write_all(&mut h2, &frames)
+        .await
+        .expect("send");
+    stuck.push(h2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while open_sockets(pid) < idle + stuck.len() {
+        assert!(
+            Instant::now() < deadline,
+            "the connections were never accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while open_sockets(pid) > idle {
+        assert!(
+            Instant::now() < deadline,
+            "wharf still holds {} sockets for clients that read nothing",
+            open_sockets(pid) - idle
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The server still serves.
+    let r = client
+        .get(&format!("/v2/stuck/reader/blobs/{digest}"))
+        .await;
+    assert_eq!(r.body.len(), blob.len());
+    drop(stuck);
+}

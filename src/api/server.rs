@@ -271,9 +271,11 @@ impl Accepted {
             opts,
         } = self;
         let timeout = opts.header_read_timeout;
+        let stall = opts.body_read_timeout;
         match tls {
             None => {
-                let io = PrefaceTimeout::new(SendfileStream::new(stream), timeout);
+                let io = PrefaceTimeout::new(SendfileStream::new(stream), timeout)
+                    .with_write_stall(stall);
                 then(Box::new(io), opts, peer).await;
             }
             Some(acceptor) => {
@@ -283,7 +285,8 @@ impl Accepted {
                     Ok(Err(e)) => return log_handshake(peer, &e.to_string()),
                     Err(_) => return log_handshake(peer, "timed out"),
                 };
-                then(Box::new(PrefaceTimeout::new(tls, timeout)), opts, peer).await;
+                let io = PrefaceTimeout::new(tls, timeout).with_write_stall(stall);
+                then(Box::new(io), opts, peer).await;
             }
         }
     }
@@ -544,11 +547,16 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Closes a connection whose protocol is not settled within `timeout`: a
 /// client that connects and sends nothing (or a stalled fragment of the
 /// HTTP/2 preface) would otherwise hold a socket open forever. Once the
-/// protocol is known, reads pass straight through.
+/// protocol is known, reads pass straight through. Writes that make no
+/// progress for the write-stall time (a client that stopped reading a
+/// response: its receive window stays full) fail, which closes the
+/// connection and frees what the response held.
 struct PrefaceTimeout<T> {
     inner: T,
     deadline: Option<Pin<Box<Sleep>>>,
     matched: usize,
+    write_stall: Option<Duration>,
+    stalled: Option<Pin<Box<Sleep>>>,
 }
 
 impl<T> PrefaceTimeout<T> {
@@ -557,7 +565,38 @@ impl<T> PrefaceTimeout<T> {
             inner,
             deadline: Some(Box::pin(tokio::time::sleep(timeout))),
             matched: 0,
+            write_stall: None,
+            stalled: None,
         }
+    }
+
+    /// Fails writes that make no progress for `limit`.
+    fn with_write_stall(mut self, limit: Duration) -> Self {
+        self.write_stall = Some(limit);
+        self
+    }
+
+    /// Passes a write's outcome on; a write pending for longer than the
+    /// write-stall time becomes an error.
+    fn progress<R>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        let Some(limit) = self.write_stall else {
+            return r;
+        };
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.stalled = None;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client read nothing for {limit:?} (server.body_read_timeout)"),
+            )));
+        }
+        Poll::Pending
     }
 
     /// Feeds newly read bytes to the preface matcher; true once settled.
@@ -611,7 +650,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for PrefaceTimeout<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.progress(cx, r)
     }
 
     fn poll_write_vectored(
@@ -619,7 +660,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for PrefaceTimeout<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.progress(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -627,7 +670,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for PrefaceTimeout<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        this.progress(cx, r)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
