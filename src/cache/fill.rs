@@ -872,9 +872,19 @@ impl LeaseKeeper {
                     r = total_rx.changed() => if r.is_err() { return },
                 }
                 let total = *total_rx.borrow_and_update();
+                // A renewal that hangs (a slow bucket) counts as failed
+                // once a third of the lease is gone, so a holder whose
+                // lease may have ended stops instead of fetching on.
+                let renewal =
+                    tokio::time::timeout(ttl / 3, leases.renew(&digest, &holder, ttl, total));
                 let outcome = tokio::select! {
                     () = stop2.cancelled() => return,
-                    r = leases.renew(&digest, &holder, ttl, total) => r,
+                    r = renewal => r.unwrap_or_else(|_| {
+                        Err(crate::storage::StorageError::Io(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the lease renewal did not answer in a third of the lease",
+                        )))
+                    }),
                 };
                 match outcome {
                     Ok(true) => renewed = Instant::now(),
@@ -996,4 +1006,61 @@ async fn write(writer: &mut dyn crate::storage::FillWriter, b: &Bytes) -> Result
         .write(b)
         .await
         .map_err(|e| FillFailure::Failed(format!("staging failed: {e}").into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::Result as StorageResult;
+
+    /// Leases whose renewals never answer (a bucket that hangs).
+    struct Hanging;
+
+    #[async_trait::async_trait]
+    impl FillLeases for Hanging {
+        async fn acquire(&self, _: &Digest, _: &str, _: Duration) -> StorageResult<LeaseState> {
+            unimplemented!("not used by the keeper")
+        }
+        async fn renew(
+            &self,
+            _: &Digest,
+            _: &str,
+            _: Duration,
+            _: Option<u64>,
+        ) -> StorageResult<bool> {
+            std::future::pending().await
+        }
+        async fn state(&self, _: &Digest) -> StorageResult<Option<(bool, Option<u64>)>> {
+            unimplemented!("not used by the keeper")
+        }
+        async fn put_part(&self, _: &Digest, _: u64, _: Bytes) -> StorageResult<bool> {
+            unimplemented!("not used by the keeper")
+        }
+        async fn part(&self, _: &Digest, _: u64) -> StorageResult<Option<(Bytes, Option<u64>)>> {
+            unimplemented!("not used by the keeper")
+        }
+        async fn release(&self, _: &Digest, _: &str) -> StorageResult<()> {
+            unimplemented!("not used by the keeper")
+        }
+    }
+
+    /// A renewal that hangs counts as failed: the holder stops (its lease
+    /// is taken as lost) before the lease it could not renew ends, so no
+    /// second replica fetches while it still does.
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_renewal_stops_the_holder_before_its_lease_ends() {
+        let ttl = Duration::from_secs(30);
+        let c = Cluster {
+            leases: Arc::new(Hanging),
+            ttl,
+            holder: "replica-a".into(),
+        };
+        let shutdown = CancellationToken::new();
+        let k = LeaseKeeper::start(&c, &Digest::sha256_of(b"blob"), &shutdown);
+        let started = Instant::now();
+        tokio::time::timeout(ttl, k.lost.cancelled())
+            .await
+            .expect("the holder stops before its lease ends");
+        assert!(started.elapsed() < ttl);
+    }
 }
