@@ -1708,3 +1708,57 @@ async fn an_eviction_claim_written_late_deletes_nothing() {
         "the late evictor deleted nothing"
     );
 }
+
+/// A holder whose lease has expired deletes nothing when it releases: by
+/// the time its deletes land the lease may be another replica's (which
+/// then reads the parts already there instead of fetching them again); a
+/// holder whose lease stands removes the lease and its parts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_standing_lease_is_released() {
+    use wharf::storage::s3lease::S3Leases;
+    use wharf::storage::{FillLeases, LeaseState};
+    let bucket: Arc<dyn object_store::ObjectStore> =
+        Arc::new(object_store::memory::InMemory::new());
+    let leases = S3Leases::new(bucket, "release");
+    let d = wharf::oci::Digest::sha256_of(b"released");
+    let part = Bytes::from_static(b"the first part");
+    let ttl = Duration::from_millis(300);
+    assert!(matches!(
+        leases.acquire(&d, "a", ttl).await.unwrap(),
+        LeaseState::Ours
+    ));
+    assert!(leases.put_part(&d, 0, part.clone()).await.unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while leases
+        .state(&d)
+        .await
+        .unwrap()
+        .is_some_and(|(unexpired, _)| unexpired)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    leases.release(&d, "a").await.unwrap();
+    assert!(
+        leases.state(&d).await.unwrap().is_some(),
+        "the expired lease stays"
+    );
+    assert_eq!(
+        leases.part(&d, 0).await.unwrap().map(|(b, _)| b),
+        Some(part.clone())
+    );
+    // Taken over: the new holder's release removes everything.
+    assert!(matches!(
+        leases
+            .acquire(&d, "b", Duration::from_secs(30))
+            .await
+            .unwrap(),
+        LeaseState::Ours
+    ));
+    leases.release(&d, "b").await.unwrap();
+    assert!(leases.state(&d).await.unwrap().is_none());
+    assert!(leases.part(&d, 0).await.unwrap().is_none());
+}

@@ -39,6 +39,9 @@ struct Lease {
     total: Option<u64>,
 }
 
+/// Time a lease must still have for its holder to delete its objects.
+const RELEASE_MARGIN_MS: u64 = 250;
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -256,10 +259,14 @@ impl FillLeases for S3Leases {
     }
 
     async fn release(&self, digest: &Digest, holder: &str) -> Result<()> {
-        if let Some((l, _)) = self.read_lease(digest).await?
-            && l.holder != holder
-        {
-            return Ok(());
+        // Only a holder whose lease stands (with time to spare for the
+        // deletes) removes anything: a lease already gone was released, and
+        // an expired one may be another replica's by the time the deletes
+        // land. Parts left behind are read by the next holder, not fetched
+        // again.
+        match self.read_lease(digest).await? {
+            Some((l, _)) if l.holder == holder && l.expires >= now_ms() + RELEASE_MARGIN_MS => {}
+            _ => return Ok(()),
         }
         let dir = self.keys.path(&self.dir(digest));
         let objects: Vec<_> = self
