@@ -721,7 +721,7 @@ impl FillTask {
                     // a holder that died, or the blob of one that
                     // published it and released its lease just before.
                     // Upstream is asked only for the rest.
-                    if self.follow(c, writer, None, false).await? {
+                    if self.follow(c, fills, writer, None, false).await? {
                         *keeper = Some(k);
                         return Ok(());
                     }
@@ -751,7 +751,7 @@ impl FillTask {
                         followed = true;
                         bump(&fills.counters.followed, 1);
                     }
-                    if self.follow(c, writer, total, true).await? {
+                    if self.follow(c, fills, writer, total, true).await? {
                         return Ok(());
                     }
                     tracing::info!(digest = %self.digest, offset = writer.written(), "the fill's lease expired; taking it over");
@@ -767,10 +767,14 @@ impl FillTask {
     async fn follow(
         &self,
         c: &Cluster,
+        fills: &Fills,
         writer: &mut dyn crate::storage::FillWriter,
         mut total: Option<u64>,
         poll: bool,
     ) -> Result<bool, FillFailure> {
+        // A follower stages the whole blob too: its size is reserved where
+        // fills stage as soon as it is known, before more bytes are staged.
+        let mut reserved = None;
         let lease_err = |e: crate::storage::StorageError| {
             FillFailure::Failed(format!("reading another replica's fill: {e}").into())
         };
@@ -784,6 +788,9 @@ impl FillTask {
         };
         announce(total, &self.tx);
         loop {
+            if let (None, Some(t)) = (&reserved, total) {
+                reserved = Some(fills.reserve(t).await?);
+            }
             let offset = writer.written();
             if total.is_some_and(|t| offset >= t) {
                 return Ok(true);
@@ -798,6 +805,9 @@ impl FillTask {
                 if total.is_none() && size.is_some() {
                     total = size;
                     announce(total, &self.tx);
+                    if let Some(t) = total {
+                        reserved = Some(fills.reserve(t).await?);
+                    }
                 }
                 if total.is_some_and(|t| offset + b.len() as u64 > t) {
                     return Err(FillFailure::Failed(
