@@ -1762,3 +1762,37 @@ async fn only_a_standing_lease_is_released() {
     assert!(leases.state(&d).await.unwrap().is_none());
     assert!(leases.part(&d, 0).await.unwrap().is_none());
 }
+
+/// A blob another replica's evictor has claimed stays in this replica's
+/// budget (that eviction may yet fail or run out of time and keep the
+/// blob): the budget goes on counting it instead of letting the bucket
+/// grow past `cache.max_size` unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_another_evictor_claimed_stays_budgeted() {
+    use wharf::cache::budget::Budget;
+    use wharf::oci::Digest;
+    use wharf::storage::{BlobStore, EvictionClaim, MetaStore};
+    let bucket: Arc<dyn object_store::ObjectStore> =
+        Arc::new(object_store::memory::InMemory::new());
+    let scratch = tempfile::tempdir().unwrap();
+    let blobs: Arc<dyn BlobStore> =
+        Arc::new(S3Store::new(bucket.clone(), "busy", scratch.path().to_path_buf()).unwrap());
+    let mine: Arc<dyn MetaStore> = Arc::new(S3Meta::new(bucket.clone(), "busy"));
+    let other = S3Meta::new(bucket, "busy");
+    let layer = b"claimed by the other replica".to_vec();
+    let d = Digest::sha256_of(&layer);
+    blobs.put(&d, Bytes::from(layer.clone())).await.unwrap();
+    let budget = Budget::open(0, blobs.clone(), mine).await.unwrap();
+    budget.add(&d, layer.len() as u64).await.unwrap();
+    assert!(matches!(
+        other.claim_eviction(&d).await.unwrap(),
+        EvictionClaim::Claimed { .. }
+    ));
+    assert_eq!(budget.evict(&|_: &Digest| false).await.unwrap(), 0);
+    assert_eq!(budget.stats().blobs, 1, "still budgeted here");
+    assert_eq!(budget.stats().size_bytes, layer.len() as u64);
+    assert!(
+        blobs.stat(&d).await.unwrap().is_some(),
+        "not deleted by this replica"
+    );
+}

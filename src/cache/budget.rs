@@ -69,6 +69,15 @@ pub struct BudgetMetrics {
     pub evicted_bytes: Counter,
 }
 
+/// What became of a blob the evictor chose.
+enum Evicted {
+    Deleted,
+    /// A push pinned it: it is kept and leaves the budget.
+    Pinned,
+    /// Another replica's evictor has claimed it: it stays budgeted here.
+    Busy,
+}
+
 pub struct Budget {
     max: u64,
     blobs: Arc<dyn BlobStore>,
@@ -284,25 +293,24 @@ impl Budget {
             {
                 let mut st = self.lock();
                 st.evicting.remove(&digest);
-                if !matches!(outcome, Ok(true)) {
-                    // Pinned meanwhile or failed: it is not budgeted any
-                    // more (pinned) or stays budgeted (failed).
-                    if outcome.is_err() {
-                        st.total += entry.size;
-                        st.entries.insert(digest.clone(), entry);
-                        self.publish_size(&st);
-                    }
+                // Pinned meanwhile: not budgeted any more. Failed, or
+                // another replica's evictor has it (and may yet keep it):
+                // still budgeted here.
+                if matches!(outcome, Err(_) | Ok(Evicted::Busy)) {
+                    st.total += entry.size;
+                    st.entries.insert(digest.clone(), entry);
+                    self.publish_size(&st);
                 }
             }
             self.released.notify_waiters();
             match outcome {
-                Ok(true) => {
+                Ok(Evicted::Deleted) => {
                     evicted += 1;
                     self.metrics.evictions.inc();
                     self.metrics.evicted_bytes.inc_by(entry.size);
                     tracing::debug!(%digest, size = entry.size, "evicted from the cache");
                 }
-                Ok(false) => {}
+                Ok(Evicted::Pinned | Evicted::Busy) => {}
                 Err(e) => {
                     tracing::warn!(%digest, error = %e, "evicting a cached blob failed");
                     return Err(e);
@@ -314,15 +322,14 @@ impl Budget {
 
     /// Deletes one blob unless a push pinned it, under an eviction claim
     /// in the metadata store (pushes on every replica wait for it before
-    /// they pin). Ok(false): kept (pinned, or another replica's evictor
-    /// has it) and no longer budgeted.
-    async fn evict_one(&self, digest: &Digest) -> Result<bool> {
+    /// they pin).
+    async fn evict_one(&self, digest: &Digest) -> Result<Evicted> {
         let (token, deadline) = match self.meta.claim_eviction(digest).await? {
             EvictionClaim::Pinned => {
                 self.meta.delete_cache_entry(digest).await?;
-                return Ok(false);
+                return Ok(Evicted::Pinned);
             }
-            EvictionClaim::Busy => return Ok(false),
+            EvictionClaim::Busy => return Ok(Evicted::Busy),
             EvictionClaim::Claimed { token, deadline } => (token, deadline),
         };
         let too_late = || {
@@ -356,7 +363,7 @@ impl Budget {
         }
         self.meta.end_eviction(digest, &token).await?;
         self.meta.delete_cache_entry(digest).await?;
-        Ok(true)
+        Ok(Evicted::Deleted)
     }
 
     /// Runs until `stop`: evicts whenever the budget is exceeded, and
