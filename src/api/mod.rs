@@ -522,19 +522,15 @@ impl App {
         if let (true, Some(last)) = (page.more, page.manifests.last()) {
             // The spec's pagination: the next page's URL in `Link`, carrying
             // the filter (and `ns`, so a mirror's next page routes alike).
-            let enc = |v: &str| {
-                percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC)
-                    .to_string()
-            };
             let n = n
                 .unwrap_or(crate::registry::REFERRERS_PAGE)
                 .min(crate::registry::REFERRERS_PAGE);
             let mut next = format!("/v2/{name}/referrers/{digest}?n={n}&last={}", last.digest);
             if let Some(f) = filter {
-                next.push_str(&format!("&artifactType={}", enc(f)));
+                next.push_str(&format!("&artifactType={}", query_value(f)));
             }
             if let Some(ns) = ns {
-                next.push_str(&format!("&ns={}", enc(ns)));
+                next.push_str(&format!("&ns={}", query_value(ns)));
             }
             r.headers_mut()
                 .insert(header::LINK, hv(&format!("<{next}>; rel=\"next\"")));
@@ -641,18 +637,20 @@ fn upload_accepted(status: StatusCode, name: &RepoName, id: &UploadId, size: u64
     r
 }
 
+/// `v` as a query value of a `Link` this server sends.
+fn query_value(v: &str) -> String {
+    percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
 /// The spec's `Link` to the next page, carrying `ns` so a mirror's next
 /// page routes as the first did.
 fn link_next(r: &mut Resp, path: &str, page: &Page, n: Option<usize>, ns: Option<&str>) {
     if let (true, Some(last)) = (page.more, page.items.last()) {
         let n = n.unwrap_or(page.items.len());
-        let enc = |v: &str| {
-            percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string()
-        };
         // Names and tags are URL-safe by their grammars.
         let mut next = format!("{path}?n={n}&last={last}");
         if let Some(ns) = ns {
-            next.push_str(&format!("&ns={}", enc(ns)));
+            next.push_str(&format!("&ns={}", query_value(ns)));
         }
         r.headers_mut()
             .insert(header::LINK, hv(&format!("<{next}>; rel=\"next\"")));

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::api::split_ref;
 use crate::cache::ACCEPT_ALL;
-use crate::oci::manifest::{Manifest, ManifestKind};
+use crate::oci::manifest::{Manifest, ManifestKind, Platform};
 use crate::oci::{Digest, Reference, RepoName};
 use crate::upstream::{UpstreamClient, UpstreamSettings};
 
@@ -188,56 +188,11 @@ async fn refresh(client: &UpstreamClient, refs: &[String]) -> anyhow::Result<()>
     Ok(())
 }
 
-/// A platform as `os/arch[/variant]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Platform {
-    os: String,
-    arch: String,
-    variant: Option<String>,
-}
-
-impl std::str::FromStr for Platform {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> anyhow::Result<Platform> {
-        let parts: Vec<&str> = s.split('/').collect();
-        match parts.as_slice() {
-            [os, arch] | [os, arch, _]
-                if !os.is_empty() && !arch.is_empty() && parts.get(2) != Some(&"") =>
-            {
-                Ok(Platform {
-                    os: os.to_string(),
-                    arch: arch.to_string(),
-                    variant: parts.get(2).map(|v| v.to_string()),
-                })
-            }
-            _ => bail!("platform {s:?} is not os/arch or os/arch/variant"),
-        }
-    }
-}
-
-impl Platform {
-    /// Whether an index entry's platform matches (a filter without a
-    /// variant matches every variant).
-    fn matches(&self, p: &IndexPlatform) -> bool {
-        self.os == p.os
-            && self.arch == p.architecture
-            && (self.variant.is_none() || self.variant == p.variant)
-    }
-}
-
-#[derive(serde::Deserialize)]
-struct IndexPlatform {
-    os: String,
-    architecture: String,
-    #[serde(default)]
-    variant: Option<String>,
-}
-
 #[derive(serde::Deserialize)]
 struct IndexEntry {
     digest: Digest,
     #[serde(default)]
-    platform: Option<IndexPlatform>,
+    platform: Option<serde_json::Value>,
 }
 
 #[derive(serde::Deserialize)]
@@ -321,7 +276,7 @@ async fn warm(
 ) -> anyhow::Result<()> {
     let platforms = platforms
         .iter()
-        .map(|p| p.parse())
+        .map(|p| p.parse().map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Vec<Platform>>>()?;
     let mut blobs = BTreeMap::new();
     let mut manifests = 0;
@@ -383,11 +338,7 @@ mod tests {
     #[test]
     fn platforms_parse_and_match() {
         let p: Platform = "linux/arm64".parse().unwrap();
-        let entry = |variant: Option<&str>| IndexPlatform {
-            os: "linux".into(),
-            architecture: "arm64".into(),
-            variant: variant.map(str::to_string),
-        };
+        let entry = |variant: Option<&str>| serde_json::json!({"os": "linux", "architecture": "arm64", "variant": variant});
         assert!(p.matches(&entry(None)));
         assert!(p.matches(&entry(Some("v8"))));
         let v7: Platform = "linux/arm64/v7".parse().unwrap();
@@ -410,7 +361,7 @@ mod tests {
                 None => format!("{os}/{arch}"),
             };
             let p: Platform = s.parse().unwrap();
-            proptest::prop_assert_eq!(p, Platform { os, arch, variant });
+            proptest::prop_assert_eq!(p, Platform { os, architecture: arch, variant });
         }
 
         #[test]

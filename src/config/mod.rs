@@ -115,10 +115,13 @@ impl UpstreamUrl {
 impl std::str::FromStr for UpstreamUrl {
     type Err = String;
     fn from_str(url: &str) -> Result<UpstreamUrl, String> {
-        check_upstream_url(url)?;
-        url.parse()
-            .map(UpstreamUrl)
-            .map_err(|e| format!("not a URL: {e}"))
+        let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+        let scheme_ok = matches!(uri.scheme_str(), Some("http") | Some("https"));
+        let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
+        if !scheme_ok || uri.authority().is_none() || !path_ok {
+            return Err("must be http(s)://host[:port] with no path".to_string());
+        }
+        Ok(UpstreamUrl(uri))
     }
 }
 
@@ -1013,17 +1016,6 @@ fn check_realm_hosts(hosts: &[String]) -> Result<(), String> {
                 "{h:?}: name a host (e.g. auth.example.com), without scheme, port or path"
             ));
         }
-    }
-    Ok(())
-}
-
-/// An upstream's base URL must be `http(s)://host[:port]` with no path.
-fn check_upstream_url(url: &str) -> Result<(), String> {
-    let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
-    let scheme_ok = matches!(uri.scheme_str(), Some("http") | Some("https"));
-    let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
-    if !scheme_ok || uri.authority().is_none() || !path_ok {
-        return Err("must be http(s)://host[:port] with no path".to_string());
     }
     Ok(())
 }
