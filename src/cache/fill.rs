@@ -128,8 +128,11 @@ pub struct Fills {
     tasks: tokio_util::task::TaskTracker,
     pub counters: Arc<FillCounters>,
     cluster: std::sync::OnceLock<Cluster>,
-    /// Bytes the running fills will stage in all (their blobs' sizes).
-    reserved: Mutex<u64>,
+    /// The staging space running fills reserved: each fill's size and its
+    /// status (bytes already staged are in the file system's used space,
+    /// so only the rest counts against what is free).
+    reserved: Mutex<HashMap<u64, (u64, watch::Receiver<FillStatus>)>>,
+    next_reservation: std::sync::atomic::AtomicU64,
 }
 
 /// Space kept free where fills stage, beyond what the fills reserve.
@@ -138,13 +141,16 @@ const STAGING_MARGIN: u64 = 256 * 1024 * 1024;
 /// The staging space a fill reserved, given back when it ends.
 struct Reservation<'a> {
     fills: &'a Fills,
-    size: u64,
+    id: u64,
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        let mut r = self.fills.reserved.lock().expect("reserved lock");
-        *r = r.saturating_sub(self.size);
+        self.fills
+            .reserved
+            .lock()
+            .expect("reserved lock")
+            .remove(&self.id);
     }
 }
 
@@ -172,7 +178,8 @@ impl Fills {
             tasks: tokio_util::task::TaskTracker::new(),
             counters: Arc::default(),
             cluster: std::sync::OnceLock::new(),
-            reserved: Mutex::new(0),
+            reserved: Mutex::default(),
+            next_reservation: Default::default(),
         }
     }
 
@@ -180,30 +187,40 @@ impl Fills {
     /// byte is fetched: refused when it does not fit beside what the other
     /// fills reserved (an upstream announcing a huge size, honestly or not,
     /// never fills the disk).
-    async fn reserve(&self, size: u64) -> Result<Reservation<'_>, FillFailure> {
+    /// `staged` is the fill's status, whose bytes written stop counting as
+    /// reserved once they are in the file system.
+    async fn reserve(
+        &self,
+        size: u64,
+        staged: watch::Receiver<FillStatus>,
+    ) -> Result<Reservation<'_>, FillFailure> {
         let free = self
             .store
             .staging_space()
             .await
             .map_err(|e| FillFailure::Failed(format!("staging space: {e}").into()))?;
-        let mut reserved = self.reserved.lock().expect("reserved lock");
+        let mut all = self.reserved.lock().expect("reserved lock");
+        let reserved: u64 = all
+            .values()
+            .map(|(size, st)| size.saturating_sub(st.borrow().written))
+            .sum();
         if let Some(free) = free {
-            let room = free
-                .saturating_sub(STAGING_MARGIN)
-                .saturating_sub(*reserved);
+            let room = free.saturating_sub(STAGING_MARGIN).saturating_sub(reserved);
             if size > room {
                 return Err(FillFailure::Failed(
                     format!(
                         "the blob is {size} bytes; where fills stage {free} bytes are free, \
-                         {} reserved by other fills",
-                        *reserved
+                         {reserved} still reserved by other fills"
                     )
                     .into(),
                 ));
             }
         }
-        *reserved += size;
-        Ok(Reservation { fills: self, size })
+        let id = self
+            .next_reservation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        all.insert(id, (size, staged));
+        Ok(Reservation { fills: self, id })
     }
 
     /// Makes fills cluster-wide: one replica holding `leases`' lease of a
@@ -601,7 +618,7 @@ impl FillTask {
                 Err(e) => return Err(FillFailure::Failed(format!("upstream: {e}").into())),
             },
         };
-        let _reserved = fills.reserve(size).await?;
+        let _reserved = fills.reserve(size, self.tx.subscribe()).await?;
         let mut announced = false;
         // Cancelled when the lease is lost (never without a publisher).
         let lost = publisher
@@ -789,7 +806,7 @@ impl FillTask {
         announce(total, &self.tx);
         loop {
             if let (None, Some(t)) = (&reserved, total) {
-                reserved = Some(fills.reserve(t).await?);
+                reserved = Some(fills.reserve(t, self.tx.subscribe()).await?);
             }
             let offset = writer.written();
             if total.is_some_and(|t| offset >= t) {
@@ -806,7 +823,7 @@ impl FillTask {
                     total = size;
                     announce(total, &self.tx);
                     if let Some(t) = total {
-                        reserved = Some(fills.reserve(t).await?);
+                        reserved = Some(fills.reserve(t, self.tx.subscribe()).await?);
                     }
                 }
                 if total.is_some_and(|t| offset + b.len() as u64 > t) {
