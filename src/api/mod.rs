@@ -241,7 +241,7 @@ impl App {
                 self.put_upload(&name, &id, &query, req, ns).await
             }
             (Method::DELETE, Route::Upload { name, id }) => {
-                match self.registry.hosted(&name, ns).await {
+                match self.registry.session_repo(&name, ns) {
                     Ok(repo) => repo.cancel_upload(&id).await,
                     Err(e) => Err(e),
                 }
@@ -435,7 +435,7 @@ impl App {
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
-        let repo = self.registry.hosted(name, ns).await?;
+        let repo = self.registry.session_repo(name, ns)?;
         let range = content_range(req.headers())?;
         let length = content_length(req.headers());
         let size = repo
@@ -456,7 +456,7 @@ impl App {
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
-        let repo = self.registry.hosted(name, ns).await?;
+        let repo = self.registry.session_repo(name, ns)?;
         let digest = parse_digest(query.get("digest").ok_or_else(|| {
             RegistryError::DigestInvalid("the digest query parameter is required".into())
         })?)?;

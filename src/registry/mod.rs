@@ -357,7 +357,25 @@ impl Registry {
     /// only on the [`Hosted`] this returns, so no path writes into a
     /// pull-through namespace or answers a mirror request with a write.
     pub async fn hosted(&self, repo: &RepoName, ns: Option<&str>) -> Result<Hosted<'_>> {
-        self.check_push(repo, ns).await?;
+        self.check_push(repo, ns)?;
+        if self.cache.is_some() && self.meta.repository(repo).await? == Some(RepoKind::Cached) {
+            return Err(RegistryError::Denied(format!(
+                "{repo} holds content pulled through the cache; push to another repository"
+            )));
+        }
+        Ok(Hosted {
+            registry: self,
+            repo: repo.clone(),
+        })
+    }
+
+    /// The repository of an upload session in progress (PATCH, PUT, DELETE
+    /// of `/blobs/uploads/<id>`), without reading the repository's kind
+    /// again: the session was started through [`Registry::hosted`], and its
+    /// commit links the blob by a write the metadata store refuses for a
+    /// repository of cached content. So a chunk costs no metadata read.
+    pub fn session_repo(&self, repo: &RepoName, ns: Option<&str>) -> Result<Hosted<'_>> {
+        self.check_push(repo, ns)?;
         Ok(Hosted {
             registry: self,
             repo: repo.clone(),
@@ -365,7 +383,9 @@ impl Registry {
     }
 
     /// Refuses writes into pull-through namespaces and mirror requests.
-    async fn check_push(&self, repo: &RepoName, ns: Option<&str>) -> Result<()> {
+    /// What refuses a write without reading storage: mirror requests and
+    /// pull-through namespaces.
+    fn check_push(&self, repo: &RepoName, ns: Option<&str>) -> Result<()> {
         let Some(cache) = &self.cache else {
             return Ok(());
         };
@@ -379,11 +399,6 @@ impl Registry {
             return Err(RegistryError::Denied(format!(
                 "{prefix}/ is a pull-through cache of {}; push to a repository outside it",
                 rule.upstream.host()
-            )));
-        }
-        if self.meta.repository(repo).await? == Some(RepoKind::Cached) {
-            return Err(RegistryError::Denied(format!(
-                "{repo} holds content pulled through the cache; push to another repository"
             )));
         }
         Ok(())
